@@ -1,0 +1,54 @@
+"""Streams stored files as one tar archive, without holding any file in memory or on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from shared.storage import IntegrityError
+
+BLOCK = 512
+
+
+@dataclass(frozen=True)
+class ArchiveMember:
+    name: str
+    size: int
+    sha256: str
+    chunks: Callable[[], Iterator[bytes]]
+
+
+def _header(name: str, size: int, mtime: float) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = int(mtime)
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % BLOCK)
+
+
+def stream_tar(root: str, members: list[ArchiveMember]) -> Iterator[bytes]:
+    """Yields a tar archive of `members` under `root/`, plus a SHA256SUMS file; each member's bytes are
+    checked against its recorded sha256 as they pass (a mismatch aborts the stream)."""
+    now = time.time()
+    for member in members:
+        yield _header(f"{root}/{member.name}", member.size, now)
+        digest = hashlib.sha256()
+        sent = 0
+        for chunk in member.chunks():
+            digest.update(chunk)
+            sent += len(chunk)
+            yield chunk
+        if sent != member.size or digest.hexdigest() != member.sha256:
+            raise IntegrityError(f"{member.name}: stored bytes do not match the recorded size and sha256")
+        yield _padding(member.size)
+    sums = "".join(f"{m.sha256}  {m.name}\n" for m in members).encode()
+    yield _header(f"{root}/SHA256SUMS", len(sums), now)
+    yield sums + _padding(len(sums))
+    yield b"\0" * (2 * BLOCK)

@@ -1,0 +1,38 @@
+"""Request dependencies: settings, a database session, object storage and the caller's team."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from shared.models import DEFAULT_TEAM_ID
+from shared.services.jobs import TeamID
+from shared.settings import Settings
+from shared.storage import ObjectStore
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.session_factory() as session:
+        yield session
+
+
+def get_store(request: Request) -> ObjectStore:
+    return request.app.state.store
+
+
+def get_caller_team() -> TeamID:
+    """Returns the team the caller acts for. Until API keys exist, every caller is the default team."""
+    return TeamID(DEFAULT_TEAM_ID)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+CallerTeam = Annotated[TeamID, Depends(get_caller_team)]

@@ -1,0 +1,30 @@
+"""The Tuneforge HTTP API."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.routers import files, health, jobs, models
+from shared.db import session_factory
+from shared.settings import Settings, get_settings
+from shared.storage import make_store
+
+DESCRIPTION = """
+Fine-tune LLMs with parameter-efficient methods. Upload a dataset (`POST /v1/files`), submit a job
+(`POST /v1/jobs`), follow it (`GET /v1/jobs/{id}`, `/events`, `/metrics`) and download the adapter
+(`GET /v1/jobs/{id}/artifacts/adapter.tar`), ready for `PeftModel.from_pretrained`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Builds the API for the given settings (the environment's by default)."""
+    settings = settings or get_settings()
+    app = FastAPI(title="Tuneforge", version="0.1.0", description=DESCRIPTION)
+    app.state.settings = settings
+    app.state.session_factory = session_factory(settings.database_url)
+    app.state.store = make_store(settings)
+    install_error_handlers(app)
+    for module in (health, models, files, jobs):
+        app.include_router(module.router)
+    return app

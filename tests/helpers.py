@@ -1,0 +1,63 @@
+"""Small datasets the tests train on: tasks a tiny model visibly learns in a few dozen steps."""
+
+from __future__ import annotations
+
+import json
+import random
+
+COLORS = {
+    "apple": "red",
+    "banana": "yellow",
+    "sky": "blue",
+    "grass": "green",
+    "coal": "black",
+    "snow": "white",
+    "orange": "orange",
+    "plum": "purple",
+}
+
+
+def corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on, so the datasets below tokenize compactly."""
+    lines = [f"What color is {thing}? {thing} is {color}." for thing, color in COLORS.items()]
+    lines += [f"Reverse {w}: {w[::-1]}" for w in ("stone", "river", "cloud", "plant", "metal")]
+    return lines * 4
+
+
+def color_messages(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        thing = rng.choice(list(COLORS))
+        if i % 2:
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": "Answer briefly."},
+                        {"role": "user", "content": f"What color is {thing}?"},
+                        {"role": "assistant", "content": f"{thing} is {COLORS[thing]}."},
+                    ]
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Color of {thing}?"},
+                        {"role": "assistant", "content": COLORS[thing]},
+                        {"role": "user", "content": "Sure?"},
+                        {"role": "assistant", "content": "Yes."},
+                    ]
+                }
+            )
+    return rows
+
+
+def color_prompt_completion(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    things = [rng.choice(list(COLORS)) for _ in range(n)]
+    return [{"prompt": f"What color is {t}? ", "completion": f"{t} is {COLORS[t]}."} for t in things]
+
+
+def to_jsonl(rows: list[dict]) -> bytes:
+    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()

@@ -1,0 +1,124 @@
+"""The worker's local cache of base models and datasets, filled from object storage and checked by sha256."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from shared.errors import InvalidRequest, JobErrorCode, JobFailure
+from shared.models import UploadedFile
+from shared.settings import Settings
+from shared.storage import ObjectNotFound, ObjectStore, StorageError, parse_s3_uri
+from shared.uris import resolve_dataset_uri
+
+COMPLETE = ".tuneforge-complete"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    # Several worker processes on one host share the cache; one fills an entry while the others wait.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class AssetCache:
+    """Fetches base models and datasets once per worker host."""
+
+    def __init__(self, settings: Settings, store: ObjectStore) -> None:
+        self.settings = settings
+        self.store = store
+        assert settings.cache_dir is not None
+        self.root = settings.cache_dir
+
+    def model_dir(self, name: str) -> Path:
+        """Returns a local folder holding the registered base model `name`."""
+        entry = self.settings.model_registry().get(name)
+        if entry is None:
+            raise JobFailure(JobErrorCode.invalid_model, f"base model {name!r} is no longer in the registry")
+        if entry.location.startswith("file://"):
+            path = Path(entry.location.removeprefix("file://"))
+            if not (path / "config.json").is_file():
+                raise JobFailure(
+                    JobErrorCode.invalid_model, f"base model {name!r}: {path} has no config.json"
+                )
+            return path
+        bucket, prefix = parse_s3_uri(entry.location)
+        target = self.root / "models" / hashlib.sha256(entry.location.encode()).hexdigest()[:32]
+        if (target / COMPLETE).exists():
+            return target
+        with _locked(target.with_suffix(".lock")):
+            if (target / COMPLETE).exists():
+                return target
+            staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".fetch-"))
+            try:
+                self.store.get_tree(prefix, staging, bucket=bucket)
+            except ObjectNotFound as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise JobFailure(
+                    JobErrorCode.invalid_model, f"base model {name!r} is missing from storage: {exc}"
+                ) from exc
+            except StorageError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise JobFailure(
+                    JobErrorCode.storage_error, f"could not fetch base model {name!r}: {exc}"
+                ) from exc
+            if not (staging / "config.json").is_file():
+                shutil.rmtree(staging, ignore_errors=True)
+                raise JobFailure(
+                    JobErrorCode.invalid_model, f"base model {name!r} has no config.json in storage"
+                )
+            (staging / COMPLETE).touch()
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        return target
+
+    def dataset_file(self, uri: str, *, session: Session, team_id: str, param: str) -> Path:
+        """Returns a local copy of a job's dataset, verified against its recorded sha256 when there is one."""
+        try:
+            source = resolve_dataset_uri(uri, self.settings, param=param)
+        except InvalidRequest as exc:  # the deployment's policy changed since the job was submitted
+            raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {exc.message}") from exc
+        if source.kind == "local":
+            assert source.path is not None
+            if not source.path.is_file():
+                raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {source.path} does not exist")
+            return source.path
+        if source.kind == "upload":
+            record = session.get(UploadedFile, source.file_id)
+            if record is None or record.team_id != team_id:
+                raise JobFailure(
+                    JobErrorCode.dataset_not_found, f"{param}: file {source.file_id} does not exist"
+                )
+            bucket, key, sha = self.store.bucket, record.storage_key, record.sha256
+        else:
+            assert source.bucket is not None and source.key is not None
+            bucket, key = source.bucket, source.key
+            head = self.store.head(key, bucket=bucket)
+            if head is None:
+                raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {uri} does not exist")
+            sha = head.sha256 or None
+        name = sha or hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()
+        target = self.root / "datasets" / f"{name}.jsonl"
+        if sha and target.exists():
+            return target
+        try:
+            self.store.get_file(key, target, bucket=bucket, expected_sha256=sha)
+        except ObjectNotFound as exc:
+            raise JobFailure(
+                JobErrorCode.dataset_not_found, f"{param}: {uri} is missing from storage"
+            ) from exc
+        except StorageError as exc:
+            raise JobFailure(JobErrorCode.storage_error, f"{param}: could not fetch {uri}: {exc}") from exc
+        return target

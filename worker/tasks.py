@@ -1,0 +1,20 @@
+"""Celery tasks: each takes a job id and calls the code that does the work."""
+
+from __future__ import annotations
+
+from shared.queue import TRAIN_TASK, VALIDATE_TASK
+from shared.settings import get_settings
+from worker import runner, validation
+from worker.celery_app import app
+
+
+@app.task(name=VALIDATE_TASK)
+def validate_job(job_id: str) -> str | None:
+    status = validation.validate_job(get_settings(), job_id)
+    return status and status.value
+
+
+@app.task(name=TRAIN_TASK)
+def run_job(job_id: str) -> str | None:
+    status = runner.run_job(get_settings(), job_id)
+    return status and status.value

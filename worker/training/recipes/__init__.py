@@ -1,0 +1,21 @@
+"""One recipe per training method, all behind the Recipe interface."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from shared.schemas import Method
+from worker.training.recipes.base import Recipe
+
+# Imported on demand: a recipe may need optional packages (bitsandbytes, deepspeed) the others do not.
+_RECIPES: dict[Method, str] = {
+    Method.lora: "worker.training.recipes.lora:LoraRecipe",
+}
+
+
+def recipe_for(method: Method) -> type[Recipe]:
+    """Returns the recipe class that trains `method`."""
+    if method not in _RECIPES:
+        raise KeyError(f"no recipe trains {method.value}")
+    module, _, name = _RECIPES[method].partition(":")
+    return getattr(import_module(module), name)

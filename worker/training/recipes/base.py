@@ -1,0 +1,89 @@
+"""The interface every training recipe implements, and what a recipe is given to work with."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from shared.datasets import DatasetSummary
+from shared.schemas import JobSpec, Method
+
+
+class Reporter(Protocol):
+    """Where a recipe sends what it observes; the runner writes it to the database."""
+
+    def event(
+        self, type: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None
+    ) -> None: ...
+
+    def metric(self, split: str, step: int, values: dict[str, float | int | None]) -> None: ...
+
+
+class JobStopped(Exception):
+    """Training stopped early because the job was cancelled or the attempt lost its lease."""
+
+
+@dataclass
+class TrainingContext:
+    job_id: str
+    spec: JobSpec
+    model_dir: Path
+    train_data: DatasetSummary
+    eval_data: DatasetSummary | None
+    work_dir: Path
+    reporter: Reporter
+    should_stop: Callable[[], bool]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check_stop(self) -> None:
+        """Raises JobStopped if the job should stop now."""
+        if self.should_stop():
+            raise JobStopped()
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path  # the artifact directory to upload
+    trainable_params: int
+    total_params: int
+    trained_tokens: int
+    metrics: dict[str, Any]
+    stopped: bool = False
+
+
+class Recipe(ABC):
+    """One training method: set up, train, save, clean up."""
+
+    method: ClassVar[Method]
+
+    def __init__(self, ctx: TrainingContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Loads the model and data and prepares training."""
+
+    @abstractmethod
+    def train(self) -> None:
+        """Runs training (returns early if the job is told to stop)."""
+
+    @abstractmethod
+    def save(self, output_dir: Path) -> TrainingResult:
+        """Writes the artifact directory and returns what was trained."""
+
+    def cleanup(self) -> None:  # noqa: B027 - optional hook
+        """Frees what setup took."""
+
+    def run(self) -> TrainingResult:
+        """Runs the recipe from setup to saved artifact."""
+        try:
+            self.setup()
+            self.ctx.check_stop()
+            self.train()
+            self.ctx.check_stop()
+            return self.save(self.ctx.work_dir / "artifact")
+        finally:
+            self.cleanup()

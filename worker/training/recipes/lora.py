@@ -1,0 +1,289 @@
+"""LoRA: low-rank adapters on the chosen linear layers, trained with trl's SFTTrainer."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from shared.errors import JobErrorCode, JobFailure
+from shared.schemas import Method
+from worker.training.data import encode_dataset
+from worker.training.model_card import write_model_card
+from worker.training.recipes.base import Recipe, TrainingContext, TrainingResult
+
+ATTENTION_HINTS = ("attn", "attention")
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Returns the full names of the model's linear layers, the output head excluded."""
+    output_head = model.get_output_embeddings()
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output_head
+    ]
+
+
+def resolve_target_modules(model: torch.nn.Module, target: str | list[str]) -> str | list[str]:
+    """Turns a preset or an explicit list into what peft takes, refusing names the model lacks."""
+    if target == "all-linear":
+        return "all-linear"
+    linear = linear_module_names(model)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    if target == "attention":
+        found = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name in linear
+                if any(hint in name.rsplit(".", 1)[0].lower() for hint in ATTENTION_HINTS)
+            }
+        )
+        if not found:
+            raise JobFailure(
+                JobErrorCode.invalid_config,
+                f"found no attention projections in this model; name target_modules from: {leaves}",
+            )
+        return found
+    missing = [t for t in target if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        raise JobFailure(
+            JobErrorCode.invalid_config,
+            f"target_modules {missing} are not linear layers of this model; choose from {leaves}",
+        )
+    return list(target)
+
+
+def training_dtype() -> torch.dtype:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+class ProgressCallback(TrainerCallback):
+    """Sends each logged step to the reporter and stops training when the job must stop."""
+
+    def __init__(self, recipe: LoraRecipe) -> None:
+        self.recipe = recipe
+        self.last_time: float | None = None
+        self.last_tokens = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.last_time = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.recipe.ctx.should_stop():
+            self.recipe.stopped = True
+            control.should_training_stop = True
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+    ) -> None:
+        logs = logs or {}
+        step = int(state.global_step)
+        if "eval_loss" in logs:
+            self.recipe.ctx.reporter.metric(
+                "eval", step, {"loss": logs["eval_loss"], "epoch": logs.get("epoch")}
+            )
+            self.recipe.last_eval_loss = logs["eval_loss"]
+            return
+        if "loss" not in logs:
+            return
+        loss = float(logs["loss"])
+        if not math.isfinite(loss):
+            raise JobFailure(
+                JobErrorCode.training_diverged,
+                f"the training loss became {loss} at step {step}; lower the learning rate",
+            )
+        now = time.perf_counter()
+        tokens = int(logs.get("num_tokens", 0))
+        elapsed = now - (self.last_time or now)
+        rate = (tokens - self.last_tokens) / elapsed if elapsed > 0 and tokens else None
+        self.last_time, self.last_tokens = now, tokens
+        self.recipe.losses.append(loss)
+        self.recipe.ctx.reporter.metric(
+            "train",
+            step,
+            {
+                "loss": loss,
+                "epoch": logs.get("epoch"),
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_second": rate,
+                "num_tokens": tokens or None,
+            },
+        )
+
+
+class LoraRecipe(Recipe):
+    method = Method.lora
+
+    def __init__(self, ctx: TrainingContext) -> None:
+        super().__init__(ctx)
+        self.stopped = False
+        self.losses: list[float] = []
+        self.last_eval_loss: float | None = None
+        self.trainer: SFTTrainer | None = None
+        self.model: PeftModel | None = None
+        self.tokenizer: Any = None
+        self.started = 0.0
+        self.runtime = 0.0
+
+    def lora_config_extras(self) -> dict[str, Any]:
+        """Keyword arguments variants of LoRA add to peft's LoraConfig."""
+        return {}
+
+    def load_base_model(self) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(self.ctx.model_dir, dtype=training_dtype())
+
+    def setup(self) -> None:
+        spec, ctx = self.ctx.spec, self.ctx
+        hp = spec.hyperparameters
+        torch.manual_seed(hp.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        train = encode_dataset(
+            ctx.train_data.records, ctx.train_data.format, self.tokenizer, hp.max_seq_length
+        )
+        ctx.reporter.event(
+            "dataset",
+            f"{len(train.samples)} training samples, {train.total_tokens} tokens, "
+            f"{train.truncated} longer than max_seq_length {hp.max_seq_length}",
+            data={"samples": len(train.samples), "tokens": train.total_tokens, "truncated": train.truncated},
+        )
+        columns = train.columns(hp.max_seq_length)
+        if not columns["input_ids"]:
+            raise JobFailure(
+                JobErrorCode.invalid_dataset,
+                f"no sample has a token to learn within max_seq_length {hp.max_seq_length}; raise it",
+            )
+        train_dataset = Dataset.from_dict(columns)
+        eval_dataset = None
+        if ctx.eval_data is not None:
+            encoded = encode_dataset(
+                ctx.eval_data.records, ctx.eval_data.format, self.tokenizer, hp.max_seq_length
+            )
+            eval_dataset = Dataset.from_dict(encoded.columns(hp.max_seq_length))
+        ctx.check_stop()
+
+        base = self.load_base_model()
+        adapter = spec.adapter
+        config = LoraConfig(
+            r=adapter.rank,
+            lora_alpha=adapter.alpha,
+            lora_dropout=adapter.dropout,
+            target_modules=resolve_target_modules(base, adapter.target_modules),
+            task_type="CAUSAL_LM",
+            **self.lora_config_extras(),
+        )
+        self.model = get_peft_model(base, config)
+        trainable, total = self.model.get_nb_trainable_parameters()
+        ctx.reporter.event(
+            "model",
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)",
+            data={"trainable_params": trainable, "total_params": total},
+        )
+        args = SFTConfig(
+            output_dir=str(ctx.work_dir / "trainer"),
+            num_train_epochs=hp.epochs or 1,
+            max_steps=hp.max_steps or -1,
+            per_device_train_batch_size=hp.batch_size,
+            per_device_eval_batch_size=hp.batch_size,
+            gradient_accumulation_steps=hp.gradient_accumulation_steps,
+            learning_rate=hp.learning_rate,
+            lr_scheduler_type=hp.lr_scheduler,
+            warmup_steps=hp.warmup_ratio,
+            weight_decay=hp.weight_decay,
+            logging_steps=hp.logging_steps,
+            eval_strategy=("steps" if hp.eval_steps else "epoch") if eval_dataset is not None else "no",
+            eval_steps=hp.eval_steps,
+            save_strategy="no",
+            report_to="none",
+            seed=hp.seed,
+            data_seed=hp.seed,
+            max_length=hp.max_seq_length,
+            packing=hp.packing,
+            bf16=training_dtype() is torch.bfloat16,
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        self.trainer = SFTTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=self.tokenizer,
+            callbacks=[ProgressCallback(self)],
+        )
+        # Progress goes to the database; the trainer's own printing would only flood the worker log.
+        self.trainer.remove_callback(PrinterCallback)
+
+    def train(self) -> None:
+        assert self.trainer is not None
+        self.started = time.perf_counter()
+        try:
+            self.trainer.train()
+        except torch.OutOfMemoryError as exc:
+            raise JobFailure(
+                JobErrorCode.out_of_memory,
+                "out of GPU memory; lower batch_size or max_seq_length, or raise gradient_accumulation_steps",
+            ) from exc
+        self.runtime = time.perf_counter() - self.started
+
+    def save(self, output_dir: Path) -> TrainingResult:
+        assert self.model is not None and self.trainer is not None
+        spec = self.ctx.spec
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(output_dir)
+        self.tokenizer.save_pretrained(output_dir)
+        # The adapter names its base by registry name, not by this worker's cache path. (Set after saving:
+        # peft looks the name up while saving, and there is no model hub to ask.)
+        config_path = output_dir / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        adapter_config["base_model_name_or_path"] = spec.base_model
+        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+        trainable, total = self.model.get_nb_trainable_parameters()
+        state = self.trainer.state
+        trained_tokens = int(getattr(self.trainer, "_total_train_tokens", 0) or 0)
+        metrics: dict[str, Any] = {
+            "steps": int(state.global_step),
+            "epochs": round(float(state.epoch or 0), 4),
+            "first_train_loss": self.losses[0] if self.losses else None,
+            "final_train_loss": self.losses[-1] if self.losses else None,
+            "eval_loss": self.last_eval_loss,
+            "train_runtime_seconds": round(self.runtime, 3),
+            "seconds_per_step": round(self.runtime / state.global_step, 4) if state.global_step else None,
+        }
+        write_model_card(
+            output_dir,
+            job_id=self.ctx.job_id,
+            spec=spec,
+            trainable_params=trainable,
+            total_params=total,
+            trained_tokens=trained_tokens,
+            metrics=metrics,
+        )
+        return TrainingResult(
+            output_dir=output_dir,
+            trainable_params=trainable,
+            total_params=total,
+            trained_tokens=trained_tokens,
+            metrics=metrics,
+            stopped=self.stopped,
+        )
+
+    def cleanup(self) -> None:
+        self.trainer = None
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,69 @@
+"""Checks a submitted job's inputs on a worker before the job waits for a GPU."""
+
+from __future__ import annotations
+
+import logging
+
+from shared.datasets import DatasetInvalid, read_dataset
+from shared.db import session_scope
+from shared.errors import JobErrorCode, JobFailure
+from shared.models import Job
+from shared.queue import TRAIN_TASK, enqueue
+from shared.services import jobs as job_service
+from shared.settings import Settings
+from shared.states import JobStatus
+from shared.storage import make_store
+from worker.assets import AssetCache
+
+log = logging.getLogger(__name__)
+
+
+def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
+    """Reads a `validating` job's datasets line by line; queues the job for training or fails it with the
+    line numbers at fault. Returns the job's new status (None if it was not validating)."""
+    cache = AssetCache(settings, make_store(settings))
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != JobStatus.validating:
+            log.info("job %s is not validating (%s); nothing to do", job_id, job and job.status)
+            return None
+        sources = [("dataset", job.dataset_uri)]
+        if job.validation_uri:
+            sources.append(("validation_dataset", job.validation_uri))
+        try:
+            summaries = {}
+            for param, uri in sources:
+                path = cache.dataset_file(uri, session=session, team_id=job.team_id, param=param)
+                try:
+                    summaries[param] = read_dataset(path)
+                except DatasetInvalid as exc:
+                    raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: {exc}") from exc
+                except UnicodeDecodeError as exc:
+                    raise JobFailure(
+                        JobErrorCode.invalid_dataset, f"{param}: the file is not UTF-8 text"
+                    ) from exc
+            cache.model_dir(job.base_model)
+        except JobFailure as failure:
+            job_service.transition(
+                session=session,
+                job_id=job_id,
+                to=JobStatus.failed,
+                message=f"validation failed: {failure.message}",
+                error_code=failure.code.value,
+                error_message=failure.message,
+            )
+            return JobStatus.failed
+        for param, summary in summaries.items():
+            job_service.add_event(
+                session=session,
+                job_id=job_id,
+                type="dataset",
+                message=f"{param}: {summary.num_samples} valid samples in {summary.format.value} format",
+                data={"param": param, "format": summary.format.value, "samples": summary.num_samples},
+            )
+        if not job_service.transition(
+            session=session, job_id=job_id, to=JobStatus.queued, message="job is queued"
+        ):
+            return JobStatus(session.get(Job, job_id).status)
+    enqueue(settings, TRAIN_TASK, job_id)
+    return JobStatus.queued
