@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         None, description="root folder of the local backend; default home/storage"
     )
     s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = Field(
+        None, description="endpoint that clients outside the cluster reach, used in presigned download URLs"
+    )
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None

@@ -233,19 +233,27 @@ class S3ObjectStore(ObjectStore):
         from botocore.config import Config
 
         secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key_id,
-            aws_secret_access_key=secret,
-            config=Config(
-                signature_version="s3v4",
-                s3={"addressing_style": "path"},
-                retries={"max_attempts": 5, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
-            ),
+
+        def client(endpoint: str | None) -> Any:
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=settings.s3_region,
+                aws_access_key_id=settings.s3_access_key_id,
+                aws_secret_access_key=secret,
+                config=Config(
+                    signature_version="s3v4",
+                    s3={"addressing_style": "path"},
+                    retries={"max_attempts": 5, "mode": "standard"},
+                    connect_timeout=5,
+                    read_timeout=60,
+                ),
+            )
+
+        self.client = client(settings.s3_endpoint_url)
+        # Presigned URLs are signed for the host the client will call, which may differ from the internal one.
+        self.public_client = (
+            client(settings.s3_public_endpoint_url) if settings.s3_public_endpoint_url else self.client
         )
 
     def _client_error(self, exc: Exception) -> StorageError:
@@ -314,7 +322,7 @@ class S3ObjectStore(ObjectStore):
             raise self._client_error(exc) from exc
 
     def presigned_url(self, key: str, ttl_seconds: int, *, bucket: str | None = None) -> str | None:
-        return self.client.generate_presigned_url(
+        return self.public_client.generate_presigned_url(
             "get_object",
             Params={"Bucket": bucket or self.bucket, "Key": check_key(key)},
             ExpiresIn=ttl_seconds,

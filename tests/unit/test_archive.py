@@ -1,0 +1,34 @@
+import hashlib
+import io
+import tarfile
+
+import pytest
+
+from api.archive import ArchiveMember, stream_tar
+from shared.storage import IntegrityError
+
+
+def member(name: str, data: bytes, sha: str | None = None) -> ArchiveMember:
+    return ArchiveMember(
+        name=name,
+        size=len(data),
+        sha256=sha or hashlib.sha256(data).hexdigest(),
+        chunks=lambda: iter([data[:700], data[700:]]),
+    )
+
+
+def test_streamed_archive_is_a_valid_tar_with_checksums():
+    files = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": bytes(range(256)) * 9, "a/b.txt": b""}
+    archive = b"".join(stream_tar("job-adapter", [member(n, d) for n, d in files.items()]))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for name, data in files.items():
+            assert tar.extractfile(f"job-adapter/{name}").read() == data
+        sums = tar.extractfile("job-adapter/SHA256SUMS").read().decode()
+    for name, data in files.items():
+        assert f"{hashlib.sha256(data).hexdigest()}  {name}" in sums
+
+
+def test_a_corrupt_member_aborts_the_stream():
+    stream = stream_tar("x", [member("bad.bin", b"payload", sha="0" * 64)])
+    with pytest.raises(IntegrityError, match="bad.bin"):
+        b"".join(stream)
