@@ -47,6 +47,9 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
+        # Task events let Flower show each job's tasks, not only the workers.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options,
         worker_hijack_root_logger=False,

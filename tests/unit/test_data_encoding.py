@@ -13,7 +13,8 @@ def tokenizer(tmp_path_factory):
 
 
 def labelled_text(tokenizer, sample) -> str:
-    return tokenizer.decode([t for t, label in zip(sample.input_ids, sample.labels, strict=True) if label != IGNORE])
+    pairs = zip(sample.input_ids, sample.labels, strict=True)
+    return tokenizer.decode([token for token, label in pairs if label != IGNORE])
 
 
 def test_messages_train_only_on_assistant_turns(tokenizer):
@@ -58,7 +59,10 @@ def test_text_trains_on_everything(tokenizer):
 
 
 def test_truncation_is_counted_and_fully_masked_samples_dropped(tokenizer):
-    records = [{"prompt": "What color is the sky? " * 20, "completion": "blue"}, {"prompt": "a ", "completion": "red"}]
+    records = [
+        {"prompt": "What color is the sky? " * 20, "completion": "blue"},
+        {"prompt": "a ", "completion": "red"},
+    ]
     encoded = encode_dataset(records, DatasetFormat.prompt_completion, tokenizer, max_seq_length=16)
     assert encoded.truncated == 1
     columns = encoded.columns(16)

@@ -36,7 +36,7 @@ CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "co
         (CHAT, {"messages": []}, "non-empty array"),
         (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role must be one of"),
         (CHAT, {"messages": [{"role": "user", "content": "x"}]}, "no non-empty assistant message"),
-        (CHAT, {"messages": [{"role": "assistant", "content": None}]}, "messages[0].content must be a string"),
+        (CHAT, {"messages": [{"role": "assistant", "content": None}]}, "content must be a string"),
         (TEXT, {"other": 1}, "no 'messages', 'prompt'/'completion' or 'text' key"),
         (TEXT, {"text": "a", "messages": []}, "ambiguous"),
     ],

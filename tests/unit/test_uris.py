@@ -46,7 +46,7 @@ def test_file_uris_only_under_allowed_roots(settings, tmp_path):
     assert resolve_dataset_uri(f"file://{inside}", settings, param="dataset").path == inside
     with pytest.raises(InvalidRequest, match="outside the allowed"):
         resolve_dataset_uri("file:///etc/passwd", settings, param="dataset")
-    with pytest.raises(InvalidRequest, match="'..'"):
+    with pytest.raises(InvalidRequest, match=r"'\.\.'"):
         resolve_dataset_uri(f"file://{tmp_path}/datasets/../secret.jsonl", settings, param="dataset")
 
 
