@@ -88,9 +88,10 @@ def test_lora_job_end_to_end(client, service, tiny_model_dir, tmp_path):
         f"/v1/jobs/{job['id']}/artifacts/adapter/adapter_model.safetensors", params={"redirect": True}
     )
     assert redirect.status_code == 307
-    assert hashlib.sha256(httpx.get(redirect.headers["location"]).content).hexdigest() == recorded[
-        "adapter_model.safetensors"
-    ]
+    assert (
+        hashlib.sha256(httpx.get(redirect.headers["location"]).content).hexdigest()
+        == recorded["adapter_model.safetensors"]
+    )
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
@@ -103,7 +104,8 @@ def test_lora_job_end_to_end(client, service, tiny_model_dir, tmp_path):
 def test_cancel_stops_a_running_job_within_seconds(client, service):
     train = upload(client, color_messages(32))
     job_id = client.post(
-        "/v1/jobs", json={"base_model": TINY_MODEL, "dataset": train, "hyperparameters": {"max_steps": 100000}}
+        "/v1/jobs",
+        json={"base_model": TINY_MODEL, "dataset": train, "hyperparameters": {"max_steps": 100000}},
     ).json()["id"]
     wait_for(client, job_id, {"running"}, timeout=120)
     deadline = time.monotonic() + 60

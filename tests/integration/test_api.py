@@ -13,7 +13,9 @@ from tests.helpers import color_messages, to_jsonl
 @pytest.fixture
 def uploaded(api_client) -> dict:
     response = api_client.post(
-        "/v1/files", files={"file": ("colors.jsonl", to_jsonl(color_messages(12)))}, data={"purpose": "fine-tune"}
+        "/v1/files",
+        files={"file": ("colors.jsonl", to_jsonl(color_messages(12)))},
+        data={"purpose": "fine-tune"},
     )
     assert response.status_code == 201, response.text
     return response.json()
@@ -62,7 +64,9 @@ def test_upload_with_bad_lines_names_them(api_client):
 
 def test_empty_upload_and_bad_purpose(api_client):
     assert api_client.post("/v1/files", files={"file": ("e.jsonl", b"")}).json()["error"]["param"] == "file"
-    response = api_client.post("/v1/files", files={"file": ("x.jsonl", b'{"text":"a"}')}, data={"purpose": "chat"})
+    response = api_client.post(
+        "/v1/files", files={"file": ("x.jsonl", b'{"text":"a"}')}, data={"purpose": "chat"}
+    )
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "purpose"
 
@@ -78,7 +82,9 @@ def test_create_job_fills_defaults_and_enqueues_after_commit(api_client, uploade
     assert job["hyperparameters"]["learning_rate"] == 2e-4
     assert job["metadata"] == {"team": "search"}
     assert queued_messages(settings) == before + 1
-    message = redis.Redis.from_url(settings.broker_url).lindex(queue_names(settings)["tuneforge.validate_job"], 0)
+    message = redis.Redis.from_url(settings.broker_url).lindex(
+        queue_names(settings)["tuneforge.validate_job"], 0
+    )
     assert job["id"] in message.decode()
     assert api_client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
 
@@ -152,8 +158,14 @@ def test_cancel_before_start_is_immediate_and_final(api_client, uploaded):
 
 
 def test_unknown_ids_are_404(api_client):
-    for path in ("/v1/jobs/ftjob-nope", "/v1/jobs/ftjob-nope/events", "/v1/jobs/ftjob-nope/metrics",
-                 "/v1/jobs/ftjob-nope/artifacts", "/v1/files/file-nope", "/v1/files/file-nope/content"):
+    for path in (
+        "/v1/jobs/ftjob-nope",
+        "/v1/jobs/ftjob-nope/events",
+        "/v1/jobs/ftjob-nope/metrics",
+        "/v1/jobs/ftjob-nope/artifacts",
+        "/v1/files/file-nope",
+        "/v1/files/file-nope/content",
+    ):
         response = api_client.get(path)
         assert response.status_code == 404, path
         assert response.json()["error"]["code"] == "not_found"

@@ -83,7 +83,9 @@ def test_a_stale_lease_is_taken_over_and_the_old_attempt_fenced(settings, queued
     with session_scope(settings.database_url) as session:
         # The first worker comes back: its heartbeat and its finishing write are refused.
         assert job_service.heartbeat(session=session, job_id=queued_job, attempt=1) is None
-        assert not job_service.transition(session=session, job_id=queued_job, to=JobStatus.succeeded, attempt=1)
+        assert not job_service.transition(
+            session=session, job_id=queued_job, to=JobStatus.succeeded, attempt=1
+        )
         assert job_service.heartbeat(session=session, job_id=queued_job, attempt=2) is JobStatus.running
     assert status_of(settings, queued_job).status == "running"
 
@@ -109,7 +111,12 @@ def test_metrics_of_a_repeated_step_are_overwritten(settings, queued_job):
     with session_scope(settings.database_url) as session:
         for attempt, loss in ((1, 2.0), (2, 1.5)):
             job_service.record_metric(
-                session=session, job_id=queued_job, attempt=attempt, split="train", step=3, values={"loss": loss}
+                session=session,
+                job_id=queued_job,
+                attempt=attempt,
+                split="train",
+                step=3,
+                values={"loss": loss},
             )
         curves = job_service.get_metrics(session=session, team_id=TEAM, job_id=queued_job)
     assert [(m.step, m.loss, m.attempt) for m in curves["train"]] == [(3, 1.5, 2)]

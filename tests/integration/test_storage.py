@@ -62,7 +62,9 @@ def test_tampered_object_is_detected_on_download(settings, s3_server, tmp_path):
     store = make_store(settings)
     stored = store.put_bytes("tests/tamper.bin", b"original bytes")
     # Someone rewrites the object behind our back, keeping the old checksum in its metadata.
-    store.client.put_object(Bucket=BUCKET, Key="tests/tamper.bin", Body=b"evil bytes", Metadata={"sha256": stored.sha256})
+    store.client.put_object(
+        Bucket=BUCKET, Key="tests/tamper.bin", Body=b"evil bytes", Metadata={"sha256": stored.sha256}
+    )
     with pytest.raises(IntegrityError, match="does not match"):
         store.get_file("tests/tamper.bin", tmp_path / "t.bin")
 
@@ -78,7 +80,11 @@ def test_server_checks_signatures(s3_server):
     )
     with pytest.raises(ClientError) as info:
         client.list_objects_v2(Bucket=BUCKET)
-    assert info.value.response["Error"]["Code"] in {"SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId"}
+    assert info.value.response["Error"]["Code"] in {
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+    }
 
 
 def test_presigned_url_downloads_and_expires_quickly(settings):

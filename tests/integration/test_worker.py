@@ -36,7 +36,9 @@ def submit(settings, store, dataset: str | bytes, **spec) -> str:
                 source=io.BytesIO(dataset),
             ).id
         body = {"base_model": TINY_MODEL, "dataset": dataset, **spec}
-        return job_service.create_job(session=session, settings=settings, team_id=TEAM, spec=JobSpec(**body)).id
+        return job_service.create_job(
+            session=session, settings=settings, team_id=TEAM, spec=JobSpec(**body)
+        ).id
 
 
 def job(settings, job_id) -> Job:
@@ -111,7 +113,10 @@ def test_lora_trains_and_uploads_a_loadable_adapter(settings, store, tiny_model_
 
 def test_bad_target_module_fails_with_an_actionable_message(settings, store, tiny_model_dir):
     job_id = submit(
-        settings, store, to_jsonl(color_messages(4)), adapter={"target_modules": ["c_attn"]},
+        settings,
+        store,
+        to_jsonl(color_messages(4)),
+        adapter={"target_modules": ["c_attn"]},
         hyperparameters={"max_steps": 2},
     )
     validation.validate_job(settings, job_id)
@@ -161,7 +166,9 @@ def test_other_formats_train(settings, store, tiny_model_dir, fmt):
     rows = color_prompt_completion(16)
     if fmt == "text":
         rows = [{"text": r["prompt"] + r["completion"]} for r in rows]
-    job_id = submit(settings, store, to_jsonl(rows), hyperparameters={"max_steps": 6, "packing": fmt == "text"})
+    job_id = submit(
+        settings, store, to_jsonl(rows), hyperparameters={"max_steps": 6, "packing": fmt == "text"}
+    )
     validation.validate_job(settings, job_id)
     assert runner.run_job(settings, job_id) is JobStatus.succeeded
     assert job(settings, job_id).trained_tokens > 0

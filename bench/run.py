@@ -1,0 +1,292 @@
+"""Benchmarks, printed as figures:
+
+(a) a LoRA job's wall time through the service (HTTP -> queue -> worker -> storage -> database) against the
+    same training in a bare transformers + peft script (same model, data, steps, batch, rank);
+(b) job-status GET throughput and p50/p99 latency with 64 concurrent clients, next to /healthz of the same app.
+
+By default the service runs on its embedded default (SQLite, a local storage folder, a folder-based broker)
+in a temporary folder. Set TUNEFORGE_DATABASE_URL / TUNEFORGE_BROKER_URL (and the S3 settings) to measure
+against PostgreSQL, Redis and S3 instead.
+
+    .venv/bin/python bench/run.py [--steps 40] [--model tiny|small] [--requests 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {
+    # name: (hidden, layers, heads, kv heads, intermediate)
+    "tiny": (64, 2, 4, 2, 128),
+    "small": (512, 8, 8, 4, 1408),
+}
+
+BARE_SCRIPT = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+cfg = json.loads(sys.argv[1])
+t_import = time.perf_counter()
+tok = AutoTokenizer.from_pretrained(cfg["model"])
+model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+rows = [json.loads(line) for line in open(cfg["data"])]
+ids = [tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"] for r in rows]
+ds = Dataset.from_dict({"input_ids": ids, "labels": ids})
+model = get_peft_model(model, LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], lora_dropout=0.05,
+                                         target_modules="all-linear", task_type="CAUSAL_LM"))
+args = TrainingArguments(output_dir=cfg["out"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
+                         learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none",
+                         use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=42)
+trainer = Trainer(model=model, args=args, train_dataset=ds,
+                  data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+t_train = time.perf_counter()
+trainer.train()
+t_trained = time.perf_counter()
+model.save_pretrained(cfg["out"] + "/adapter")
+t_end = time.perf_counter()
+print(json.dumps({"import": t_import - t0, "setup": t_train - t_import, "train": t_trained - t_train,
+                  "total_after_import": t_end - t_import}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("service not ready")
+
+
+def write_dataset(path: Path, n: int) -> None:
+    rng_things = ["apple", "banana", "sky", "grass", "coal", "snow", "plum", "orange"]
+    colors = ["red", "yellow", "blue", "green", "black", "white", "purple", "orange"]
+    with path.open("w") as out:
+        for i in range(n):
+            k = i % len(rng_things)
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"What color is {rng_things[k]}? Answer in one sentence."},
+                    {"role": "assistant", "content": f"The color of {rng_things[k]} is {colors[k]}."},
+                ]
+            }
+            out.write(json.dumps(row) + "\n")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def hammer(base_url: str, path: str, total: int, concurrency: int) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    remaining = total
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+
+        async def one_client() -> None:
+            nonlocal remaining, errors
+            while remaining > 0:
+                remaining -= 1
+                started = time.perf_counter()
+                response = await client.get(path)
+                latencies.append(time.perf_counter() - started)
+                errors += response.status_code != 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * percentile(latencies, 0.50),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+
+    from worker.training.toy_models import build_llama
+
+    work = Path(tempfile.mkdtemp(prefix="tuneforge-bench-"))
+    hidden, layers, heads, kv, inter = MODELS[args.model]
+    model_dir = build_llama(
+        work / "model",
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        intermediate_size=inter,
+        vocab_size=2048,
+        corpus=["What color is apple? The color of apple is red."] * 50,
+    )
+    data = work / "train.jsonl"
+    write_dataset(data, 256)
+
+    env = {k: v for k, v in os.environ.items()}
+    env.setdefault("TUNEFORGE_HOME", str(work / "home"))
+    env["TUNEFORGE_MODELS"] = json.dumps({"bench": {"location": f"file://{model_dir}"}})
+    env["TUNEFORGE_LOG_LEVEL"] = "WARNING"
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log = (work / "service.log").open("ab")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "migrate"], env=env, cwd=ROOT, stdout=log, stderr=log
+        )
+    ]
+    procs[0].wait()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "api", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "worker", "--pool=solo"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        ),
+    ]
+    try:
+        wait_ready(base_url)
+        from shared.settings import Settings
+
+        settings = Settings(
+            **{
+                k.removeprefix("TUNEFORGE_").lower(): v
+                for k, v in env.items()
+                if k.startswith("TUNEFORGE_") and k != "TUNEFORGE_MODELS"
+            }
+        )
+        print(
+            f"stack: database={settings.database_url.split('://')[0]} broker={settings.broker_url.split('://')[0]} "
+            f"storage={settings.storage_backend}; model={args.model} (hidden {hidden}, {layers} layers); "
+            f"{args.steps} steps, batch {args.batch}, rank {args.rank}; {os.cpu_count()} CPUs"
+        )
+        client = httpx.Client(base_url=base_url, timeout=60)
+        with data.open("rb") as handle:
+            file_id = client.post("/v1/files", files={"file": ("train.jsonl", handle)}).json()["id"]
+        spec = {
+            "base_model": "bench",
+            "dataset": file_id,
+            "adapter": {"rank": args.rank, "target_modules": "all-linear"},
+            "hyperparameters": {"max_steps": args.steps, "batch_size": args.batch, "max_seq_length": 512},
+        }
+        # A warm-up job, so the worker's first-job imports and caches do not count.
+        warm = client.post("/v1/jobs", json={**spec, "hyperparameters": {"max_steps": 1}}).json()["id"]
+        while client.get(f"/v1/jobs/{warm}").json()["status"] not in ("succeeded", "failed"):
+            time.sleep(0.2)
+
+        started = time.perf_counter()
+        job_id = client.post("/v1/jobs", json=spec).json()["id"]
+        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in (
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
+            time.sleep(0.1)
+        service_wall = time.perf_counter() - started
+        if job["status"] != "succeeded":
+            print("job failed:", job["error"])
+            return 1
+
+        bare_cfg = {
+            "model": str(model_dir),
+            "data": str(data),
+            "steps": args.steps,
+            "batch": args.batch,
+            "rank": args.rank,
+            "out": str(work / "bare"),
+        }
+        bare = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", BARE_SCRIPT, json.dumps(bare_cfg)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        print("\n(a) LoRA job: service vs bare transformers+peft script")
+        print(f"  service, submit -> succeeded (wall):         {service_wall:8.2f} s")
+        print(
+            f"    of which training loop (trainer.train):    {job['result']['train_runtime_seconds']:8.2f} s "
+            f"({job['result']['seconds_per_step']} s/step)"
+        )
+        print(
+            f"  bare script, load -> adapter saved:          {bare['total_after_import']:8.2f} s "
+            f"(training loop {bare['train']:.2f} s; imports {bare['import']:.2f} s not counted)"
+        )
+        print(
+            f"  ratio service / bare:                        {service_wall / bare['total_after_import']:8.2f}"
+        )
+        print(
+            f"  overhead per job:                            {service_wall - bare['total_after_import']:8.2f} s"
+        )
+
+        print(
+            f"\n(b) GET throughput, {args.concurrency} concurrent clients, {args.requests} requests each run"
+        )
+        for path in (f"/v1/jobs/{job_id}", "/healthz"):
+            asyncio.run(hammer(base_url, path, min(500, args.requests), args.concurrency))  # warm-up
+            result = asyncio.run(hammer(base_url, path, args.requests, args.concurrency))
+            print(
+                f"  GET {path:42s} {result['rps']:8.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
+                f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}"
+            )
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                proc.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
