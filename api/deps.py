@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -18,9 +18,15 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.session_factory() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # An async generator: its cleanup runs on the event loop. A sync one would need a threadpool thread to
+    # close the session, and under load every thread can be busy waiting for a pooled connection that only
+    # such a cleanup would return (a deadlock until the pool timeout).
+    session = request.app.state.session_factory()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 def get_store(request: Request) -> ObjectStore:

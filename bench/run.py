@@ -8,7 +8,7 @@ By default the service runs on its embedded default (SQLite, a local storage fol
 in a temporary folder. Set TUNEFORGE_DATABASE_URL / TUNEFORGE_BROKER_URL (and the S3 settings) to measure
 against PostgreSQL, Redis and S3 instead.
 
-    .venv/bin/python bench/run.py [--steps 40] [--model tiny|small] [--requests 4000]
+    .venv/bin/python bench/run.py [--steps 40] [--model tiny|small] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -105,11 +107,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def hammer(base_url: str, path: str, total: int, concurrency: int) -> dict[str, float]:
-    latencies: list[float] = []
-    errors = 0
-    remaining = total
+    """`concurrency` clients on kept-alive connections send `total` GETs; a first round opens the connections."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+        latencies: list[float] = []
+        errors = 0
+        remaining = 0
 
         async def one_client() -> None:
             nonlocal remaining, errors
@@ -120,6 +123,10 @@ async def hammer(base_url: str, path: str, total: int, concurrency: int) -> dict
                 latencies.append(time.perf_counter() - started)
                 errors += response.status_code != 200
 
+        remaining = concurrency * 4
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        latencies.clear()
+        remaining = total
         started = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
@@ -132,6 +139,40 @@ async def hammer(base_url: str, path: str, total: int, concurrency: int) -> dict
     }
 
 
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(f"unexpected wrk duration {text!r}")
+    value, unit = float(match[1]), match[2]
+    return value * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+
+
+def hammer_with_wrk(base_url: str, path: str, seconds: int, concurrency: int) -> dict[str, float]:
+    """The same load from wrk (C, one thread): it takes less of the shared CPUs than a Python client."""
+    url = base_url + path
+    subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", "-d2s", url], capture_output=True, check=True
+    )  # warm-up
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, flags=re.MULTILINE))
+    requests = int(re.search(r"(\d+) requests in", out)[1])
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: .*", out)
+    return {
+        "requests": requests,
+        "errors": int(non_2xx[1]) if non_2xx else 0,
+        "socket_errors": errors[0] if errors else "",
+        "rps": float(re.search(r"Requests/sec:\s+([0-9.]+)", out)[1]),
+        "p50_ms": 1000 * _seconds(percentiles["50"]),
+        "p99_ms": 1000 * _seconds(percentiles["99"]),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -140,7 +181,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
-    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--requests", type=int, default=4000, help="per endpoint, with the Python client")
+    parser.add_argument("--seconds", type=int, default=10, help="per endpoint, with wrk")
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
 
@@ -270,12 +312,15 @@ def main() -> int:
             f"  overhead per job:                            {service_wall - bare['total_after_import']:8.2f} s"
         )
 
+        tool = "wrk" if shutil.which("wrk") else "a Python asyncio client"
         print(
-            f"\n(b) GET throughput, {args.concurrency} concurrent clients, {args.requests} requests each run"
+            f"\n(b) GET throughput, {args.concurrency} concurrent connections, load from {tool} on the same CPUs"
         )
         for path in (f"/v1/jobs/{job_id}", "/healthz"):
-            asyncio.run(hammer(base_url, path, min(500, args.requests), args.concurrency))  # warm-up
-            result = asyncio.run(hammer(base_url, path, args.requests, args.concurrency))
+            if shutil.which("wrk"):
+                result = hammer_with_wrk(base_url, path, args.seconds, args.concurrency)
+            else:
+                result = asyncio.run(hammer(base_url, path, args.requests, args.concurrency))
             print(
                 f"  GET {path:42s} {result['rps']:8.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
                 f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}"

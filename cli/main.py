@@ -28,11 +28,14 @@ def _settings():
 
 @app.command()
 def migrate(revision: str = "head") -> None:
-    """Upgrades the database schema (Alembic) to REVISION."""
+    """Upgrades the database schema (Alembic) to REVISION (and creates the local storage folder, if used)."""
     from shared.migrate import upgrade
+    from shared.storage import make_store
 
     settings = _settings()
     upgrade(settings.database_url, revision)
+    if settings.storage_backend == "local":
+        make_store(settings).ensure_bucket()
     console.print(f"database at {revision}")
 
 

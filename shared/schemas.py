@@ -67,6 +67,9 @@ class Hyperparameters(BaseModel):
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_seq_length: int = Field(1024, ge=16, le=131072, description="longer samples are truncated")
     packing: bool = Field(False, description="pack several samples into each sequence")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, about 20-30% slower"
+    )
     seed: int = Field(42, ge=0, le=2**31 - 1)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
