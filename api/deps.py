@@ -1,4 +1,8 @@
-"""Request dependencies: settings, a database session, object storage and the caller's team."""
+"""Request dependencies: settings, a database session, object storage and the caller's team.
+
+They are `async def` because FastAPI runs a plain `def` dependency on a threadpool thread: a hop per
+dependency per request, for functions that never block.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from shared.settings import Settings
 from shared.storage import ObjectStore
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -29,11 +33,11 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         session.close()
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-def get_caller_team() -> TeamID:
+async def get_caller_team() -> TeamID:
     """Returns the team the caller acts for. Until API keys exist, every caller is the default team."""
     return TeamID(DEFAULT_TEAM_ID)
 

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -173,6 +174,31 @@ def hammer_with_wrk(base_url: str, path: str, seconds: int, concurrency: int) ->
     }
 
 
+def fmt(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+def run_service_job(client: httpx.Client, spec: dict) -> tuple[dict, float]:
+    """Submits a job and polls it until it ends; returns the job and the wall time from submission."""
+    started = time.perf_counter()
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in (
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
+        time.sleep(0.1)
+    return job, time.perf_counter() - started
+
+
+def run_bare(cfg: dict) -> dict[str, float]:
+    """Runs the bare transformers + peft script in a fresh process; returns its phase timings."""
+    out = subprocess.run(
+        [sys.executable, "-c", BARE_SCRIPT, json.dumps(cfg)], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -183,6 +209,7 @@ def main() -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--requests", type=int, default=4000, help="per endpoint, with the Python client")
     parser.add_argument("--seconds", type=int, default=10, help="per endpoint, with wrk")
+    parser.add_argument("--repeats", type=int, default=3, help="service and bare runs for (a)")
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
 
@@ -264,19 +291,6 @@ def main() -> int:
         while client.get(f"/v1/jobs/{warm}").json()["status"] not in ("succeeded", "failed"):
             time.sleep(0.2)
 
-        started = time.perf_counter()
-        job_id = client.post("/v1/jobs", json=spec).json()["id"]
-        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in (
-            "succeeded",
-            "failed",
-            "cancelled",
-        ):
-            time.sleep(0.1)
-        service_wall = time.perf_counter() - started
-        if job["status"] != "succeeded":
-            print("job failed:", job["error"])
-            return 1
-
         bare_cfg = {
             "model": str(model_dir),
             "data": str(data),
@@ -285,32 +299,33 @@ def main() -> int:
             "rank": args.rank,
             "out": str(work / "bare"),
         }
-        bare = json.loads(
-            subprocess.run(
-                [sys.executable, "-c", BARE_SCRIPT, json.dumps(bare_cfg)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        print("\n(a) LoRA job: service vs bare transformers+peft script")
-        print(f"  service, submit -> succeeded (wall):         {service_wall:8.2f} s")
+        runs = []
+        # Alternate service and bare runs so that drift on the shared machine hits both alike.
+        for _ in range(args.repeats):
+            job, service_wall = run_service_job(client, spec)
+            if job["status"] != "succeeded":
+                print("job failed:", job["error"])
+                return 1
+            runs.append((service_wall, job["result"]["train_runtime_seconds"], run_bare(bare_cfg)))
+        job_id = job["id"]
+        service = statistics.median(r[0] for r in runs)
+        service_train = statistics.median(r[1] for r in runs)
+        bare_total = statistics.median(r[2]["total_after_import"] for r in runs)
+        bare_train = statistics.median(r[2]["train"] for r in runs)
         print(
-            f"    of which training loop (trainer.train):    {job['result']['train_runtime_seconds']:8.2f} s "
-            f"({job['result']['seconds_per_step']} s/step)"
-        )
-        print(
-            f"  bare script, load -> adapter saved:          {bare['total_after_import']:8.2f} s "
-            f"(training loop {bare['train']:.2f} s; imports {bare['import']:.2f} s not counted)"
+            f"\n(a) LoRA job: service vs bare transformers+peft script (median of {args.repeats} runs each)"
         )
         print(
-            f"  ratio service / bare:                        {service_wall / bare['total_after_import']:8.2f}"
+            f"  service, submit -> succeeded (wall):         {service:8.2f} s   runs: {fmt([r[0] for r in runs])}"
         )
+        print(f"    of which the training loop:                {service_train:8.2f} s")
         print(
-            f"  overhead per job:                            {service_wall - bare['total_after_import']:8.2f} s"
+            f"  bare script, model load -> adapter saved:    {bare_total:8.2f} s   "
+            f"runs: {fmt([r[2]['total_after_import'] for r in runs])}"
         )
+        print(f"    of which the training loop:                {bare_train:8.2f} s   (imports not counted)")
+        print(f"  ratio service / bare:                        {service / bare_total:8.2f}")
+        print(f"  overhead per job:                            {service - bare_total:8.2f} s")
 
         tool = "wrk" if shutil.which("wrk") else "a Python asyncio client"
         print(
