@@ -13,9 +13,9 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from shared.models import DEFAULT_TEAM_ID
-from shared.services.jobs import TeamID
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from shared.tenancy import TeamID
 
 
 async def get_settings(request: Request) -> Settings:

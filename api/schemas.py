@@ -8,7 +8,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from shared.models import Artifact, Job, JobEvent, JobMetric, UploadedFile
-from shared.schemas import AdapterSpec, Hyperparameters, Resources
+from shared.schemas import (
+    AdapterSpec,
+    ExportSpec,
+    FusionSpec,
+    Hyperparameters,
+    JobSpec,
+    MergeSpec,
+    QuantizationSpec,
+    Resources,
+)
 
 
 class ErrorBody(BaseModel):
@@ -23,10 +32,14 @@ class JobOut(BaseModel):
     status: str
     method: str
     base_model: str
-    dataset: str
+    dataset: str | None
     validation_dataset: str | None
-    adapter: AdapterSpec
-    hyperparameters: Hyperparameters
+    adapter: AdapterSpec | None = None
+    quantization: QuantizationSpec | None = None
+    merge: MergeSpec | None = None
+    fusion: FusionSpec | None = None
+    export: ExportSpec | None = None
+    hyperparameters: Hyperparameters | None = None
     resources: Resources
     priority: str
     metadata: dict[str, str]
@@ -43,7 +56,7 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
-        spec = job.spec
+        spec = JobSpec.model_validate(job.spec)
         return cls(
             id=job.id,
             status=job.status,
@@ -51,9 +64,13 @@ class JobOut(BaseModel):
             base_model=job.base_model,
             dataset=job.dataset_uri,
             validation_dataset=job.validation_uri,
-            adapter=AdapterSpec.model_validate(spec["adapter"]),
-            hyperparameters=Hyperparameters.model_validate(spec["hyperparameters"]),
-            resources=Resources.model_validate(spec["resources"]),
+            adapter=spec.adapter,
+            quantization=spec.quantization,
+            merge=spec.merge,
+            fusion=spec.fusion,
+            export=spec.export,
+            hyperparameters=spec.hyperparameters,
+            resources=spec.resources,
             priority=job.priority,
             metadata=job.user_metadata or {},
             attempt=job.attempt,

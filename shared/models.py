@@ -96,7 +96,7 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16))
     method: Mapped[str] = mapped_column(String(16))
     base_model: Mapped[str] = mapped_column(String(255))
-    dataset_uri: Mapped[str] = mapped_column(String(2048))
+    dataset_uri: Mapped[str | None] = mapped_column(String(2048))  # none for merge and export jobs
     validation_uri: Mapped[str | None] = mapped_column(String(2048))
     # The full validated JobSpec, defaults filled in; the columns above are copies for filtering.
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
@@ -114,6 +114,8 @@ class Job(Base):
     total_params: Mapped[int | None] = mapped_column(BigInteger)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     result: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # What the checks before queueing found: dataset statistics, parameter counts, the memory estimate.
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -171,3 +173,20 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class Plan(Base):
+    """A dry run: the checks a job would get before queueing, without the job."""
+
+    __tablename__ = "plans"
+    __table_args__ = (Index("ix_plans_team_created", "team_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"))
+    status: Mapped[str] = mapped_column(String(16))  # pending | ready | refused | failed
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

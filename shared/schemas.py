@@ -5,7 +5,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 class Method(StrEnum):
@@ -15,10 +16,15 @@ class Method(StrEnum):
     qlora = "qlora"
     merge = "merge"
     fusion = "fusion"
+    export = "export"
 
 
-# Methods this release trains; the others are part of the API already and answer a clear 422.
+# Methods this release runs; the others are part of the API already and answer a clear 422.
 AVAILABLE_METHODS: frozenset[Method] = frozenset({Method.lora})
+# Methods that train a LoRA adapter (and so take `adapter` and `hyperparameters`).
+LORA_METHODS: frozenset[Method] = frozenset({Method.lora, Method.dora, Method.rslora, Method.qlora})
+# Methods that read a dataset.
+DATASET_METHODS: frozenset[Method] = LORA_METHODS | {Method.fusion}
 
 
 class Priority(StrEnum):
@@ -46,6 +52,14 @@ class AdapterSpec(BaseModel):
         description="`attention` (q/k/v/o projections), `all-linear` (every linear layer but the output "
         "head), "
         "or an explicit list of module names",
+    )
+
+    use_dora: bool | None = Field(
+        None, description="weight-decomposed LoRA; implied by method dora, optional with qlora and rslora"
+    )
+    use_rslora: bool | None = Field(
+        None,
+        description="rank-stabilised scaling alpha/sqrt(r); implied by method rslora, optional with qlora and dora",
     )
 
     @model_validator(mode="after")
@@ -95,6 +109,110 @@ class Resources(BaseModel):
     zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0 = plain data parallel)")
 
 
+class QuantizationSpec(BaseModel):
+    """How QLoRA stores the frozen base weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the base weights")
+    double_quant: bool = Field(True, description="also quantize the quantization constants")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul"
+    )
+
+
+class AdapterSource(BaseModel):
+    """A finished adapter: the job that produced it, or where its folder lies in object storage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str | None = Field(None, min_length=1, max_length=40, description="a succeeded job of your team")
+    uri: str | None = Field(
+        None,
+        min_length=6,
+        max_length=2048,
+        description="s3://bucket/prefix of an adapter folder (adapter_config.json)",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AdapterSource:
+        if (self.job_id is None) == (self.uri is None):
+            raise ValueError("give exactly one of job_id or uri")
+        if self.uri is not None and not self.uri.startswith("s3://"):
+            raise ValueError("uri must be an s3:// prefix of an adapter folder")
+        return self
+
+
+CombinationType = Literal["linear", "cat", "svd", "ties", "dare_ties", "dare_linear", "magnitude_prune"]
+DENSITY_TYPES = frozenset({"ties", "dare_ties", "dare_linear", "magnitude_prune"})
+
+
+class MergeSpec(BaseModel):
+    """Combine finished adapters of one base into a new adapter, without training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[AdapterSource] = Field(min_length=2, max_length=16)
+    weights: list[float] | None = Field(None, description="one weight per source; default 1/n each")
+    combination_type: CombinationType = Field(
+        "cat",
+        description="cat (exact, rank = sum of ranks), svd (rank svd_rank), linear, ties, dare_ties, "
+        "dare_linear, magnitude_prune (the last five need equal ranks)",
+    )
+    density: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="share of weights kept, for ties, dare_* and magnitude_prune; default 0.5",
+    )
+    svd_rank: int | None = Field(None, ge=1, le=1024, description="rank of an svd merge; default the largest")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MergeSpec:
+        if self.weights is None:
+            self.weights = [1.0 / len(self.sources)] * len(self.sources)
+        elif len(self.weights) != len(self.sources):
+            raise _field_error(
+                "weights", f"{len(self.weights)} weights for {len(self.sources)} sources; give one per source"
+            )
+        if self.combination_type in DENSITY_TYPES:
+            self.density = 0.5 if self.density is None else self.density
+        elif self.density is not None:
+            raise _field_error(
+                "density", f"density does not apply to combination_type {self.combination_type}"
+            )
+        if self.svd_rank is not None and self.combination_type != "svd":
+            raise _field_error("svd_rank", "svd_rank applies only to combination_type svd")
+        return self
+
+
+class FusionSpec(BaseModel):
+    """Learn how much of each finished adapter to use, on a dataset; the adapters themselves stay frozen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[AdapterSource] = Field(min_length=2, max_length=8, description="at least two adapters")
+    per_layer: bool = Field(False, description="learn one weight per adapter and layer, not one per adapter")
+
+
+class ExportSpec(BaseModel):
+    """Merge an adapter into its base model and store the full model, for serving without peft."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: AdapterSource
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_shard_size: str = Field("2GB", pattern=r"^[0-9]+(KB|MB|GB)$")
+
+
+def _field_error(field: str, message: str) -> ValidationError:
+    """A validation error located at `field`, so the API's 422 names it."""
+    return ValidationError.from_exception_data(
+        "JobSpec",
+        [InitErrorDetails(type=PydanticCustomError("invalid_field", message), loc=(field,), input=None)],
+    )
+
+
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
@@ -118,14 +236,87 @@ class JobSpec(BaseModel):
         },
     )
 
-    base_model: str = Field(min_length=1, max_length=255, description="a name from GET /v1/models")
-    dataset: str = Field(
-        min_length=1, max_length=2048, description="an uploaded file id, s3://bucket/key or file:///path"
+    base_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="a name from GET /v1/models; for merge and export, the sources' base by default",
+    )
+    dataset: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description="an uploaded file id, s3://bucket/key or file:///path (training and fusion jobs)",
     )
     validation_dataset: str | None = Field(None, min_length=1, max_length=2048)
     method: Method = Method.lora
-    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    adapter: AdapterSpec | None = Field(None, description="LoRA settings (lora, dora, rslora, qlora)")
+    quantization: QuantizationSpec | None = Field(None, description="base weight storage (qlora)")
+    merge: MergeSpec | None = Field(None, description="what to merge (method merge)")
+    fusion: FusionSpec | None = Field(None, description="what to fuse (method fusion)")
+    export: ExportSpec | None = Field(None, description="what to merge into its base (method export)")
+    hyperparameters: Hyperparameters | None = Field(
+        None, description="training settings (training and fusion)"
+    )
     resources: Resources = Field(default_factory=Resources)
     priority: Priority = Priority.normal
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self) -> JobSpec:
+        method = self.method
+        if method in DATASET_METHODS and self.dataset is None:
+            raise _field_error("dataset", f"method {method.value} needs a dataset")
+        if method not in DATASET_METHODS:
+            for name in ("dataset", "validation_dataset", "hyperparameters"):
+                if getattr(self, name) is not None:
+                    raise _field_error(name, f"method {method.value} does not train; remove {name}")
+        if method in (Method.lora, Method.dora, Method.rslora, Method.qlora) and self.base_model is None:
+            raise _field_error("base_model", f"method {method.value} needs a base_model")
+        if method is Method.fusion and self.base_model is None:
+            raise _field_error("base_model", "method fusion needs the base_model its sources share")
+        for name, owner in (("merge", Method.merge), ("fusion", Method.fusion), ("export", Method.export)):
+            value = getattr(self, name)
+            if method is owner and value is None:
+                raise _field_error(name, f"method {method.value} needs `{name}`")
+            if method is not owner and value is not None:
+                raise _field_error(name, f"`{name}` applies only to method {owner.value}")
+        if method in LORA_METHODS:
+            self.adapter = self.adapter or AdapterSpec()
+            self._resolve_adapter_flags()
+        elif self.adapter is not None:
+            raise _field_error("adapter", f"method {method.value} trains no new LoRA; remove adapter")
+        if method is Method.qlora:
+            self.quantization = self.quantization or QuantizationSpec()
+        elif self.quantization is not None:
+            raise _field_error("quantization", "quantization applies only to method qlora")
+        if method in DATASET_METHODS:
+            self.hyperparameters = self.hyperparameters or Hyperparameters()
+        return self
+
+    def _resolve_adapter_flags(self) -> None:
+        adapter = self.adapter
+        assert adapter is not None
+        implied = {"use_dora": self.method is Method.dora, "use_rslora": self.method is Method.rslora}
+        for flag, on in implied.items():
+            given = getattr(adapter, flag)
+            if on and given is False:
+                raise _field_error(f"adapter.{flag}", f"method {self.method.value} implies {flag}=true")
+            if self.method is Method.lora and given:
+                variant = "dora" if flag == "use_dora" else "rslora"
+                raise _field_error(
+                    f"adapter.{flag}",
+                    f"method lora trains plain LoRA; use method {variant} (or qlora with {flag})",
+                )
+            setattr(adapter, flag, bool(on or given))
+
+
+def job_sources(spec: JobSpec) -> list[AdapterSource]:
+    """Returns the finished adapters a job reads (merge and fusion sources, the export source), in order."""
+    if spec.merge is not None:
+        return list(spec.merge.sources)
+    if spec.fusion is not None:
+        return list(spec.fusion.sources)
+    if spec.export is not None:
+        return [spec.export.source]
+    return []

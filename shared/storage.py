@@ -148,6 +148,15 @@ class ObjectStore(ABC):
             raise
         return StoredObject(bucket, key, size, actual)
 
+    def read_bytes(self, key: str, *, bucket: str | None = None, limit: int = 1024 * 1024) -> bytes:
+        """Returns a small object's bytes; refuses objects larger than `limit`."""
+        data = bytearray()
+        for chunk in self.iter_chunks(key, bucket=bucket):
+            data += chunk
+            if len(data) > limit:
+                raise StorageError(f"{key} is larger than {limit} bytes")
+        return bytes(data)
+
     def put_tree(self, prefix: str, folder: Path, *, bucket: str | None = None) -> list[StoredObject]:
         """Uploads every file under `folder` to `prefix/<relative path>`."""
         stored = []

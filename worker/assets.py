@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidRequest, JobErrorCode, JobFailure
-from shared.models import UploadedFile
+from shared.models import Artifact, Job, UploadedFile
+from shared.schemas import AdapterSource
 from shared.settings import Settings
 from shared.storage import ObjectNotFound, ObjectStore, StorageError, parse_s3_uri
 from shared.uris import resolve_dataset_uri
@@ -82,6 +84,39 @@ class AssetCache:
             (staging / COMPLETE).touch()
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
+        return target
+
+    def adapter_dir(self, source: AdapterSource, *, session: Session, team_id: str) -> Path:
+        """Returns a local copy of a finished adapter (a job's adapter artifacts, or an s3:// folder)."""
+        if source.job_id is not None:
+            artifacts = session.scalars(
+                select(Artifact)
+                .join(Job, Job.id == Artifact.job_id)
+                .where(Artifact.job_id == source.job_id, Artifact.kind == "adapter", Job.team_id == team_id)
+            ).all()
+            if not artifacts:
+                raise JobFailure(JobErrorCode.invalid_config, f"job {source.job_id} has no adapter to use")
+            target = self.root / "adapters" / source.job_id
+            if (target / COMPLETE).exists():
+                return target
+            with _locked(target.with_suffix(".lock")):
+                if not (target / COMPLETE).exists():
+                    for artifact in artifacts:
+                        self.store.get_file(
+                            artifact.storage_key, target / artifact.name, expected_sha256=artifact.sha256
+                        )
+                    (target / COMPLETE).touch()
+            return target
+        assert source.uri is not None
+        bucket, prefix = parse_s3_uri(source.uri)
+        target = self.root / "adapters" / hashlib.sha256(source.uri.encode()).hexdigest()[:32]
+        shutil.rmtree(target, ignore_errors=True)  # an s3:// folder may change; fetch it afresh
+        try:
+            self.store.get_tree(prefix, target, bucket=bucket)
+        except ObjectNotFound as exc:
+            raise JobFailure(JobErrorCode.invalid_config, f"no adapter at {source.uri}: {exc}") from exc
+        if not (target / "adapter_config.json").is_file():
+            raise JobFailure(JobErrorCode.invalid_config, f"{source.uri} has no adapter_config.json")
         return target
 
     def dataset_file(self, uri: str, *, session: Session, team_id: str, param: str) -> Path:

@@ -19,7 +19,7 @@ from shared.datasets import DatasetInvalid, read_dataset
 from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job
-from shared.schemas import JobSpec
+from shared.schemas import JobSpec, job_sources
 from shared.services import jobs as job_service
 from shared.settings import Settings
 from shared.states import JobStatus
@@ -194,37 +194,38 @@ def _train(settings: Settings, job_id: str, attempt: int, lease: Lease, work_dir
             assert job is not None
             spec = JobSpec.model_validate(job.spec)
             team_id = job.team_id
-            train_path = cache.dataset_file(
-                job.dataset_uri, session=session, team_id=team_id, param="dataset"
-            )
-            eval_path = (
-                cache.dataset_file(
-                    job.validation_uri, session=session, team_id=team_id, param="validation_dataset"
-                )
-                if job.validation_uri
-                else None
-            )
+            paths = {
+                param: cache.dataset_file(uri, session=session, team_id=team_id, param=param)
+                for param, uri in (("dataset", job.dataset_uri), ("validation_dataset", job.validation_uri))
+                if uri
+            }
+            sources = [
+                cache.adapter_dir(source, session=session, team_id=team_id) for source in job_sources(spec)
+            ]
         try:
-            train_data = read_dataset(train_path)
-            eval_data = read_dataset(eval_path) if eval_path else None
+            data = {param: read_dataset(path) for param, path in paths.items()}
         except DatasetInvalid as exc:
             raise JobFailure(JobErrorCode.invalid_dataset, str(exc)) from exc
+        assert spec.base_model is not None  # the service fills it in for merge and export jobs
         model_dir = cache.model_dir(spec.base_model)
-        reporter.event("worker", f"training {spec.method.value} on {settings.worker_id}")
+        reporter.event("worker", f"running {spec.method.value} on {settings.worker_id}")
         ctx = TrainingContext(
             job_id=job_id,
             spec=spec,
             model_dir=model_dir,
-            train_data=train_data,
-            eval_data=eval_data,
             work_dir=work_dir,
             reporter=reporter,
             should_stop=lease.should_stop,
+            train_data=data.get("dataset"),
+            eval_data=data.get("validation_dataset"),
+            sources=sources,
         )
-        result = recipe_for(spec.method)(ctx).run()
+        recipe = recipe_for(spec.method)(ctx)
+        result = recipe.run()
         if lease.should_stop() or result.stopped:
             raise JobStopped()
-        stored = store.put_tree(f"adapters/{team_id}/{job_id}/attempt-{attempt}", result.output_dir)
+        kind = recipe.artifact_kind
+        stored = store.put_tree(f"artifacts/{team_id}/{job_id}/attempt-{attempt}/{kind}", result.output_dir)
         names = [
             p.relative_to(result.output_dir).as_posix()
             for p in sorted(result.output_dir.rglob("*"))
@@ -236,7 +237,7 @@ def _train(settings: Settings, job_id: str, attempt: int, lease: Lease, work_dir
             if job.attempt != attempt:
                 raise LeaseLost()
             job_service.record_artifacts(
-                session=session, job=job, kind="adapter", stored=zip(names, stored, strict=True)
+                session=session, job=job, kind=kind, stored=zip(names, stored, strict=True)
             )
             done = job_service.transition(
                 session=session,

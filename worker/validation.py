@@ -9,6 +9,7 @@ from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job
 from shared.queue import TRAIN_TASK, enqueue
+from shared.schemas import JobSpec, job_sources
 from shared.services import jobs as job_service
 from shared.settings import Settings
 from shared.states import JobStatus
@@ -19,20 +20,23 @@ log = logging.getLogger(__name__)
 
 
 def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
-    """Reads a `validating` job's datasets line by line; queues the job for training or fails it with the
-    line numbers at fault. Returns the job's new status (None if it was not validating)."""
+    """Checks a `validating` job's inputs (datasets line by line, source adapters, base model); queues the
+    job or fails it with what is at fault. Returns the job's new status (None if it was not validating)."""
     cache = AssetCache(settings, make_store(settings))
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
         if job is None or job.status != JobStatus.validating:
             log.info("job %s is not validating (%s); nothing to do", job_id, job and job.status)
             return None
-        sources = [("dataset", job.dataset_uri)]
-        if job.validation_uri:
-            sources.append(("validation_dataset", job.validation_uri))
+        datasets = [
+            (p, uri)
+            for p, uri in (("dataset", job.dataset_uri), ("validation_dataset", job.validation_uri))
+            if uri
+        ]
+        spec = JobSpec.model_validate(job.spec)
         try:
             summaries = {}
-            for param, uri in sources:
+            for param, uri in datasets:
                 path = cache.dataset_file(uri, session=session, team_id=job.team_id, param=param)
                 try:
                     summaries[param] = read_dataset(path)
@@ -42,6 +46,8 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
                     raise JobFailure(
                         JobErrorCode.invalid_dataset, f"{param}: the file is not UTF-8 text"
                     ) from exc
+            for source in job_sources(spec):
+                cache.adapter_dir(source, session=session, team_id=job.team_id)
             cache.model_dir(job.base_model)
         except JobFailure as failure:
             job_service.transition(

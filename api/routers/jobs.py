@@ -39,9 +39,11 @@ def primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
-def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, team: CallerTeam) -> JobOut:
-    """Submits a fine-tuning job. It is checked, stored, and only then queued."""
-    job = job_service.create_job(session=session, settings=settings, team_id=team, spec=spec)
+def create_job(
+    spec: JobSpec, session: SessionDep, settings: SettingsDep, store: StoreDep, team: CallerTeam
+) -> JobOut:
+    """Submits a job (training, merge, fusion or export). It is checked, stored, and only then queued."""
+    job = job_service.create_job(session=session, settings=settings, store=store, team_id=team, spec=spec)
     session.commit()
     # Enqueue only after the commit: a worker must find the job it is told to run.
     if not enqueue(settings, VALIDATE_TASK, job.id):

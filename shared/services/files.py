@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session
 from shared.datasets import DatasetInvalid, scan_jsonl
 from shared.errors import InvalidRequest, NotFound, PayloadTooLarge
 from shared.models import UploadedFile, new_id
-from shared.services.jobs import TeamID
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from shared.tenancy import TeamID
 
 PURPOSES = ("fine-tune",)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

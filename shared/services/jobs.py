@@ -6,21 +6,19 @@ import base64
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, NewType
+from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.models import Artifact, Job, JobEvent, JobMetric, UploadedFile, new_id, utcnow
-from shared.schemas import AVAILABLE_METHODS, JobSpec
+from shared.schemas import AVAILABLE_METHODS, JobSpec, Method, job_sources
 from shared.settings import Settings
 from shared.states import TERMINAL, JobStatus, sources_of
-from shared.storage import StoredObject
+from shared.storage import ObjectStore, StoredObject
+from shared.tenancy import TeamID
 from shared.uris import resolve_dataset_uri
-
-# Only the caller-authentication dependency produces a TeamID; every read of a team's data requires one.
-TeamID = NewType("TeamID", str)
 
 MAX_PAGE = 100
 
@@ -36,7 +34,57 @@ def _check_dataset(*, session: Session, settings: Settings, team_id: TeamID, val
     return source.uri
 
 
-def create_job(*, session: Session, settings: Settings, team_id: TeamID, spec: JobSpec) -> Job:
+def _check_sources(
+    *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
+) -> str | None:
+    """Checks the finished adapters a merge, fusion or export job reads; returns the base model they share."""
+    from shared.services.adapters import describe_source
+
+    section = spec.method.value
+    sources = job_sources(spec)
+    param = (
+        (lambda i: f"{section}.source") if spec.export is not None else (lambda i: f"{section}.sources[{i}]")
+    )
+    infos = [
+        describe_source(
+            session=session, settings=settings, store=store, team_id=team_id, source=source, param=param(i)
+        )
+        for i, source in enumerate(sources)
+    ]
+    for i, info in enumerate(infos):
+        if info.peft_type != "LORA":
+            raise InvalidRequest(f"{info.label} is a {info.peft_type or 'non-LoRA'} adapter", param=param(i))
+        if info.use_dora and spec.method in (Method.merge, Method.fusion):
+            raise InvalidRequest(
+                f"{info.label} is a DoRA adapter; its magnitude vectors cannot be combined with other adapters "
+                "(export it into its base instead)",
+                param=param(i),
+            )
+    bases = {info.base_model for info in infos}
+    if len(bases) > 1:
+        listing = "; ".join(f"{info.label}: {info.base_model}" for info in infos)
+        raise InvalidRequest(
+            f"the adapters were trained on different base models ({listing})", param=param(0)
+        )
+    base = bases.pop() if bases else None
+    if spec.base_model is not None and base is not None and spec.base_model != base:
+        raise InvalidRequest(
+            f"the adapters were trained on {base}, not {spec.base_model}", param="base_model"
+        )
+    if spec.merge is not None and spec.merge.combination_type not in ("cat", "svd"):
+        ranks = {info.rank for info in infos}
+        if len(ranks) > 1:
+            raise InvalidRequest(
+                f"combination_type {spec.merge.combination_type} needs adapters of one rank, got ranks "
+                f"{sorted(ranks)}; use cat or svd",
+                param="merge.combination_type",
+            )
+    return base
+
+
+def create_job(
+    *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
+) -> Job:
     """Checks a spec against this deployment and records a new job in `validating` (not yet enqueued)."""
     if spec.method not in AVAILABLE_METHODS:
         available = ", ".join(sorted(AVAILABLE_METHODS))
@@ -44,6 +92,9 @@ def create_job(*, session: Session, settings: Settings, team_id: TeamID, spec: J
             f"method {spec.method.value!r} is not available in this release; available: {available}",
             param="method",
         )
+    if job_sources(spec):
+        base = _check_sources(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
+        spec = spec.model_copy(update={"base_model": spec.base_model or base})
     registry = settings.model_registry()
     if spec.base_model not in registry:
         known = ", ".join(sorted(registry)) or "none registered"
@@ -52,8 +103,7 @@ def create_job(*, session: Session, settings: Settings, team_id: TeamID, spec: J
         )
     if spec.resources.gpus > settings.max_gpus_per_job:
         raise InvalidRequest(
-            f"no worker pool here has {spec.resources.gpus} GPUs "
-            f"(at most {settings.max_gpus_per_job} per job)",
+            f"no worker pool here has {spec.resources.gpus} GPUs (at most {settings.max_gpus_per_job} per job)",
             param="resources.gpus",
         )
     if spec.resources.zero_stage != 0:
@@ -61,31 +111,28 @@ def create_job(*, session: Session, settings: Settings, team_id: TeamID, spec: J
             "DeepSpeed ZeRO stages are not available in this release; use zero_stage 0",
             param="resources.zero_stage",
         )
-    if spec.hyperparameters.max_seq_length > settings.max_seq_length:
+    hp = spec.hyperparameters
+    if hp is not None and hp.max_seq_length > settings.max_seq_length:
         raise InvalidRequest(
             f"max_seq_length is limited to {settings.max_seq_length} on this deployment",
             param="hyperparameters.max_seq_length",
         )
-    dataset = _check_dataset(
-        session=session, settings=settings, team_id=team_id, value=spec.dataset, param="dataset"
-    )
-    validation = None
-    if spec.validation_dataset is not None:
-        validation = _check_dataset(
-            session=session,
-            settings=settings,
-            team_id=team_id,
-            value=spec.validation_dataset,
-            param="validation_dataset",
-        )
+    if hp is not None and hp.eval_steps is not None and spec.validation_dataset is None:
+        raise InvalidRequest("eval_steps needs a validation_dataset", param="hyperparameters.eval_steps")
+    datasets = {
+        param: _check_dataset(session=session, settings=settings, team_id=team_id, value=value, param=param)
+        for param, value in (("dataset", spec.dataset), ("validation_dataset", spec.validation_dataset))
+        if value is not None
+    }
+    assert spec.base_model is not None
     job = Job(
         id=new_id("ftjob"),
         team_id=team_id,
         status=JobStatus.validating,
         method=spec.method,
         base_model=spec.base_model,
-        dataset_uri=dataset,
-        validation_uri=validation,
+        dataset_uri=datasets.get("dataset"),
+        validation_uri=datasets.get("validation_dataset"),
         spec=spec.model_dump(mode="json"),
         priority=spec.priority,
         user_metadata=dict(spec.metadata),

@@ -77,7 +77,14 @@ def test_create_job_fills_defaults_and_enqueues_after_commit(api_client, uploade
     assert response.status_code == 201, response.text
     job = response.json()
     assert job["status"] == "validating"
-    assert job["adapter"] == {"rank": 16, "alpha": 32.0, "dropout": 0.05, "target_modules": "all-linear"}
+    assert job["adapter"] == {
+        "rank": 16,
+        "alpha": 32.0,
+        "dropout": 0.05,
+        "target_modules": "all-linear",
+        "use_dora": False,
+        "use_rslora": False,
+    }
     assert job["hyperparameters"]["max_steps"] == 5
     assert job["hyperparameters"]["learning_rate"] == 2e-4
     assert job["metadata"] == {"team": "search"}

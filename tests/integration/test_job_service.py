@@ -11,8 +11,8 @@ from shared.models import DEFAULT_TEAM_ID, Job, utcnow
 from shared.schemas import JobSpec
 from shared.services import jobs as job_service
 from shared.services.files import store_upload
-from shared.services.jobs import TeamID
 from shared.states import JobStatus
+from shared.tenancy import TeamID
 from tests.conftest import TINY_MODEL
 from tests.helpers import color_messages, to_jsonl
 
@@ -34,7 +34,7 @@ def queued_job(settings, store) -> str:
             source=io.BytesIO(to_jsonl(color_messages(4))),
         )
         spec = JobSpec(base_model=TINY_MODEL, dataset=upload.id)
-        job = job_service.create_job(session=session, settings=settings, team_id=TEAM, spec=spec)
+        job = job_service.create_job(session=session, settings=settings, store=store, team_id=TEAM, spec=spec)
         assert job_service.transition(session=session, job_id=job.id, to=JobStatus.queued)
         return job.id
 

@@ -14,8 +14,8 @@ from shared.models import DEFAULT_TEAM_ID, Job
 from shared.schemas import JobSpec
 from shared.services import jobs as job_service
 from shared.services.files import store_upload
-from shared.services.jobs import TeamID
 from shared.states import JobStatus
+from shared.tenancy import TeamID
 from tests.conftest import BUCKET, TINY_MODEL
 from tests.helpers import color_messages, color_prompt_completion, to_jsonl
 from worker import runner, validation
@@ -36,8 +36,10 @@ def submit(settings, store, dataset: str | bytes, **spec) -> str:
                 source=io.BytesIO(dataset),
             ).id
         body = {"base_model": TINY_MODEL, "dataset": dataset, **spec}
+        if body.get("validation_dataset") == "same":
+            body["validation_dataset"] = dataset
         return job_service.create_job(
-            session=session, settings=settings, team_id=TEAM, spec=JobSpec(**body)
+            session=session, settings=settings, store=store, team_id=TEAM, spec=JobSpec(**body)
         ).id
 
 
@@ -68,14 +70,10 @@ def test_lora_trains_and_uploads_a_loadable_adapter(settings, store, tiny_model_
         settings,
         store,
         data,
-        validation_dataset=None,
+        validation_dataset="same",
         adapter={"rank": 8, "target_modules": "attention"},
         hyperparameters={"max_steps": 24, "learning_rate": 5e-3, "batch_size": 8, "eval_steps": 12},
     )
-    with session_scope(settings.database_url) as session:
-        # The same uploaded file serves as the validation set here.
-        row = session.get(Job, job_id)
-        row.validation_uri = row.dataset_uri
     assert validation.validate_job(settings, job_id) is JobStatus.queued
     assert runner.run_job(settings, job_id) is JobStatus.succeeded
 

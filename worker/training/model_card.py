@@ -21,6 +21,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        rows: list[tuple[str, Any]] = []
+        for key, item in value.items():
+            rows += _flatten(f"{prefix}.{key}" if prefix else key, item)
+        return rows
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [row for i, item in enumerate(value) for row in _flatten(f"{prefix}[{i}]", item)]
+    return [(prefix, value)]
+
+
+SECTIONS = ("adapter", "quantization", "merge", "fusion", "export", "hyperparameters")
+
+
 def write_model_card(
     output_dir: Path,
     *,
@@ -30,27 +44,58 @@ def write_model_card(
     total_params: int,
     trained_tokens: int,
     metrics: dict[str, Any],
+    full_model: bool = False,
 ) -> Path:
     """Writes README.md: front matter for model hubs, then the job's settings, parameters and results."""
+    base = spec.base_model or "the base model"
     front = {
         "base_model": spec.base_model,
-        "library_name": "peft",
+        "library_name": "transformers" if full_model else "peft",
         "pipeline_tag": "text-generation",
-        "tags": ["tuneforge", "peft", spec.method.value],
+        "tags": ["tuneforge", spec.method.value] + ([] if full_model else ["peft"]),
     }
-    adapter = spec.adapter.model_dump()
-    hp = spec.hyperparameters.model_dump(exclude_none=True)
-    settings_rows = [("method", spec.method.value)] + [(f"adapter.{k}", v) for k, v in adapter.items()]
-    settings_rows += [(f"hyperparameters.{k}", v) for k, v in hp.items()]
+    dumped = spec.model_dump(mode="json", exclude_none=True)
+    settings_rows = [("method", spec.method.value)]
+    for section in SECTIONS:
+        if section in dumped:
+            settings_rows += _flatten(section, dumped[section])
     share = 100 * trainable_params / total_params if total_params else 0.0
+    config_path = output_dir / "adapter_config.json"
+    rank = json.loads(config_path.read_text()).get("r") if config_path.exists() else None
+    title = "Merged model" if full_model else f"{spec.method.value.upper()} adapter"
+    source = f" on `{spec.dataset}`" if spec.dataset else ""
+    if full_model:
+        usage = [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("<path to this folder>")',
+            'tokenizer = AutoTokenizer.from_pretrained("<path to this folder>")',
+            "```",
+            "",
+            "vLLM: `vllm serve <path to this folder>`",
+        ]
+    else:
+        usage = [
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "from peft import PeftModel",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("<path to {base}>")',
+            'model = PeftModel.from_pretrained(base, "<path to this folder>")',
+            "```",
+            "",
+            f"vLLM: `vllm serve <base> --enable-lora --lora-modules {job_id}=<path to this folder>"
+            + (f" --max-lora-rank {rank}`" if rank else "`"),
+        ]
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
         "---",
         "",
-        f"# {spec.method.value.upper()} adapter for `{spec.base_model}`",
+        f"# {title} for `{base}`",
         "",
-        f"Trained by Tuneforge job `{job_id}` on `{spec.dataset}`.",
+        f"Made by Tuneforge job `{job_id}`{source}.",
         "",
         "## Settings",
         "",
@@ -71,19 +116,10 @@ def write_model_card(
         "",
         "## Use",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        "from peft import PeftModel",
-        "",
-        f'base = AutoModelForCausalLM.from_pretrained("<path to {spec.base_model}>")',
-        'model = PeftModel.from_pretrained(base, "<path to this folder>")',
-        "```",
-        "",
-        "vLLM: `vllm serve <base> --enable-lora --lora-modules "
-        f"{job_id}=<path to this folder> --max-lora-rank {spec.adapter.rank}`",
+        *usage,
         "",
         "<!-- tuneforge-job",
-        json.dumps({"job_id": job_id, "spec": spec.model_dump(mode="json"), "metrics": metrics}, indent=1),
+        json.dumps({"job_id": job_id, "spec": dumped, "metrics": metrics}, indent=1),
         "-->",
         "",
     ]

@@ -10,6 +10,12 @@ from worker.training.recipes.base import Recipe
 # Imported on demand: a recipe may need optional packages (bitsandbytes, deepspeed) the others do not.
 _RECIPES: dict[Method, str] = {
     Method.lora: "worker.training.recipes.lora:LoraRecipe",
+    Method.dora: "worker.training.recipes.lora:DoraRecipe",
+    Method.rslora: "worker.training.recipes.lora:RsLoraRecipe",
+    Method.qlora: "worker.training.recipes.qlora:QLoraRecipe",
+    Method.merge: "worker.training.recipes.merge:MergeRecipe",
+    Method.fusion: "worker.training.recipes.fusion:FusionRecipe",
+    Method.export: "worker.training.recipes.export:ExportRecipe",
 }
 
 

@@ -28,14 +28,19 @@ class JobStopped(Exception):
 
 @dataclass
 class TrainingContext:
+    """What a recipe works with; the runner fills it from the job."""
+
     job_id: str
     spec: JobSpec
-    model_dir: Path
-    train_data: DatasetSummary
-    eval_data: DatasetSummary | None
-    work_dir: Path
+    model_dir: Path  # the base model, a local Hugging Face folder
+    work_dir: Path  # scratch space, removed after the attempt
     reporter: Reporter
     should_stop: Callable[[], bool]
+    train_data: DatasetSummary | None = None  # methods that read a dataset
+    eval_data: DatasetSummary | None = None
+    # Finished adapters the job combines (merge, fusion) or merges into the base (export): local folders
+    # holding adapter_config.json and adapter_model.safetensors, in the order the spec lists them.
+    sources: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check_stop(self) -> None:
@@ -58,6 +63,8 @@ class Recipe(ABC):
     """One training method: set up, train, save, clean up."""
 
     method: ClassVar[Method]
+    # What save() writes: "adapter" (a PEFT adapter folder) or "merged" (a full model folder).
+    artifact_kind: ClassVar[str] = "adapter"
 
     def __init__(self, ctx: TrainingContext) -> None:
         self.ctx = ctx

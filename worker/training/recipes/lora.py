@@ -138,15 +138,21 @@ class LoraRecipe(Recipe):
         self.runtime = 0.0
 
     def lora_config_extras(self) -> dict[str, Any]:
-        """Keyword arguments variants of LoRA add to peft's LoraConfig."""
+        """Keyword arguments a variant adds to peft's LoraConfig."""
         return {}
 
     def load_base_model(self) -> torch.nn.Module:
+        """Loads the frozen base model the adapter trains on."""
         return AutoModelForCausalLM.from_pretrained(self.ctx.model_dir, dtype=training_dtype())
+
+    def prepare_base_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Readies the base model for adapter training (a hook for quantized variants)."""
+        return model
 
     def setup(self) -> None:
         spec, ctx = self.ctx.spec, self.ctx
-        hp = spec.hyperparameters
+        hp, adapter = spec.hyperparameters, spec.adapter
+        assert hp is not None and adapter is not None and ctx.train_data is not None
         torch.manual_seed(hp.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
         if self.tokenizer.pad_token is None:
@@ -176,16 +182,17 @@ class LoraRecipe(Recipe):
         ctx.check_stop()
 
         base = self.load_base_model()
-        adapter = spec.adapter
         config = LoraConfig(
             r=adapter.rank,
             lora_alpha=adapter.alpha,
             lora_dropout=adapter.dropout,
             target_modules=resolve_target_modules(base, adapter.target_modules),
             task_type="CAUSAL_LM",
+            use_dora=bool(adapter.use_dora),
+            use_rslora=bool(adapter.use_rslora),
             **self.lora_config_extras(),
         )
-        self.model = get_peft_model(base, config)
+        self.model = get_peft_model(self.prepare_base_model(base), config)
         trainable, total = self.model.get_nb_trainable_parameters()
         ctx.reporter.event(
             "model",
@@ -288,3 +295,15 @@ class LoraRecipe(Recipe):
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class DoraRecipe(LoraRecipe):
+    """DoRA: LoRA on the direction of each weight plus a trained magnitude vector (use_dora)."""
+
+    method = Method.dora
+
+
+class RsLoraRecipe(LoraRecipe):
+    """rsLoRA: LoRA scaled by alpha/sqrt(r) instead of alpha/r, which keeps high ranks learning (use_rslora)."""
+
+    method = Method.rslora
