@@ -81,8 +81,10 @@ class Hyperparameters(BaseModel):
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_seq_length: int = Field(1024, ge=16, le=131072, description="longer samples are truncated")
     packing: bool = Field(False, description="pack several samples into each sequence")
-    gradient_checkpointing: bool = Field(
-        False, description="recompute activations in the backward pass: less memory, about 20-30% slower"
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="recompute activations in the backward pass: less memory, about 20-30% slower; "
+        "default on for qlora, off otherwise",
     )
     seed: int = Field(42, ge=0, le=2**31 - 1)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -292,6 +294,8 @@ class JobSpec(BaseModel):
             raise _field_error("quantization", "quantization applies only to method qlora")
         if method in DATASET_METHODS:
             self.hyperparameters = self.hyperparameters or Hyperparameters()
+            if self.hyperparameters.gradient_checkpointing is None:
+                self.hyperparameters.gradient_checkpointing = method is Method.qlora
         return self
 
     def _resolve_adapter_flags(self) -> None:

@@ -219,7 +219,7 @@ class LoraRecipe(Recipe):
             data_seed=hp.seed,
             max_length=hp.max_seq_length,
             packing=hp.packing,
-            gradient_checkpointing=hp.gradient_checkpointing,
+            gradient_checkpointing=bool(hp.gradient_checkpointing),
             bf16=training_dtype() is torch.bfloat16,
             use_cpu=not torch.cuda.is_available(),
             dataloader_num_workers=0,
