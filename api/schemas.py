@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.models import Artifact, Job, JobEvent, JobMetric, UploadedFile
 from shared.schemas import (
@@ -15,6 +15,7 @@ from shared.schemas import (
     Hyperparameters,
     JobSpec,
     MergeSpec,
+    Priority,
     QuantizationSpec,
     Resources,
 )
@@ -173,7 +174,21 @@ class ArtifactOut(BaseModel):
 class ArtifactList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ArtifactOut]
-    archive_url: str | None = Field(None, description="the adapter as one tar archive")
+    archive_url: str | None = Field(None, description="all files as one tar archive (when there is one kind)")
+    archive_urls: dict[str, str] = Field(
+        default_factory=dict, description="one tar archive per artifact kind"
+    )
+
+
+class ExportRequest(BaseModel):
+    """Options for merging a finished adapter into its base model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_shard_size: str = Field("2GB", pattern=r"^[0-9]+(KB|MB|GB)$")
+    priority: Priority = Priority.normal
+    metadata: dict[str, str] = Field(default_factory=dict)
 
 
 class FileOut(BaseModel):

@@ -19,8 +19,8 @@ class Method(StrEnum):
     export = "export"
 
 
-# Methods this release runs; the others are part of the API already and answer a clear 422.
-AVAILABLE_METHODS: frozenset[Method] = frozenset({Method.lora})
+# Methods this deployment runs (all of them; the check stays for deployments that switch one off).
+AVAILABLE_METHODS: frozenset[Method] = frozenset(Method)
 # Methods that train a LoRA adapter (and so take `adapter` and `hyperparameters`).
 LORA_METHODS: frozenset[Method] = frozenset({Method.lora, Method.dora, Method.rslora, Method.qlora})
 # Methods that read a dataset.

@@ -18,6 +18,7 @@ from api.schemas import (
     ArtifactOut,
     EventOut,
     EventPage,
+    ExportRequest,
     JobOut,
     JobPage,
     MetricPoint,
@@ -25,7 +26,7 @@ from api.schemas import (
 )
 from shared.errors import NotFound
 from shared.queue import VALIDATE_TASK, enqueue
-from shared.schemas import JobSpec
+from shared.schemas import AdapterSource, ExportSpec, JobSpec, Method
 from shared.services import jobs as job_service
 from shared.states import TERMINAL, JobStatus
 
@@ -56,6 +57,28 @@ def create_job(
         )
         session.commit()
     return JobOut.of(job)
+
+
+@router.post("/{job_id}/export", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+def export_job(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    team: CallerTeam,
+    body: ExportRequest | None = None,
+) -> JobOut:
+    """Starts an export job that merges this finished job's adapter into its base model."""
+    body = body or ExportRequest()
+    spec = JobSpec(
+        method=Method.export,
+        export=ExportSpec(
+            source=AdapterSource(job_id=job_id), dtype=body.dtype, max_shard_size=body.max_shard_size
+        ),
+        priority=body.priority,
+        metadata=body.metadata,
+    )
+    return create_job(spec, session, settings, store, team)
 
 
 @router.get("", response_model=JobPage)
@@ -149,10 +172,11 @@ def get_metrics(job_id: str, session: SessionDep, team: CallerTeam) -> MetricsOu
 def list_artifacts(job_id: str, session: SessionDep, team: CallerTeam) -> ArtifactList:
     """Lists the files a job produced, with size and sha256."""
     artifacts = job_service.list_artifacts(session=session, team_id=team, job_id=job_id)
-    has_adapter = any(a.kind == "adapter" for a in artifacts)
+    kinds = sorted({a.kind for a in artifacts})
     return ArtifactList(
         data=[ArtifactOut.of(a) for a in artifacts],
-        archive_url=f"/v1/jobs/{job_id}/artifacts/adapter.tar" if has_adapter else None,
+        archive_url=f"/v1/jobs/{job_id}/artifacts/{kinds[0]}.tar" if len(kinds) == 1 else None,
+        archive_urls={kind: f"/v1/jobs/{job_id}/artifacts/{kind}.tar" for kind in kinds},
     )
 
 
