@@ -79,4 +79,4 @@ ENV TUNEFORGE_CACHE_DIR=/var/cache/tuneforge \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 USER tuneforge
-CMD ["tuneforge", "worker", "--concurrency", "1"]
+CMD ["tuneforge", "worker", "--role", "train"]

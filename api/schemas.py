@@ -174,7 +174,7 @@ class ArtifactOut(BaseModel):
 class ArtifactList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ArtifactOut]
-    archive_url: str | None = Field(None, description="all files as one tar archive (when there is one kind)")
+    archive_url: str | None = Field(None, description="the job's result (adapter or merged model) as one tar")
     archive_urls: dict[str, str] = Field(
         default_factory=dict, description="one tar archive per artifact kind"
     )

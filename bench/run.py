@@ -253,7 +253,7 @@ def main() -> int:
             start_new_session=True,
         ),
         subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "worker", "--pool=solo"],
+            [sys.executable, "-m", "cli.main", "worker"],
             env=env,
             cwd=ROOT,
             stdout=log,

@@ -59,20 +59,31 @@ def api(
     )
 
 
-def worker_argv(concurrency: int, pool: str, queues: str | None) -> list[str]:
-    from shared.queue import queue_names
+def detected_gpus() -> int:
+    """GPUs this machine shows (1 on a CPU-only machine, where a 'GPU' is one training process)."""
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:
+        return 1
+
+
+def worker_argv(role: str, gpus: int) -> list[str]:
+    from shared.queue import worker_queues
 
     settings = _settings()
-    queues = queues or ",".join(sorted(set(queue_names(settings).values())))
+    queues = worker_queues(
+        settings, gpus, validate=role in ("all", "validate"), train=role in ("all", "train")
+    )
     return [
         "worker",
-        f"--concurrency={concurrency}",
-        f"--pool={pool}",
-        f"--queues={queues}",
+        "--concurrency=1",
+        # The task itself only supervises: training runs in its own process group (worker/launch.py).
+        "--pool=solo",
+        f"--queues={','.join(queues)}",
         f"--hostname={settings.worker_id}@%h",
         f"--loglevel={settings.log_level}",
-        # One task per child process: each job starts with clean GPU memory.
-        *(["--max-tasks-per-child=1"] if pool == "prefork" else []),
         "--without-gossip",
         "--without-mingle",
     ]
@@ -80,16 +91,21 @@ def worker_argv(concurrency: int, pool: str, queues: str | None) -> list[str]:
 
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option(help="jobs run at once (one per GPU set)")] = 1,
-    pool: Annotated[str, typer.Option(help="prefork (a process per job) or solo")] = "prefork",
-    queues: Annotated[
-        str | None, typer.Option(help="comma-separated queues; default: all of Tuneforge's")
+    role: Annotated[
+        str, typer.Option(help="all, train (GPU jobs) or validate (checks before queueing)")
+    ] = "all",
+    gpus: Annotated[
+        int | None,
+        typer.Option(help="GPUs this worker drives; default TUNEFORGE_WORKER_GPUS, else all visible"),
     ] = None,
 ) -> None:
-    """Runs a Celery worker that validates and trains jobs."""
+    """Runs a Celery worker: it checks submitted jobs and trains queued ones that fit its GPUs."""
+    if role not in ("all", "train", "validate"):
+        raise typer.BadParameter("role must be all, train or validate")
     from worker.celery_app import app as celery_app
 
-    celery_app.worker_main(worker_argv(concurrency, pool, queues))
+    settings = _settings()
+    celery_app.worker_main(worker_argv(role, gpus or settings.worker_gpus or detected_gpus()))
 
 
 def prepare_embedded() -> None:
@@ -106,7 +122,7 @@ def start_worker_process(log_path: Path | None = None) -> subprocess.Popen[bytes
     """Starts `tuneforge worker` as a child process with this process's environment."""
     out = log_path.open("ab") if log_path else None
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "worker", "--pool=solo"],
+        [sys.executable, "-m", "cli.main", "worker"],
         stdout=out,
         stderr=subprocess.STDOUT if out else None,
         env=os.environ.copy(),

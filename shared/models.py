@@ -107,6 +107,12 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(255))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the broker was last given this job; the sweeper re-sends jobs the broker lost.
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A retry waits until then (growing back-off).
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Seconds spent running over all finished attempts (the run-time limit counts them all).
+    runtime_seconds: Mapped[float] = mapped_column(Float, default=0.0)
 
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -190,3 +196,20 @@ class Plan(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Checkpoint(Base):
+    """A complete training state in object storage (its files are artifacts of kind `checkpoint`)."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step", name="uq_checkpoints_job_step"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    prefix: Mapped[str] = mapped_column(String(1024))  # artifact names start with it: step-00000010/
+    num_files: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

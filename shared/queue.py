@@ -9,8 +9,11 @@ import logging
 import threading
 
 from celery import Celery
+from sqlalchemy.orm import Session
 
+from shared.models import Job, utcnow
 from shared.settings import Settings
+from shared.states import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +21,18 @@ VALIDATE_TASK = "tuneforge.validate_job"
 TRAIN_TASK = "tuneforge.run_job"
 
 
-def queue_names(settings: Settings) -> dict[str, str]:
-    """Returns the queue each task goes to."""
-    return {VALIDATE_TASK: f"{settings.queue_prefix}.validate", TRAIN_TASK: f"{settings.queue_prefix}.train"}
+def validate_queue(settings: Settings) -> str:
+    return f"{settings.queue_prefix}.validate"
+
+
+def train_queue(settings: Settings, gpus: int) -> str:
+    """The queue of jobs that need `gpus` GPUs; a worker with N GPUs consumes the queues of 1..N."""
+    return f"{settings.queue_prefix}.train.g{gpus}"
+
+
+def worker_queues(settings: Settings, gpus: int, *, validate: bool = True, train: bool = True) -> list[str]:
+    queues = [validate_queue(settings)] if validate else []
+    return queues + ([train_queue(settings, n) for n in range(1, gpus + 1)] if train else [])
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -38,7 +50,6 @@ def make_celery(settings: Settings) -> Celery:
             "control_folder": str(folder / "control"),
             "store_processed": False,
         }
-    queues = queue_names(settings)
     app.conf.update(
         # A task is acknowledged only when it returns, and handed to another worker if its worker dies.
         task_acks_late=True,
@@ -53,8 +64,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options,
         worker_hijack_root_logger=False,
-        task_routes={name: {"queue": queue} for name, queue in queues.items()},
-        task_default_queue=queues[TRAIN_TASK],
+        task_default_queue=validate_queue(settings),
     )
     return app
 
@@ -77,14 +87,14 @@ def _producer(settings: Settings) -> Celery:
         return _producers[key]
 
 
-def enqueue(settings: Settings, task: str, job_id: str) -> bool:
-    """Sends `task(job_id)` to its queue; returns False (and logs) if the broker could not take it."""
+def enqueue(settings: Settings, task: str, job_id: str, queue: str) -> bool:
+    """Sends `task(job_id)` to `queue`; returns False (and logs) if the broker could not take it."""
     app = _producer(settings)
     try:
         app.send_task(
             task,
             args=[job_id],
-            queue=queue_names(settings)[task],
+            queue=queue,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
         )
@@ -92,3 +102,63 @@ def enqueue(settings: Settings, task: str, job_id: str) -> bool:
         log.exception("could not enqueue %s for job %s", task, job_id)
         return False
     return True
+
+
+def enqueue_job(settings: Settings, session: Session, job: Job) -> bool:
+    """Sends a job to the queue its status and size call for, and notes when (the caller commits)."""
+    if job.status == JobStatus.validating:
+        task, queue = VALIDATE_TASK, validate_queue(settings)
+    elif job.status == JobStatus.queued:
+        gpus = int(job.spec.get("resources", {}).get("gpus", 1))
+        task, queue = TRAIN_TASK, train_queue(settings, gpus)
+    else:
+        return False
+    sent = enqueue(settings, task, job.id, queue)
+    if sent:
+        job.enqueued_at = utcnow()
+        session.flush()
+    return sent
+
+
+def queued_messages(settings: Settings) -> str | None:
+    """Returns the raw text of every message waiting in Tuneforge's queues (job ids appear in it), or None
+    when the broker cannot be read."""
+    try:
+        if settings.broker_url.startswith("filesystem"):
+            folder = settings.broker_folder / "queue"
+            return "\n".join(p.read_text(errors="replace") for p in folder.glob("*.msg"))
+        if settings.broker_url.startswith(("redis://", "rediss://")):
+            import redis
+
+            client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+            chunks = []
+            for key in client.scan_iter(f"{settings.queue_prefix}.*"):
+                if client.type(key) == b"list":
+                    chunks.extend(item.decode(errors="replace") for item in client.lrange(key, 0, -1))
+            return "\n".join(chunks)
+    except Exception:
+        log.warning("could not read the broker's queues", exc_info=True)
+    return None
+
+
+def queue_depths(settings: Settings) -> dict[str, int]:
+    """Returns how many messages wait in each Tuneforge queue (empty when the broker cannot be read)."""
+    try:
+        if settings.broker_url.startswith(("redis://", "rediss://")):
+            import redis
+
+            client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+            return {
+                key.decode(): client.llen(key)
+                for key in client.scan_iter(f"{settings.queue_prefix}.*")
+                if client.type(key) == b"list"
+            }
+        if settings.broker_url.startswith("filesystem"):
+            depths: dict[str, int] = {}
+            for path in (settings.broker_folder / "queue").glob("*.msg"):
+                queue = path.name.split(".", 1)[1].removesuffix(".msg")
+                depths[queue] = depths.get(queue, 0) + 1
+            return depths
+    except Exception:
+        log.warning("could not read the broker's queue depths", exc_info=True)
+    return {}

@@ -92,6 +92,9 @@ class Hyperparameters(BaseModel):
     weight_decay: float = Field(0.0, ge=0, le=1)
     logging_steps: int = Field(1, ge=1, le=10_000)
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default: once per epoch")
+    checkpoint_steps: int | None = Field(
+        None, ge=1, description="save a resumable checkpoint every N steps; default: the deployment's setting"
+    )
 
     @model_validator(mode="after")
     def _length(self) -> Hyperparameters:
@@ -109,6 +112,21 @@ class Resources(BaseModel):
 
     gpus: int = Field(1, ge=1, le=64, description="GPUs for this job")
     zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0 = plain data parallel)")
+    cpu_offload: bool = Field(
+        False, description="DeepSpeed: keep optimizer states (and ZeRO-3 weights) in CPU memory"
+    )
+    max_runtime_minutes: int | None = Field(
+        None,
+        ge=1,
+        le=60 * 24 * 14,
+        description="fail the job (code timeout) after this much run time, all attempts",
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> Resources:
+        if self.cpu_offload and self.zero_stage == 0:
+            raise ValueError("cpu_offload needs zero_stage 2 or 3")
+        return self
 
 
 class QuantizationSpec(BaseModel):

@@ -76,6 +76,27 @@ class Settings(BaseSettings):
     # How long Redis keeps an unacknowledged task before handing it to another worker. The database lease,
     # not this number, is what stops a job from running twice.
     broker_visibility_timeout_seconds: int = 6 * 3600
+    worker_gpus: int | None = Field(
+        None,
+        ge=1,
+        description="GPUs this worker drives (one training process each); default: all visible, or 1",
+    )
+    max_attempts: int = Field(3, ge=1, description="attempts a job gets before a crash fails it")
+    retry_backoff_seconds: float = Field(30.0, ge=0, description="wait before attempt 2; doubles each retry")
+    default_max_runtime_minutes: int = Field(
+        24 * 60, ge=1, description="run-time limit of a job, all attempts"
+    )
+    checkpoint_steps: int = Field(
+        100, ge=1, description="checkpoint every N steps unless the job says otherwise"
+    )
+    maintenance_interval_seconds: float = Field(10.0, gt=0, description="how often workers reap and re-send")
+    resend_grace_seconds: float = Field(
+        30.0, ge=0, description="a queued job is re-sent only after this long"
+    )
+    shutdown_grace_seconds: float = Field(120.0, ge=0, description="time to checkpoint on a warm shutdown")
+    kill_grace_seconds: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL when a job is stopped")
+    # Test hook: a micro-batch above this raises a (simulated) out-of-memory error. Only in the test environment.
+    test_oom_above_micro_batch: int | None = None
 
     max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0)
     max_gpus_per_job: int = Field(1, ge=1, description="largest GPU count any worker pool here offers")
@@ -106,6 +127,10 @@ class Settings(BaseSettings):
         if self.storage_backend == "s3" and not (self.s3_access_key_id and self.s3_secret_access_key):
             raise ValueError(
                 "storage_backend=s3 needs TUNEFORGE_S3_ACCESS_KEY_ID and TUNEFORGE_S3_SECRET_ACCESS_KEY"
+            )
+        if self.test_oom_above_micro_batch is not None and self.environment != Environment.test:
+            raise ValueError(
+                "TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH is a test hook; set it only in the test environment"
             )
         if self.environment == Environment.production:
             if self.secret_key.get_secret_value() == DEV_SECRET:
@@ -143,6 +168,24 @@ class Settings(BaseSettings):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(yaml.safe_dump(raw, sort_keys=True))
         tmp.replace(path)
+
+    def to_env(self) -> dict[str, str]:
+        """Returns TUNEFORGE_* variables that rebuild these settings in another process."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if isinstance(value, dict):
+                value = json.dumps(
+                    {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in value.items()}
+                )
+            elif isinstance(value, list):
+                value = json.dumps([str(v) if isinstance(v, Path) else v for v in value])
+            env[f"TUNEFORGE_{name.upper()}"] = str(value)
+        return env
 
     def public_summary(self) -> dict[str, object]:
         """Returns the settings without secrets, for logs and diagnostics."""

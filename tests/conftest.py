@@ -191,20 +191,9 @@ def make_settings(
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment variables that give a subprocess the same settings."""
+    """The environment that gives a subprocess the same settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        if isinstance(value, (dict, list)):
-            value = json.dumps(
-                value, default=lambda v: v.model_dump() if hasattr(v, "model_dump") else str(v)
-            )
-        env[f"TUNEFORGE_{name.upper()}"] = str(value)
-    return env
+    return env | settings.to_env()
 
 
 @pytest.fixture(scope="session")
@@ -277,7 +266,7 @@ class ServiceProcesses:
         wait_http(self.base_url + "/readyz", timeout=60)
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
-        proc = self._spawn(name, ["worker", "--pool=solo"])
+        proc = self._spawn(name, ["worker"])
         deadline = time.monotonic() + 60
         log_path = self.log_dir / f"{name}.log"
         while time.monotonic() < deadline:

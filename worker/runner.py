@@ -1,38 +1,46 @@
-"""Runs one attempt of a training job: claim it, keep its lease alive, train, upload, finish.
+"""Runs one attempt of a job: claim it, keep its lease alive, start the training process, watch it, finish.
 
-Every write a worker makes is fenced by the attempt number it claimed, so a worker that lost its job
-(its lease expired and another worker took over) cannot overwrite the job's state.
+The training itself runs in a child process group (worker/launch.py; under torchrun for multi-GPU jobs),
+so a cancel can stop all of it at once, a crash or an out-of-memory error cannot take the worker down, and
+a warm shutdown can ask it to checkpoint first. Every write is fenced by the attempt number this worker
+claimed: a worker that lost its job (its lease expired and another took over) cannot overwrite it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import select
-
-from shared.datasets import DatasetInvalid, read_dataset
 from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
-from shared.models import Job
+from shared.logs import job_context
+from shared.models import Job, utcnow
+from shared.queue import enqueue_job
 from shared.schemas import JobSpec, job_sources
 from shared.services import jobs as job_service
 from shared.settings import Settings
 from shared.states import JobStatus
 from shared.storage import StorageError, make_store
 from worker.assets import AssetCache
-from worker.training.recipes import recipe_for
-from worker.training.recipes.base import JobStopped, TrainingContext
+from worker.launch import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED, LaunchSpec
 
 log = logging.getLogger(__name__)
 
-
-class LeaseLost(Exception):
-    """Another attempt owns the job now; this one must stop writing."""
+# Set when the worker is asked to shut down warm (SIGTERM): running jobs checkpoint and go back to the queue.
+SHUTDOWN = threading.Event()
+POLL_SECONDS = 0.25
 
 
 class Lease:
@@ -70,31 +78,48 @@ class Lease:
             except Exception:  # the database may be restarting; the lease has slack for that
                 log.warning("heartbeat for job %s failed; retrying", self.job_id, exc_info=True)
 
-    def should_stop(self) -> bool:
-        return self.cancel_requested.is_set() or self.lost.is_set()
+
+@dataclass
+class Outcome:
+    """How a training process ended."""
+
+    kind: str  # ok | failed | oom | stopped | cancelled | lost | timeout | crashed
+    code: int | None = None
+    detail: str = ""
 
 
-class DatabaseReporter:
-    """Writes a recipe's events and metrics to the database, for this attempt only."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    def __init__(self, settings: Settings, job_id: str, attempt: int, lease: Lease) -> None:
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Attempt:
+    """One claimed attempt of a job, from preparation to its final write."""
+
+    def __init__(self, settings: Settings, job_id: str, attempt: int, lease: Lease, work_dir: Path) -> None:
         self.settings = settings
         self.job_id = job_id
         self.attempt = attempt
         self.lease = lease
+        self.work_dir = work_dir
+        self.store = make_store(settings)
+        self.cache = AssetCache(settings, self.store)
+        self.started = time.monotonic()
 
-    def _owns_job(self, session: Any) -> bool:
-        owner = session.scalar(select(Job.attempt).where(Job.id == self.job_id))
-        if owner != self.attempt:
-            self.lease.lost.set()
-            return False
-        return True
+    # -- writes, all fenced by the attempt ----------------------------------------------------------
 
-    def event(
-        self, type: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None
-    ) -> None:
+    def event(self, type: str, message: str, level: str = "info", **data: object) -> None:
         with session_scope(self.settings.database_url) as session:
-            if self._owns_job(session):
+            job = session.get(Job, self.job_id)
+            if job is not None and job.attempt == self.attempt:
                 job_service.add_event(
                     session=session,
                     job_id=self.job_id,
@@ -102,42 +127,304 @@ class DatabaseReporter:
                     message=message,
                     level=level,
                     attempt=self.attempt,
-                    data=data,
+                    data=dict(data),
                 )
 
-    def metric(self, split: str, step: int, values: dict[str, float | int | None]) -> None:
-        try:
-            with session_scope(self.settings.database_url) as session:
-                if self._owns_job(session):
-                    job_service.record_metric(
-                        session=session,
-                        job_id=self.job_id,
-                        attempt=self.attempt,
-                        split=split,
-                        step=step,
-                        values=values,
-                    )
-        except Exception:
-            log.warning(
-                "could not record %s metrics of job %s at step %d", split, self.job_id, step, exc_info=True
+    def move(self, to: JobStatus, message: str, **values: object) -> bool:
+        with session_scope(self.settings.database_url) as session:
+            return job_service.transition(
+                session=session, job_id=self.job_id, to=to, attempt=self.attempt, message=message, **values
             )
 
+    def fail(self, code: JobErrorCode, message: str) -> JobStatus:
+        self.move(JobStatus.failed, f"job failed: {message}", error_code=code.value, error_message=message)
+        return JobStatus.failed
 
-def _fail(settings: Settings, job_id: str, attempt: int, code: JobErrorCode, message: str) -> None:
-    with session_scope(settings.database_url) as session:
-        job_service.transition(
-            session=session,
-            job_id=job_id,
-            to=JobStatus.failed,
-            attempt=attempt,
-            message=f"job failed: {message}",
-            error_code=code.value,
-            error_message=message,
+    def requeue(self, message: str, *, delay: float = 0.0) -> JobStatus:
+        """Gives the job back to the queue for another attempt (after `delay` seconds)."""
+        not_before = utcnow() + timedelta(seconds=delay) if delay > 0 else None
+        moved = self.move(JobStatus.queued, message, not_before=not_before, enqueued_at=None, worker_id=None)
+        # A delayed retry is sent by the sweeper once its back-off ends.
+        if moved and delay <= 0:
+            with session_scope(self.settings.database_url) as session:
+                job = session.get(Job, self.job_id)
+                if job is not None:
+                    enqueue_job(self.settings, session, job)
+        return JobStatus.queued
+
+    def retry_or_fail(self, code: JobErrorCode, reason: str) -> JobStatus:
+        """Applies the retry budget: another attempt after a growing back-off, or failure with the reason."""
+        if self.attempt >= self.settings.max_attempts:
+            return self.fail(code, f"{reason}; gave up after {self.attempt} attempts")
+        delay = self.settings.retry_backoff_seconds * (2 ** (self.attempt - 1))
+        return self.requeue(
+            f"attempt {self.attempt} failed ({reason}); attempt {self.attempt + 1} of "
+            f"{self.settings.max_attempts} in {delay:.0f}s",
+            delay=delay,
         )
+
+    # -- the attempt ----------------------------------------------------------------------------------
+
+    def load(self) -> tuple[JobSpec, Job]:
+        with session_scope(self.settings.database_url) as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            session.expunge(job)
+        return JobSpec.model_validate(job.spec), job
+
+    def prepare(self, spec: JobSpec, job: Job) -> LaunchSpec:
+        """Fetches the job's inputs into the worker's cache, and the latest checkpoint to resume from."""
+        with session_scope(self.settings.database_url) as session:
+            paths = {
+                param: str(self.cache.dataset_file(uri, session=session, team_id=job.team_id, param=param))
+                for param, uri in (("dataset", job.dataset_uri), ("validation_dataset", job.validation_uri))
+                if uri
+            }
+            sources = [
+                str(self.cache.adapter_dir(source, session=session, team_id=job.team_id))
+                for source in job_sources(spec)
+            ]
+            latest = job_service.latest_checkpoint(session=session, job_id=self.job_id)
+        assert spec.base_model is not None
+        model_dir = self.cache.model_dir(spec.base_model)
+        resume_from = None
+        if latest is not None:
+            checkpoint, files = latest
+            folder = self.work_dir / "resume" / f"checkpoint-{checkpoint.step}"
+            shutil.rmtree(folder, ignore_errors=True)
+            for artifact in files:
+                relative = artifact.name.removeprefix(checkpoint.prefix + "/")
+                self.store.get_file(artifact.storage_key, folder / relative, expected_sha256=artifact.sha256)
+            resume_from = str(folder)
+        return LaunchSpec(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            team_id=job.team_id,
+            spec=spec.model_dump(mode="json"),
+            model_dir=str(model_dir),
+            train_path=paths.get("dataset"),
+            eval_path=paths.get("validation_dataset"),
+            sources=sources,
+            resume_from=resume_from,
+        )
+
+    def command(self, spec: JobSpec) -> list[str]:
+        launch = [sys.executable, "-m", "worker.launch", str(self.work_dir)]
+        processes = spec.resources.gpus
+        if processes == 1:
+            return launch
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1",
+            *launch[1:],
+        ]
+
+    def supervise(self, spec: JobSpec, runtime_before: float) -> Outcome:
+        """Runs the training process group until it ends, is cancelled, times out or must stop."""
+        for name in ("result.json", "failure.json", "STOP"):
+            (self.work_dir / name).unlink(missing_ok=True)
+        env = (
+            os.environ
+            | self.settings.to_env()
+            | {"TUNEFORGE_JOB_ID": self.job_id, "TUNEFORGE_ATTEMPT": str(self.attempt)}
+        )
+        limit = 60 * (spec.resources.max_runtime_minutes or self.settings.default_max_runtime_minutes)
+        log_path = self.work_dir / "training.log"
+        with log_path.open("ab") as log_file:
+            proc = subprocess.Popen(
+                self.command(spec), env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        stop_asked_at: float | None = None
+        while proc.poll() is None:
+            time.sleep(POLL_SECONDS)
+            if self.lease.cancel_requested.is_set():
+                self.kill(proc)
+                return Outcome("cancelled")
+            if self.lease.lost.is_set():
+                self.kill(proc)
+                return Outcome("lost")
+            if runtime_before + time.monotonic() - self.started > limit:
+                self.kill(proc)
+                return Outcome("timeout", detail=f"{limit / 60:.0f} minutes")
+            if SHUTDOWN.is_set() and stop_asked_at is None:
+                (self.work_dir / "STOP").touch()
+                stop_asked_at = time.monotonic()
+                self.event("shutdown", "the worker is shutting down; checkpointing to resume elsewhere")
+            if (
+                stop_asked_at is not None
+                and time.monotonic() - stop_asked_at > self.settings.shutdown_grace_seconds
+            ):
+                self.kill(proc)
+                return Outcome("stopped", detail="no checkpoint in time; resuming from the last one")
+        code = proc.returncode
+        if code == EXIT_OK:
+            return Outcome("ok", code)
+        if code == EXIT_STOPPED:
+            return Outcome("stopped", code)
+        if code == EXIT_OUT_OF_MEMORY:
+            return Outcome("oom", code)
+        if code == EXIT_FAILED:
+            return Outcome("failed", code, (self.work_dir / "failure.json").read_text())
+        if stop_asked_at is not None:
+            return Outcome("stopped", code, "the training process ended while checkpointing")
+        return Outcome("crashed", code, _tail(log_path))
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stops the whole training process group: SIGTERM, then SIGKILL after the grace period."""
+        for sig, wait in ((signal.SIGTERM, self.settings.kill_grace_seconds), (signal.SIGKILL, 30.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def halve_micro_batch(self, spec: JobSpec) -> JobSpec | None:
+        """Returns the spec with half the micro-batch and twice the accumulation, or None at batch size 1."""
+        hp = spec.hyperparameters
+        if hp is None or hp.batch_size <= 1:
+            return None
+        new_hp = hp.model_copy(
+            update={
+                "batch_size": hp.batch_size // 2,
+                "gradient_accumulation_steps": hp.gradient_accumulation_steps * 2,
+            }
+        )
+        new_spec = spec.model_copy(update={"hyperparameters": new_hp})
+        with session_scope(self.settings.database_url) as session:
+            job = session.get(Job, self.job_id)
+            if job is None or job.attempt != self.attempt:
+                return None
+            job.spec = new_spec.model_dump(mode="json")
+            job_service.add_event(
+                session=session,
+                job_id=self.job_id,
+                type="out_of_memory",
+                level="warning",
+                message=f"out of memory at micro-batch {hp.batch_size}; retrying with micro-batch "
+                f"{new_hp.batch_size} and gradient accumulation {new_hp.gradient_accumulation_steps} "
+                "(the same effective batch)",
+                attempt=self.attempt,
+                data={
+                    "batch_size": new_hp.batch_size,
+                    "gradient_accumulation_steps": new_hp.gradient_accumulation_steps,
+                },
+            )
+        return new_spec
+
+    def finish(self, spec: JobSpec) -> JobStatus | None:
+        """Uploads the result folder and marks the job succeeded, in one fenced transaction."""
+        result = json.loads((self.work_dir / "result.json").read_text())
+        output = Path(result["output_dir"])
+        kind = result["kind"]
+        prefix = f"artifacts/{self.team_id}/{self.job_id}/attempt-{self.attempt}/{kind}"
+        stored = self.store.put_tree(prefix, output)
+        names = [p.relative_to(output).as_posix() for p in sorted(output.rglob("*")) if p.is_file()]
+        with session_scope(self.settings.database_url) as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            if job.attempt != self.attempt or job.status != JobStatus.running:
+                return None
+            job_service.record_artifacts(
+                session=session, job=job, kind=kind, stored=zip(names, stored, strict=True)
+            )
+            job_service.transition(
+                session=session,
+                job_id=self.job_id,
+                to=JobStatus.succeeded,
+                attempt=self.attempt,
+                message=f"job succeeded ({result['metrics'].get('steps', 0)} steps)",
+                trainable_params=result["trainable_params"],
+                total_params=result["total_params"],
+                trained_tokens=result["trained_tokens"],
+                result=result["metrics"],
+            )
+        return JobStatus.succeeded
+
+    def run(self) -> JobStatus | None:
+        spec, job = self.load()
+        self.team_id = job.team_id
+        try:
+            launch = self.prepare(spec, job)
+        except JobFailure as failure:
+            return self.fail(failure.code, failure.message)
+        except StorageError as exc:
+            return self.retry_or_fail(JobErrorCode.storage_error, f"object storage failed: {exc}")
+        self.event(
+            "worker",
+            f"running {spec.method.value} on {self.settings.worker_id}",
+            worker=self.settings.worker_id,
+        )
+        while True:
+            launch.write(self.work_dir)
+            outcome = self.supervise(spec, job.runtime_seconds)
+            log.info("job %s attempt %d: training process ended: %s", self.job_id, self.attempt, outcome.kind)
+            if outcome.kind == "ok":
+                try:
+                    return self.finish(spec)
+                except StorageError as exc:
+                    return self.retry_or_fail(
+                        JobErrorCode.storage_error, f"could not store the result: {exc}"
+                    )
+            if outcome.kind == "failed":
+                failure = json.loads(outcome.detail)
+                return self.fail(JobErrorCode(failure["code"]), failure["message"])
+            if outcome.kind == "cancelled":
+                self.move(JobStatus.cancelled, "training stopped; job cancelled")
+                return JobStatus.cancelled
+            if outcome.kind == "lost":
+                log.warning(
+                    "job %s attempt %d lost its lease; stopped without writing", self.job_id, self.attempt
+                )
+                return None
+            if outcome.kind == "timeout":
+                return self.fail(
+                    JobErrorCode.timeout,
+                    f"the job ran longer than its limit of {outcome.detail}; raise resources.max_runtime_minutes "
+                    "or train fewer steps",
+                )
+            if outcome.kind == "stopped":
+                return self.requeue(
+                    f"attempt {self.attempt} checkpointed and stopped ({outcome.detail or 'shutdown'})"
+                )
+            if outcome.kind == "oom":
+                smaller = self.halve_micro_batch(spec)
+                if smaller is None:
+                    return self.fail(
+                        JobErrorCode.out_of_memory,
+                        "out of GPU memory even at micro-batch 1; lower max_seq_length, use qlora, more GPUs or "
+                        "a ZeRO stage",
+                    )
+                spec = smaller
+                launch = self.prepare(spec, job)
+                continue
+            return self.retry_or_fail(
+                JobErrorCode.internal_error,
+                f"the training process crashed (exit code {outcome.code}): {outcome.detail[-1500:]}",
+            )
+
+    def close(self) -> None:
+        """Adds this attempt's run time to the job's total."""
+        elapsed = time.monotonic() - self.started
+        try:
+            with session_scope(self.settings.database_url) as session:
+                job = session.get(Job, self.job_id)
+                if job is not None and job.attempt == self.attempt:
+                    job.runtime_seconds = (job.runtime_seconds or 0.0) + elapsed
+        except Exception:
+            log.exception("could not record the run time of job %s", self.job_id)
 
 
 def run_job(settings: Settings, job_id: str) -> JobStatus | None:
-    """Claims and trains a queued job; returns its final status, or None if it was not this worker's."""
+    """Claims and runs a queued job; returns its status after this attempt, or None if it was not this
+    worker's to run (or the attempt lost it)."""
     with session_scope(settings.database_url) as session:
         attempt = job_service.claim_job(
             session=session,
@@ -146,20 +433,33 @@ def run_job(settings: Settings, job_id: str) -> JobStatus | None:
             lease_timeout=settings.lease_timeout_seconds,
         )
     if attempt is None:
-        log.info("job %s is not claimable (already running elsewhere, finished or cancelled)", job_id)
+        log.info(
+            "job %s is not claimable (running elsewhere, waiting for a retry, finished or cancelled)", job_id
+        )
         return None
-    log.info("job %s attempt %d started", job_id, attempt)
     work_dir = Path(tempfile.mkdtemp(prefix=f"tuneforge-{job_id}-"))
+    runner = None
     try:
-        with Lease(settings, job_id, attempt) as lease:
-            return _train(settings, job_id, attempt, lease, work_dir)
+        with job_context(job_id, attempt), Lease(settings, job_id, attempt) as lease:
+            log.info("job %s attempt %d started", job_id, attempt)
+            runner = Attempt(settings, job_id, attempt, lease, work_dir)
+            return runner.run()
+    except Exception as exc:
+        log.exception("job %s attempt %d broke", job_id, attempt)
+        if runner is not None:
+            return runner.retry_or_fail(
+                JobErrorCode.internal_error, f"the worker failed: {type(exc).__name__}: {exc}"
+            )
+        raise
     finally:
+        if runner is not None:
+            runner.close()
         shutil.rmtree(work_dir, ignore_errors=True)
         _never_left_running(settings, job_id, attempt)
 
 
 def _never_left_running(settings: Settings, job_id: str, attempt: int) -> None:
-    """Fails the attempt if it is still marked running once its training code has returned."""
+    """Fails the attempt if it is still marked running once this worker is done with it."""
     try:
         with session_scope(settings.database_url) as session:
             job = session.get(Job, job_id)
@@ -182,108 +482,3 @@ def _never_left_running(settings: Settings, job_id: str, attempt: int) -> None:
                 )
     except Exception:
         log.exception("could not settle job %s after attempt %d", job_id, attempt)
-
-
-def _train(settings: Settings, job_id: str, attempt: int, lease: Lease, work_dir: Path) -> JobStatus | None:
-    store = make_store(settings)
-    cache = AssetCache(settings, store)
-    reporter = DatabaseReporter(settings, job_id, attempt, lease)
-    try:
-        with session_scope(settings.database_url) as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            spec = JobSpec.model_validate(job.spec)
-            team_id = job.team_id
-            paths = {
-                param: cache.dataset_file(uri, session=session, team_id=team_id, param=param)
-                for param, uri in (("dataset", job.dataset_uri), ("validation_dataset", job.validation_uri))
-                if uri
-            }
-            sources = [
-                cache.adapter_dir(source, session=session, team_id=team_id) for source in job_sources(spec)
-            ]
-        try:
-            data = {param: read_dataset(path) for param, path in paths.items()}
-        except DatasetInvalid as exc:
-            raise JobFailure(JobErrorCode.invalid_dataset, str(exc)) from exc
-        assert spec.base_model is not None  # the service fills it in for merge and export jobs
-        model_dir = cache.model_dir(spec.base_model)
-        reporter.event("worker", f"running {spec.method.value} on {settings.worker_id}")
-        ctx = TrainingContext(
-            job_id=job_id,
-            spec=spec,
-            model_dir=model_dir,
-            work_dir=work_dir,
-            reporter=reporter,
-            should_stop=lease.should_stop,
-            train_data=data.get("dataset"),
-            eval_data=data.get("validation_dataset"),
-            sources=sources,
-        )
-        recipe = recipe_for(spec.method)(ctx)
-        result = recipe.run()
-        if lease.should_stop() or result.stopped:
-            raise JobStopped()
-        kind = recipe.artifact_kind
-        stored = store.put_tree(f"artifacts/{team_id}/{job_id}/attempt-{attempt}/{kind}", result.output_dir)
-        names = [
-            p.relative_to(result.output_dir).as_posix()
-            for p in sorted(result.output_dir.rglob("*"))
-            if p.is_file()
-        ]
-        with session_scope(settings.database_url) as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            if job.attempt != attempt:
-                raise LeaseLost()
-            job_service.record_artifacts(
-                session=session, job=job, kind=kind, stored=zip(names, stored, strict=True)
-            )
-            done = job_service.transition(
-                session=session,
-                job_id=job_id,
-                to=JobStatus.succeeded,
-                attempt=attempt,
-                message=f"job succeeded after {result.metrics.get('steps')} steps",
-                trainable_params=result.trainable_params,
-                total_params=result.total_params,
-                trained_tokens=result.trained_tokens,
-                result=result.metrics,
-            )
-            if not done:
-                # Cancelled (or taken over) while uploading: keep nothing of this attempt.
-                session.rollback()
-                raise JobStopped()
-        return JobStatus.succeeded
-    except JobStopped:
-        if lease.lost.is_set():
-            log.warning("job %s attempt %d lost its lease; stopping without writing", job_id, attempt)
-            return None
-        with session_scope(settings.database_url) as session:
-            job_service.transition(
-                session=session,
-                job_id=job_id,
-                to=JobStatus.cancelled,
-                attempt=attempt,
-                message="training stopped; job cancelled",
-            )
-        return JobStatus.cancelled
-    except LeaseLost:
-        log.warning("job %s attempt %d lost its lease before finishing", job_id, attempt)
-        return None
-    except JobFailure as failure:
-        _fail(settings, job_id, attempt, failure.code, failure.message)
-        return JobStatus.failed
-    except StorageError as exc:
-        _fail(settings, job_id, attempt, JobErrorCode.storage_error, f"object storage failed: {exc}")
-        return JobStatus.failed
-    except Exception as exc:
-        log.exception("job %s attempt %d crashed", job_id, attempt)
-        _fail(
-            settings,
-            job_id,
-            attempt,
-            JobErrorCode.internal_error,
-            f"training crashed ({type(exc).__name__}: {exc}); the worker log has the traceback",
-        )
-        return JobStatus.failed

@@ -8,7 +8,7 @@ from shared.datasets import DatasetInvalid, read_dataset
 from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job
-from shared.queue import TRAIN_TASK, enqueue
+from shared.queue import enqueue_job
 from shared.schemas import JobSpec, job_sources
 from shared.services import jobs as job_service
 from shared.settings import Settings
@@ -68,8 +68,12 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
                 data={"param": param, "format": summary.format.value, "samples": summary.num_samples},
             )
         if not job_service.transition(
-            session=session, job_id=job_id, to=JobStatus.queued, message="job is queued"
+            session=session, job_id=job_id, to=JobStatus.queued, message="job is queued", enqueued_at=None
         ):
             return JobStatus(session.get(Job, job_id).status)
-    enqueue(settings, TRAIN_TASK, job_id)
+    # Enqueue only after the commit that queued it; if the broker is away, the sweeper sends it later.
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        if job is not None:
+            enqueue_job(settings, session, job)
     return JobStatus.queued

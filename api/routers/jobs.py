@@ -25,7 +25,7 @@ from api.schemas import (
     MetricsOut,
 )
 from shared.errors import NotFound
-from shared.queue import VALIDATE_TASK, enqueue
+from shared.queue import enqueue_job
 from shared.schemas import AdapterSource, ExportSpec, JobSpec, Method
 from shared.services import jobs as job_service
 from shared.states import TERMINAL, JobStatus
@@ -47,7 +47,9 @@ def create_job(
     job = job_service.create_job(session=session, settings=settings, store=store, team_id=team, spec=spec)
     session.commit()
     # Enqueue only after the commit: a worker must find the job it is told to run.
-    if not enqueue(settings, VALIDATE_TASK, job.id):
+    if enqueue_job(settings, session, job):
+        session.commit()
+    else:
         job_service.add_event(
             session=session,
             job_id=job.id,
@@ -173,9 +175,10 @@ def list_artifacts(job_id: str, session: SessionDep, team: CallerTeam) -> Artifa
     """Lists the files a job produced, with size and sha256."""
     artifacts = job_service.list_artifacts(session=session, team_id=team, job_id=job_id)
     kinds = sorted({a.kind for a in artifacts})
+    main = next((kind for kind in ("merged", "adapter") if kind in kinds), None)
     return ArtifactList(
         data=[ArtifactOut.of(a) for a in artifacts],
-        archive_url=f"/v1/jobs/{job_id}/artifacts/{kinds[0]}.tar" if len(kinds) == 1 else None,
+        archive_url=f"/v1/jobs/{job_id}/artifacts/{main}.tar" if main else None,
         archive_urls={kind: f"/v1/jobs/{job_id}/artifacts/{kind}.tar" for kind in kinds},
     )
 

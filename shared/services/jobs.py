@@ -8,11 +8,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, InvalidRequest, NotFound
-from shared.models import Artifact, Job, JobEvent, JobMetric, UploadedFile, new_id, utcnow
+from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, UploadedFile, new_id, utcnow
 from shared.schemas import AVAILABLE_METHODS, JobSpec, Method, job_sources
 from shared.settings import Settings
 from shared.states import TERMINAL, JobStatus, sources_of
@@ -290,7 +290,7 @@ def claim_job(*, session: Session, job_id: str, worker_id: str, lease_timeout: f
         return None
     previous_attempt, previous_status, started_at = current
     claimable = or_(
-        Job.status == JobStatus.queued,
+        and_(Job.status == JobStatus.queued, or_(Job.not_before.is_(None), Job.not_before <= now)),
         and_(Job.status == JobStatus.running, Job.heartbeat_at < stale),
     )
     # The attempt number in the WHERE clause makes this a compare-and-swap: of two workers racing for the
@@ -403,3 +403,36 @@ def list_artifacts(
     if kind is not None:
         query = query.where(Artifact.kind == kind)
     return session.scalars(query.order_by(Artifact.kind, Artifact.name)).all()
+
+
+def delete_artifacts(*, session: Session, job_id: str, kind: str, prefix: str | None = None) -> int:
+    """Removes a job's artifact records of one kind (under a name prefix); returns how many."""
+    query = delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind)
+    if prefix is not None:
+        query = query.where(Artifact.name.startswith(prefix + "/"))
+    return session.execute(query).rowcount
+
+
+def latest_checkpoint(*, session: Session, job_id: str) -> tuple[Checkpoint, list[Artifact]] | None:
+    """Returns a job's most advanced complete checkpoint and its files, if it has one."""
+    checkpoint = session.scalar(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
+    )
+    if checkpoint is None:
+        return None
+    files = session.scalars(
+        select(Artifact).where(
+            Artifact.job_id == job_id,
+            Artifact.kind == "checkpoint",
+            Artifact.name.startswith(checkpoint.prefix + "/"),
+        )
+    ).all()
+    return checkpoint, list(files)
+
+
+def list_checkpoints(*, session: Session, team_id: TeamID, job_id: str) -> Sequence[Checkpoint]:
+    """Returns a team's job's checkpoints, by step."""
+    get_job(session=session, team_id=team_id, job_id=job_id)
+    return session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+    ).all()

@@ -5,7 +5,7 @@ import json
 import pytest
 import redis
 
-from shared.queue import queue_names
+from shared.queue import validate_queue
 from tests.conftest import TINY_MODEL
 from tests.helpers import color_messages, to_jsonl
 
@@ -27,7 +27,7 @@ def job_body(dataset: str, **overrides) -> dict:
 
 def queued_messages(settings) -> int:
     client = redis.Redis.from_url(settings.broker_url)
-    return client.llen(queue_names(settings)["tuneforge.validate_job"])
+    return client.llen(validate_queue(settings))
 
 
 def test_health_and_readiness(api_client):
@@ -90,7 +90,7 @@ def test_create_job_fills_defaults_and_enqueues_after_commit(api_client, uploade
     assert job["metadata"] == {"team": "search"}
     assert queued_messages(settings) == before + 1
     message = redis.Redis.from_url(settings.broker_url).lindex(
-        queue_names(settings)["tuneforge.validate_job"], 0
+        validate_queue(settings), 0
     )
     assert job["id"] in message.decode()
     assert api_client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]

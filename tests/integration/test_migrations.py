@@ -11,7 +11,7 @@ from shared.migrate import downgrade, upgrade
 from shared.models import Base
 from tests.conftest import PG_ADMIN_URL, RUN_ID
 
-TABLES = {"teams", "files", "jobs", "job_events", "job_metrics", "artifacts", "plans"}
+TABLES = {"teams", "files", "jobs", "job_events", "job_metrics", "artifacts", "plans", "checkpoints"}
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy"
 PREFIX = "TUNEFORGE_"
-TUNEFORGE_SERVICES = ("migrate", "api", "worker")
+TUNEFORGE_SERVICES = ("migrate", "api", "worker", "validator")
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -175,7 +175,7 @@ def pyproject() -> dict[str, Any]:
 
 
 def test_compose_has_the_production_services() -> None:
-    expected = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "flower"}
+    expected = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "validator", "flower"}
     assert set(services()) == expected
     assert "x-tuneforge-env" in compose()
 
@@ -183,8 +183,11 @@ def test_compose_has_the_production_services() -> None:
 def test_tuneforge_services_share_the_anchor_environment() -> None:
     anchor = compose()["x-tuneforge-env"]
     for name in TUNEFORGE_SERVICES:
-        assert services()[name]["environment"] == anchor, name
+        environment = services()[name]["environment"]
+        # A service may add its own variables (the worker names its GPUs), never change the shared ones.
+        assert {k: v for k, v in environment.items() if k in anchor} == anchor, name
     assert anchor["TUNEFORGE_ENVIRONMENT"] == "production"
+    assert services()["worker"]["environment"]["TUNEFORGE_WORKER_GPUS"] == "1"
 
 
 def test_every_tuneforge_variable_is_a_settings_field() -> None:
@@ -424,7 +427,7 @@ def test_tuneforge_commands_are_real_cli_commands() -> None:
         assert result.exit_code == 0, f"{shlex.join(argv)}: {result.output}"
     assert stage_cmd("api")[:2] == ["tuneforge", "api"]
     assert stage_cmd("worker")[:2] == ["tuneforge", "worker"]
-    assert option(stage_cmd("worker"), "--concurrency") == "1"
+    assert option(stage_cmd("worker"), "--role") == "train"
 
 
 def test_ports_match_the_api_command() -> None:

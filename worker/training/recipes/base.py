@@ -22,6 +22,12 @@ class Reporter(Protocol):
     def metric(self, split: str, step: int, values: dict[str, float | int | None]) -> None: ...
 
 
+class CheckpointSink(Protocol):
+    """Where a recipe sends each saved training state (the runner stores and records it)."""
+
+    def save(self, step: int, folder: Path, metrics: dict[str, Any]) -> None: ...
+
+
 class JobStopped(Exception):
     """Training stopped early because the job was cancelled or the attempt lost its lease."""
 
@@ -41,6 +47,10 @@ class TrainingContext:
     # Finished adapters the job combines (merge, fusion) or merges into the base (export): local folders
     # holding adapter_config.json and adapter_model.safetensors, in the order the spec lists them.
     sources: list[Path] = field(default_factory=list)
+    # Resumable training: where to store checkpoints and how often, and the checkpoint to resume from.
+    checkpoints: CheckpointSink | None = None
+    checkpoint_steps: int | None = None
+    resume_from: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check_stop(self) -> None:

@@ -62,6 +62,20 @@ def resolve_target_modules(model: torch.nn.Module, target: str | list[str]) -> s
     return list(target)
 
 
+def agreed(flag: bool) -> bool:
+    """True on every rank if it is true on any (a no-op without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def training_dtype() -> torch.dtype:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -80,9 +94,25 @@ class ProgressCallback(TrainerCallback):
         self.last_time = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.recipe.ctx.should_stop():
+        # Asked to stop (a warm shutdown): save a checkpoint at this step, then stop. Every rank must
+        # agree on the step, or the collectives of the next one would wait forever.
+        if agreed(self.recipe.ctx.should_stop()):
             self.recipe.stopped = True
             control.should_training_stop = True
+            control.should_save = self.recipe.ctx.checkpoints is not None
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        sink = self.recipe.ctx.checkpoints
+        # The trainer also saves at the last step; the finished job's adapter is stored anyway.
+        if sink is None or (state.global_step >= state.max_steps and not self.recipe.stopped):
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        # Every rank has written its part of the checkpoint before rank 0 uploads the folder.
+        barrier()
+        if state.is_world_process_zero:
+            losses = self.recipe.losses
+            sink.save(state.global_step, folder, {"train_loss": losses[-1] if losses else None})
+        barrier()
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
@@ -213,7 +243,10 @@ class LoraRecipe(Recipe):
             logging_steps=hp.logging_steps,
             eval_strategy=("steps" if hp.eval_steps else "epoch") if eval_dataset is not None else "no",
             eval_steps=hp.eval_steps,
-            save_strategy="no",
+            save_strategy="steps" if ctx.checkpoints is not None else "no",
+            save_steps=hp.checkpoint_steps or ctx.checkpoint_steps or 100,
+            # The local copy is only a staging area: stored checkpoints are in object storage.
+            save_total_limit=1,
             report_to="none",
             seed=hp.seed,
             data_seed=hp.seed,
@@ -239,8 +272,11 @@ class LoraRecipe(Recipe):
     def train(self) -> None:
         assert self.trainer is not None
         self.started = time.perf_counter()
+        resume = str(self.ctx.resume_from) if self.ctx.resume_from else None
+        if resume:
+            self.ctx.reporter.event("resume", f"resuming from {self.ctx.resume_from.name}")
         try:
-            self.trainer.train()
+            self.trainer.train(resume_from_checkpoint=resume)
         except torch.OutOfMemoryError as exc:
             raise JobFailure(
                 JobErrorCode.out_of_memory,

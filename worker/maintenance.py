@@ -1,0 +1,132 @@
+"""Keeps the database the truth: jobs whose worker vanished go back to the queue, and jobs the broker lost
+are sent again. Every worker runs this loop; each step is idempotent, so several running it at once is fine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, select
+
+from shared.db import session_scope
+from shared.errors import JobErrorCode
+from shared.models import Job, utcnow
+from shared.queue import enqueue_job, queued_messages
+from shared.services import jobs as job_service
+from shared.settings import Settings
+from shared.states import JobStatus
+
+log = logging.getLogger(__name__)
+
+
+def reap_stale_jobs(settings: Settings) -> list[str]:
+    """Returns running jobs whose heartbeat stopped to the queue (or fails them when out of attempts), and
+    cancels cancelling ones whose worker is gone. Returns the ids it changed."""
+    stale = utcnow() - timedelta(seconds=settings.lease_timeout_seconds)
+    changed = []
+    with session_scope(settings.database_url) as session:
+        jobs = session.scalars(
+            select(Job).where(
+                Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
+                Job.heartbeat_at < stale,
+            )
+        ).all()
+        for job in jobs:
+            last = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
+            lost = f"the worker running attempt {job.attempt} stopped heartbeating (last at {last})"
+            if job.status == JobStatus.cancelling:
+                done = job_service.transition(
+                    session=session, job_id=job.id, to=JobStatus.cancelled, attempt=job.attempt, message=lost
+                )
+            elif job.attempt >= settings.max_attempts:
+                done = job_service.transition(
+                    session=session,
+                    job_id=job.id,
+                    to=JobStatus.failed,
+                    attempt=job.attempt,
+                    message=f"{lost}; no attempts left",
+                    error_code=JobErrorCode.worker_lost.value,
+                    error_message=f"{lost}; gave up after {job.attempt} attempts",
+                )
+            else:
+                done = job_service.transition(
+                    session=session,
+                    job_id=job.id,
+                    to=JobStatus.queued,
+                    attempt=job.attempt,
+                    message=f"{lost}; the job goes back to the queue and resumes from its last checkpoint",
+                    worker_id=None,
+                    enqueued_at=None,
+                    not_before=None,
+                )
+            if done:
+                changed.append(job.id)
+    return changed
+
+
+def resend_lost_jobs(settings: Settings) -> list[str]:
+    """Sends again the validating and queued jobs that no broker queue holds (Redis restarted or flushed, a
+    publish failed, a retry's back-off ended). Returns the ids it sent."""
+    waiting = queued_messages(settings)
+    if waiting is None:
+        return []
+    now = utcnow()
+    grace = now - timedelta(seconds=settings.resend_grace_seconds)
+    sent = []
+    with session_scope(settings.database_url) as session:
+        jobs = session.scalars(
+            select(Job).where(
+                Job.status.in_([JobStatus.validating.value, JobStatus.queued.value]),
+                or_(Job.not_before.is_(None), Job.not_before <= now),
+                # Just sent (or in a worker's hands between receiving the message and claiming the job).
+                or_(Job.enqueued_at.is_(None), and_(Job.enqueued_at < grace)),
+            )
+        ).all()
+        for job in jobs:
+            if job.id in waiting:
+                continue
+            why = (
+                "the broker no longer held it"
+                if job.enqueued_at is not None
+                else "it was not in the queue yet"
+            )
+            if enqueue_job(settings, session, job):
+                job_service.add_event(
+                    session=session,
+                    job_id=job.id,
+                    type="queue",
+                    message=f"sent to the queue ({why})",
+                    attempt=job.attempt,
+                )
+                sent.append(job.id)
+    return sent
+
+
+def maintain(settings: Settings) -> None:
+    """One round: reap, then re-send."""
+    reaped = reap_stale_jobs(settings)
+    if reaped:
+        log.warning("returned jobs with a lost worker to the queue: %s", reaped)
+    resent = resend_lost_jobs(settings)
+    if resent:
+        log.info("sent jobs to the queue: %s", resent)
+
+
+def start_maintenance(settings: Settings) -> threading.Event:
+    """Runs `maintain` every maintenance interval in a daemon thread; set the returned event to stop it."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(settings.maintenance_interval_seconds):
+            try:
+                maintain(settings)
+            except Exception:
+                log.warning(
+                    "maintenance round failed; next round in %ss",
+                    settings.maintenance_interval_seconds,
+                    exc_info=True,
+                )
+
+    threading.Thread(target=loop, name="tuneforge-maintenance", daemon=True).start()
+    return stop
