@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.models import Artifact, Job, JobEvent, JobMetric, UploadedFile
+from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, UploadedFile
 from shared.schemas import (
     AdapterSpec,
     ExportSpec,
@@ -178,6 +178,33 @@ class ArtifactList(BaseModel):
     archive_urls: dict[str, str] = Field(
         default_factory=dict, description="one tar archive per artifact kind"
     )
+
+
+class CheckpointOut(BaseModel):
+    step: int
+    attempt: int
+    num_files: int
+    size_bytes: int
+    metrics: dict[str, Any]
+    created_at: datetime
+    download_url: str
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> CheckpointOut:
+        return cls(
+            step=checkpoint.step,
+            attempt=checkpoint.attempt,
+            num_files=checkpoint.num_files,
+            size_bytes=checkpoint.size_bytes,
+            metrics=checkpoint.metrics or {},
+            created_at=checkpoint.created_at,
+            download_url=f"/v1/jobs/{checkpoint.job_id}/checkpoints/{checkpoint.step}.tar",
+        )
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointOut]
 
 
 class ExportRequest(BaseModel):

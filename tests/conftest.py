@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+
+# Two cores, several processes (the tests, a training process, servers): one thread each avoids the
+# oversubscription that makes torch many times slower. Training subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import secrets
 import shutil
 import socket

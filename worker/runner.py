@@ -19,11 +19,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
-from shared.db import session_scope
+from sqlalchemy.orm import Session
+
+from shared.db import retry_transient, session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.logs import job_context
 from shared.models import Job, utcnow
@@ -38,6 +42,7 @@ from worker.launch import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 # Set when the worker is asked to shut down warm (SIGTERM): running jobs checkpoint and go back to the queue.
 SHUTDOWN = threading.Event()
 POLL_SECONDS = 0.25
@@ -116,8 +121,17 @@ class Attempt:
 
     # -- writes, all fenced by the attempt ----------------------------------------------------------
 
+    def write(self, action: Callable[[Session], T], what: str) -> T:
+        """Runs a write in its own transaction, riding out a database restart."""
+
+        def attempt() -> T:
+            with session_scope(self.settings.database_url) as session:
+                return action(session)
+
+        return retry_transient(attempt, what=f"{what} (job {self.job_id})")
+
     def event(self, type: str, message: str, level: str = "info", **data: object) -> None:
-        with session_scope(self.settings.database_url) as session:
+        def add(session: Session) -> None:
             job = session.get(Job, self.job_id)
             if job is not None and job.attempt == self.attempt:
                 job_service.add_event(
@@ -130,11 +144,15 @@ class Attempt:
                     data=dict(data),
                 )
 
+        self.write(add, "an event")
+
     def move(self, to: JobStatus, message: str, **values: object) -> bool:
-        with session_scope(self.settings.database_url) as session:
-            return job_service.transition(
+        return self.write(
+            lambda session: job_service.transition(
                 session=session, job_id=self.job_id, to=to, attempt=self.attempt, message=message, **values
-            )
+            ),
+            f"the move to {to.value}",
+        )
 
     def fail(self, code: JobErrorCode, message: str) -> JobStatus:
         self.move(JobStatus.failed, f"job failed: {message}", error_code=code.value, error_message=message)
@@ -144,12 +162,17 @@ class Attempt:
         """Gives the job back to the queue for another attempt (after `delay` seconds)."""
         not_before = utcnow() + timedelta(seconds=delay) if delay > 0 else None
         moved = self.move(JobStatus.queued, message, not_before=not_before, enqueued_at=None, worker_id=None)
-        # A delayed retry is sent by the sweeper once its back-off ends.
+        # A delayed retry is sent by the sweeper once its back-off ends; so is this one if sending fails.
         if moved and delay <= 0:
-            with session_scope(self.settings.database_url) as session:
-                job = session.get(Job, self.job_id)
-                if job is not None:
-                    enqueue_job(self.settings, session, job)
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    job = session.get(Job, self.job_id)
+                    if job is not None:
+                        enqueue_job(self.settings, session, job)
+            except Exception:
+                log.warning(
+                    "could not send job %s to the queue; the sweeper will", self.job_id, exc_info=True
+                )
         return JobStatus.queued
 
     def retry_or_fail(self, code: JobErrorCode, reason: str) -> JobStatus:
@@ -327,7 +350,8 @@ class Attempt:
         prefix = f"artifacts/{self.team_id}/{self.job_id}/attempt-{self.attempt}/{kind}"
         stored = self.store.put_tree(prefix, output)
         names = [p.relative_to(output).as_posix() for p in sorted(output.rglob("*")) if p.is_file()]
-        with session_scope(self.settings.database_url) as session:
+
+        def succeed(session: Session) -> JobStatus | None:
             job = session.get(Job, self.job_id)
             assert job is not None
             if job.attempt != self.attempt or job.status != JobStatus.running:
@@ -346,7 +370,9 @@ class Attempt:
                 trained_tokens=result["trained_tokens"],
                 result=result["metrics"],
             )
-        return JobStatus.succeeded
+            return JobStatus.succeeded
+
+        return self.write(succeed, "the result")
 
     def run(self) -> JobStatus | None:
         spec, job = self.load()

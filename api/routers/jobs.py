@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
@@ -16,6 +16,8 @@ from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
 from api.schemas import (
     ArtifactList,
     ArtifactOut,
+    CheckpointList,
+    CheckpointOut,
     EventOut,
     EventPage,
     ExportRequest,
@@ -25,10 +27,12 @@ from api.schemas import (
     MetricsOut,
 )
 from shared.errors import NotFound
+from shared.models import Artifact
 from shared.queue import enqueue_job
 from shared.schemas import AdapterSource, ExportSpec, JobSpec, Method
 from shared.services import jobs as job_service
 from shared.states import TERMINAL, JobStatus
+from shared.storage import ObjectStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -183,6 +187,55 @@ def list_artifacts(job_id: str, session: SessionDep, team: CallerTeam) -> Artifa
     )
 
 
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(job_id: str, session: SessionDep, team: CallerTeam) -> CheckpointList:
+    """Lists the job's stored training states (each complete, resumable and downloadable)."""
+    checkpoints = job_service.list_checkpoints(session=session, team_id=team, job_id=job_id)
+    return CheckpointList(data=[CheckpointOut.of(c) for c in checkpoints])
+
+
+@router.get("/{job_id}/checkpoints/{step}.tar", response_class=StreamingResponse)
+def download_checkpoint(
+    job_id: str, step: int, session: SessionDep, store: StoreDep, team: CallerTeam
+) -> Response:
+    """Downloads one checkpoint (adapter, optimizer, scheduler, RNG and trainer state) as a tar archive."""
+    checkpoint = next(
+        (
+            c
+            for c in job_service.list_checkpoints(session=session, team_id=team, job_id=job_id)
+            if c.step == step
+        ),
+        None,
+    )
+    if checkpoint is None:
+        raise NotFound(f"job {job_id} has no checkpoint at step {step}", param="step")
+    artifacts = [
+        a
+        for a in job_service.list_artifacts(session=session, team_id=team, job_id=job_id, kind="checkpoint")
+        if a.name.startswith(checkpoint.prefix + "/")
+    ]
+    return _archive(f"{job_id}-{checkpoint.prefix}", artifacts, store, strip=checkpoint.prefix + "/")
+
+
+def _archive(
+    root: str, artifacts: Sequence[Artifact], store: ObjectStore, strip: str = ""
+) -> StreamingResponse:
+    members = [
+        ArchiveMember(
+            name=a.name.removeprefix(strip),
+            size=a.size_bytes,
+            sha256=a.sha256,
+            chunks=lambda key=a.storage_key: store.iter_chunks(key),
+        )
+        for a in artifacts
+    ]
+    return StreamingResponse(
+        stream_tar(root, members),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{root}.tar"'},
+    )
+
+
 @router.get("/{job_id}/artifacts/{kind}.tar", response_class=StreamingResponse)
 def download_archive(
     job_id: str, kind: str, session: SessionDep, store: StoreDep, team: CallerTeam
@@ -191,21 +244,7 @@ def download_archive(
     artifacts = job_service.list_artifacts(session=session, team_id=team, job_id=job_id, kind=kind)
     if not artifacts:
         raise NotFound(f"job {job_id} has no {kind} artifacts", param="kind")
-    members = [
-        ArchiveMember(
-            name=a.name,
-            size=a.size_bytes,
-            sha256=a.sha256,
-            chunks=lambda key=a.storage_key: store.iter_chunks(key),
-        )
-        for a in artifacts
-    ]
-    root = f"{job_id}-{kind}"
-    return StreamingResponse(
-        stream_tar(root, members),
-        media_type="application/x-tar",
-        headers={"Content-Disposition": f'attachment; filename="{root}.tar"'},
-    )
+    return _archive(f"{job_id}-{kind}", artifacts, store)
 
 
 @router.get("/{job_id}/artifacts/{kind}/{name:path}", response_class=StreamingResponse)

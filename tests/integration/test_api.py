@@ -89,9 +89,7 @@ def test_create_job_fills_defaults_and_enqueues_after_commit(api_client, uploade
     assert job["hyperparameters"]["learning_rate"] == 2e-4
     assert job["metadata"] == {"team": "search"}
     assert queued_messages(settings) == before + 1
-    message = redis.Redis.from_url(settings.broker_url).lindex(
-        validate_queue(settings), 0
-    )
+    message = redis.Redis.from_url(settings.broker_url).lindex(validate_queue(settings), 0)
     assert job["id"] in message.decode()
     assert api_client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
 

@@ -1,0 +1,197 @@
+"""Helpers the recipes share: the tokenizer and training data, the SFTTrainer setup, loading finished
+adapters onto a base model, saving one adapter as a plain folder, and a fixed probe input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
+from shared.errors import JobErrorCode, JobFailure
+from shared.schemas import Hyperparameters
+from worker.training.data import encode_dataset
+from worker.training.recipes.base import TrainingContext
+
+if TYPE_CHECKING:
+    from worker.training.recipes.lora import LoraRecipe
+
+# The name the combined adapter gets: peft saves the adapter called "default" at the top of the folder (others
+# go to a subfolder named after them), so the folder loads with PeftModel.from_pretrained(base, folder).
+OUTPUT_ADAPTER = "default"
+PROBE_TEXT = "What color is the sky? Reverse the word stone. The quick brown fox jumps over the lazy dog."
+
+
+def source_names(count: int) -> list[str]:
+    """The adapter names the sources load under, in spec order."""
+    return [f"source_{i}" for i in range(count)]
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_full_precision_base(model_dir: Path) -> torch.nn.Module:
+    """The base model in float32 on the CPU: what merging adapters into weights (or into each other) needs."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def training_datasets(
+    ctx: TrainingContext, tokenizer: Any, hp: Hyperparameters
+) -> tuple[Dataset, Dataset | None]:
+    """Encodes the job's dataset (and validation dataset) as LoraRecipe does, reporting what it found."""
+    assert ctx.train_data is not None
+    train = encode_dataset(ctx.train_data.records, ctx.train_data.format, tokenizer, hp.max_seq_length)
+    ctx.reporter.event(
+        "dataset",
+        f"{len(train.samples)} training samples, {train.total_tokens} tokens, "
+        f"{train.truncated} longer than max_seq_length {hp.max_seq_length}",
+        data={"samples": len(train.samples), "tokens": train.total_tokens, "truncated": train.truncated},
+    )
+    columns = train.columns(hp.max_seq_length)
+    if not columns["input_ids"]:
+        raise JobFailure(
+            JobErrorCode.invalid_dataset,
+            f"no sample has a token to learn within max_seq_length {hp.max_seq_length}; raise it",
+        )
+    eval_dataset = None
+    if ctx.eval_data is not None:
+        encoded = encode_dataset(ctx.eval_data.records, ctx.eval_data.format, tokenizer, hp.max_seq_length)
+        eval_dataset = Dataset.from_dict(encoded.columns(hp.max_seq_length))
+    return Dataset.from_dict(columns), eval_dataset
+
+
+def sft_trainer(
+    recipe: LoraRecipe,
+    model: torch.nn.Module,
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None,
+    hp: Hyperparameters,
+) -> SFTTrainer:
+    """trl's SFTTrainer with LoraRecipe's settings, reporting through its ProgressCallback."""
+    from worker.training.recipes.lora import ProgressCallback, training_dtype
+
+    args = SFTConfig(
+        output_dir=str(recipe.ctx.work_dir / "trainer"),
+        num_train_epochs=hp.epochs or 1,
+        max_steps=hp.max_steps or -1,
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        learning_rate=hp.learning_rate,
+        lr_scheduler_type=hp.lr_scheduler,
+        warmup_steps=hp.warmup_ratio,
+        weight_decay=hp.weight_decay,
+        logging_steps=hp.logging_steps,
+        eval_strategy=("steps" if hp.eval_steps else "epoch") if eval_dataset is not None else "no",
+        eval_steps=hp.eval_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=hp.seed,
+        data_seed=hp.seed,
+        max_length=hp.max_seq_length,
+        packing=hp.packing,
+        gradient_checkpointing=bool(hp.gradient_checkpointing),
+        bf16=training_dtype() is torch.bfloat16,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=recipe.tokenizer,
+        callbacks=[ProgressCallback(recipe)],
+    )
+    # Progress goes to the database; the trainer's own printing would only flood the worker log.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def load_sources(base: torch.nn.Module, folders: Sequence[Path], names: Sequence[str]) -> PeftModel:
+    """Loads every finished adapter onto `base` under its name, all frozen; the first one is active."""
+    configs = [json.loads((folder / "adapter_config.json").read_text()) for folder in folders]
+    for i, config in enumerate(configs):
+        if config.get("peft_type") != "LORA":
+            raise JobFailure(
+                JobErrorCode.invalid_config, f"source {i} is a {config.get('peft_type')} adapter, not LoRA"
+            )
+    model = PeftModel.from_pretrained(base, folders[0], adapter_name=names[0], is_trainable=False)
+    for folder, name in zip(folders[1:], names[1:], strict=True):
+        model.load_adapter(folder, adapter_name=name, is_trainable=False)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def refuse_dora(model: PeftModel, names: Sequence[str], what: str) -> None:
+    """DoRA's magnitude vectors rescale whole weights: they do not add up with other adapters."""
+    for i, name in enumerate(names):
+        if model.peft_config[name].use_dora:
+            raise JobFailure(
+                JobErrorCode.invalid_config,
+                f"source {i} is a DoRA adapter; DoRA adapters cannot be {what} (export it into its base instead)",
+            )
+
+
+def lora_layers(model: torch.nn.Module, adapters: Sequence[str]) -> Iterator[tuple[str, LoraLayer]]:
+    """The LoRA-wrapped modules holding at least one of `adapters`, with their full names."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and any(a in module.lora_A for a in adapters):
+            yield name, module
+
+
+def adapter_param_count(model: torch.nn.Module, adapter: str) -> int:
+    """Parameters of one adapter (what PeftModel.from_pretrained(..., is_trainable=True) would train)."""
+    suffix = f".{adapter}."
+    return sum(p.numel() for name, p in model.named_parameters() if suffix in name and "lora_" in name)
+
+
+def save_adapter(model: PeftModel, output_dir: Path, base_model: str | None) -> None:
+    """Saves the OUTPUT_ADAPTER alone, at the top of `output_dir`, naming its base by registry name."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # No embedding layer is adapted, so none is saved; this also keeps peft from looking the base model's
+    # name up on a model hub (the adapter's base is a registry name, not a path).
+    model.save_pretrained(output_dir, selected_adapters=[OUTPUT_ADAPTER], save_embedding_layers=False)
+    config_path = output_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def probe_input(tokenizer: Any, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fixed input to compare two models' logits on."""
+    ids = list(tokenizer(PROBE_TEXT)["input_ids"])[:64]
+    return torch.tensor([ids], device=device)
+
+
+@torch.no_grad()
+def probe_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return model(input_ids=ids).logits.float()
+    finally:
+        model.train(was_training)
+
+
+def add_card_section(output_dir: Path, title: str, lines: Sequence[str]) -> None:
+    """Adds a section to the README.md model card, before its usage section."""
+    path = output_dir / "README.md"
+    text = path.read_text()
+    section = "\n".join([f"## {title}", "", *lines, "", ""])
+    marker = "## Use\n"
+    text = text.replace(marker, section + marker, 1) if marker in text else text + "\n" + section
+    path.write_text(text)
