@@ -76,7 +76,9 @@ class Hyperparameters(BaseModel):
 
     epochs: int | None = Field(None, ge=1, le=100, description="passes over the dataset; default 3")
     max_steps: int | None = Field(None, ge=1, le=1_000_000, description="optimizer steps; replaces epochs")
-    learning_rate: float = Field(2e-4, gt=0, le=1)
+    learning_rate: float | None = Field(
+        None, gt=0, le=1, description="default 2e-4 for adapter training, 2e-2 for fusion's mixing weights"
+    )
     batch_size: int = Field(4, ge=1, le=1024, description="micro-batch size per device")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_seq_length: int = Field(1024, ge=16, le=131072, description="longer samples are truncated")
@@ -314,6 +316,9 @@ class JobSpec(BaseModel):
             self.hyperparameters = self.hyperparameters or Hyperparameters()
             if self.hyperparameters.gradient_checkpointing is None:
                 self.hyperparameters.gradient_checkpointing = method is Method.qlora
+            if self.hyperparameters.learning_rate is None:
+                # A handful of mixing weights need far larger steps than millions of adapter weights.
+                self.hyperparameters.learning_rate = 2e-2 if method is Method.fusion else 2e-4
         return self
 
     def _resolve_adapter_flags(self) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -29,7 +29,7 @@ from shared.planning import (
 )
 from shared.schemas import LORA_METHODS, JobSpec
 from worker.training.data import IGNORE, EncodedSample, encode_dataset
-from worker.training.recipes.lora import resolve_target_modules
+from worker.training.recipes.lora import lora_config
 
 # How the rendered first sample marks the tokens that carry the loss.
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
@@ -47,22 +47,6 @@ def model_shape(model_dir: Path) -> ModelShape:
         return ModelShape.from_config(config)
     except ModelConfigError as exc:
         raise JobFailure(JobErrorCode.invalid_model, str(exc)) from exc
-
-
-def lora_config(spec: JobSpec, model: torch.nn.Module) -> LoraConfig:
-    """peft's LoraConfig for `spec` on `model`, as LoraRecipe.setup builds it (target modules resolved the
-    same way, use_dora and use_rslora from the spec)."""
-    adapter = spec.adapter
-    assert adapter is not None
-    return LoraConfig(
-        r=adapter.rank,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=resolve_target_modules(model, adapter.target_modules),
-        task_type="CAUSAL_LM",
-        use_dora=bool(adapter.use_dora),
-        use_rslora=bool(adapter.use_rslora),
-    )
 
 
 def meta_peft_model(spec: JobSpec, model_dir: Path) -> PeftModel:

@@ -364,7 +364,8 @@ class Attempt:
                 job_id=self.job_id,
                 to=JobStatus.succeeded,
                 attempt=self.attempt,
-                message=f"job succeeded ({result['metrics'].get('steps', 0)} steps)",
+                message="job succeeded"
+                + (f" after {result['metrics']['steps']} steps" if result["metrics"].get("steps") else ""),
                 trainable_params=result["trainable_params"],
                 total_params=result["total_params"],
                 trained_tokens=result["trained_tokens"],
@@ -422,6 +423,11 @@ class Attempt:
                 )
             if outcome.kind == "oom":
                 smaller = self.halve_micro_batch(spec)
+                if smaller is None and spec.hyperparameters is None:
+                    return self.fail(
+                        JobErrorCode.out_of_memory,
+                        f"out of memory while running {spec.method.value}; it needs a worker with more memory",
+                    )
                 if smaller is None:
                     return self.fail(
                         JobErrorCode.out_of_memory,

@@ -78,7 +78,8 @@ def sft_trainer(
     eval_dataset: Dataset | None,
     hp: Hyperparameters,
 ) -> SFTTrainer:
-    """trl's SFTTrainer with LoraRecipe's settings, reporting through its ProgressCallback."""
+    """trl's SFTTrainer for a recipe: the job's hyperparameters, checkpoints when the recipe keeps them,
+    progress through LoraRecipe's ProgressCallback."""
     from worker.training.recipes.lora import ProgressCallback, training_dtype
 
     args = SFTConfig(
@@ -95,7 +96,10 @@ def sft_trainer(
         logging_steps=hp.logging_steps,
         eval_strategy=("steps" if hp.eval_steps else "epoch") if eval_dataset is not None else "no",
         eval_steps=hp.eval_steps,
-        save_strategy="no",
+        save_strategy="steps" if recipe.ctx.checkpoints is not None else "no",
+        save_steps=hp.checkpoint_steps or recipe.ctx.checkpoint_steps or 100,
+        # The local copy is only a staging area: stored checkpoints are in object storage.
+        save_total_limit=1,
         report_to="none",
         seed=hp.seed,
         data_seed=hp.seed,

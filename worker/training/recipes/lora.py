@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from transformers import AutoModelForCausalLM, TrainerCallback
+from trl import SFTTrainer
 
 from shared.errors import JobErrorCode, JobFailure
-from shared.schemas import Method
-from worker.training.data import encode_dataset
+from shared.schemas import JobSpec, Method
+from worker.training.adapters import load_tokenizer, sft_trainer, training_datasets
 from worker.training.model_card import write_model_card
 from worker.training.recipes.base import Recipe, TrainingContext, TrainingResult
 
@@ -74,6 +73,22 @@ def agreed(flag: bool) -> bool:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def lora_config(spec: JobSpec, model: torch.nn.Module) -> LoraConfig:
+    """peft's LoraConfig for the job on this model: rank, scaling, dropout, resolved target modules and the
+    DoRA / rsLoRA variants. The planner builds the same one on the meta device to count parameters."""
+    adapter = spec.adapter
+    assert adapter is not None
+    return LoraConfig(
+        r=adapter.rank,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=resolve_target_modules(model, adapter.target_modules),
+        task_type="CAUSAL_LM",
+        use_dora=bool(adapter.use_dora),
+        use_rslora=bool(adapter.use_rslora),
+    )
 
 
 def training_dtype() -> torch.dtype:
@@ -167,10 +182,6 @@ class LoraRecipe(Recipe):
         self.started = 0.0
         self.runtime = 0.0
 
-    def lora_config_extras(self) -> dict[str, Any]:
-        """Keyword arguments a variant adds to peft's LoraConfig."""
-        return {}
-
     def load_base_model(self) -> torch.nn.Module:
         """Loads the frozen base model the adapter trains on."""
         return AutoModelForCausalLM.from_pretrained(self.ctx.model_dir, dtype=training_dtype())
@@ -184,90 +195,19 @@ class LoraRecipe(Recipe):
         hp, adapter = spec.hyperparameters, spec.adapter
         assert hp is not None and adapter is not None and ctx.train_data is not None
         torch.manual_seed(hp.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        train = encode_dataset(
-            ctx.train_data.records, ctx.train_data.format, self.tokenizer, hp.max_seq_length
-        )
-        ctx.reporter.event(
-            "dataset",
-            f"{len(train.samples)} training samples, {train.total_tokens} tokens, "
-            f"{train.truncated} longer than max_seq_length {hp.max_seq_length}",
-            data={"samples": len(train.samples), "tokens": train.total_tokens, "truncated": train.truncated},
-        )
-        columns = train.columns(hp.max_seq_length)
-        if not columns["input_ids"]:
-            raise JobFailure(
-                JobErrorCode.invalid_dataset,
-                f"no sample has a token to learn within max_seq_length {hp.max_seq_length}; raise it",
-            )
-        train_dataset = Dataset.from_dict(columns)
-        eval_dataset = None
-        if ctx.eval_data is not None:
-            encoded = encode_dataset(
-                ctx.eval_data.records, ctx.eval_data.format, self.tokenizer, hp.max_seq_length
-            )
-            eval_dataset = Dataset.from_dict(encoded.columns(hp.max_seq_length))
+        self.tokenizer = load_tokenizer(ctx.model_dir)
+        train_dataset, eval_dataset = training_datasets(ctx, self.tokenizer, hp)
         ctx.check_stop()
 
         base = self.load_base_model()
-        config = LoraConfig(
-            r=adapter.rank,
-            lora_alpha=adapter.alpha,
-            lora_dropout=adapter.dropout,
-            target_modules=resolve_target_modules(base, adapter.target_modules),
-            task_type="CAUSAL_LM",
-            use_dora=bool(adapter.use_dora),
-            use_rslora=bool(adapter.use_rslora),
-            **self.lora_config_extras(),
-        )
-        self.model = get_peft_model(self.prepare_base_model(base), config)
+        self.model = get_peft_model(self.prepare_base_model(base), lora_config(spec, base))
         trainable, total = self.model.get_nb_trainable_parameters()
         ctx.reporter.event(
             "model",
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)",
             data={"trainable_params": trainable, "total_params": total},
         )
-        args = SFTConfig(
-            output_dir=str(ctx.work_dir / "trainer"),
-            num_train_epochs=hp.epochs or 1,
-            max_steps=hp.max_steps or -1,
-            per_device_train_batch_size=hp.batch_size,
-            per_device_eval_batch_size=hp.batch_size,
-            gradient_accumulation_steps=hp.gradient_accumulation_steps,
-            learning_rate=hp.learning_rate,
-            lr_scheduler_type=hp.lr_scheduler,
-            warmup_steps=hp.warmup_ratio,
-            weight_decay=hp.weight_decay,
-            logging_steps=hp.logging_steps,
-            eval_strategy=("steps" if hp.eval_steps else "epoch") if eval_dataset is not None else "no",
-            eval_steps=hp.eval_steps,
-            save_strategy="steps" if ctx.checkpoints is not None else "no",
-            save_steps=hp.checkpoint_steps or ctx.checkpoint_steps or 100,
-            # The local copy is only a staging area: stored checkpoints are in object storage.
-            save_total_limit=1,
-            report_to="none",
-            seed=hp.seed,
-            data_seed=hp.seed,
-            max_length=hp.max_seq_length,
-            packing=hp.packing,
-            gradient_checkpointing=bool(hp.gradient_checkpointing),
-            bf16=training_dtype() is torch.bfloat16,
-            use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        self.trainer = SFTTrainer(
-            model=self.model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=self.tokenizer,
-            callbacks=[ProgressCallback(self)],
-        )
-        # Progress goes to the database; the trainer's own printing would only flood the worker log.
-        self.trainer.remove_callback(PrinterCallback)
+        self.trainer = sft_trainer(self, self.model, train_dataset, eval_dataset, hp)
 
     def train(self) -> None:
         assert self.trainer is not None
