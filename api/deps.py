@@ -12,7 +12,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from shared.models import DEFAULT_TEAM_ID
+from shared.errors import Unauthorized
+from shared.services.auth import authenticate
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from shared.tenancy import TeamID
@@ -37,9 +38,19 @@ async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-async def get_caller_team() -> TeamID:
-    """Returns the team the caller acts for. Until API keys exist, every caller is the default team."""
-    return TeamID(DEFAULT_TEAM_ID)
+def get_caller_team(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> TeamID:
+    """Returns the team whose API key (`Authorization: Bearer <key>`) the caller sent; 401 otherwise."""
+    scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("send your team's API key as `Authorization: Bearer <key>`", param="authorization")
+    team = authenticate(session=session, settings=settings, key=key.strip())
+    if team is None:
+        raise Unauthorized("the API key is unknown or revoked", param="authorization")
+    return team
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

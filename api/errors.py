@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import TuneforgeError
+from shared.errors import TuneforgeError, Unauthorized
 from shared.storage import ObjectNotFound, StorageError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,10 @@ def _error(status: int, code: str, message: str, param: str | None, **extra: obj
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TuneforgeError)
     async def _domain(_: Request, exc: TuneforgeError) -> JSONResponse:
-        return _error(exc.status_code, exc.code, exc.message, exc.param)
+        response = _error(exc.status_code, exc.code, exc.message, exc.param)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -107,10 +107,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def hammer(base_url: str, path: str, total: int, concurrency: int) -> dict[str, float]:
+async def hammer(
+    base_url: str, path: str, total: int, concurrency: int, headers: dict[str, str]
+) -> dict[str, float]:
     """`concurrency` clients on kept-alive connections send `total` GETs; a first round opens the connections."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30, headers=headers) as client:
         latencies: list[float] = []
         errors = 0
         remaining = 0
@@ -148,14 +150,17 @@ def _seconds(text: str) -> float:
     return value * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
 
 
-def hammer_with_wrk(base_url: str, path: str, seconds: int, concurrency: int) -> dict[str, float]:
+def hammer_with_wrk(
+    base_url: str, path: str, seconds: int, concurrency: int, headers: dict[str, str]
+) -> dict[str, float]:
     """The same load from wrk (C, one thread): it takes less of the shared CPUs than a Python client."""
     url = base_url + path
+    header_args = [arg for name, value in headers.items() for arg in ("-H", f"{name}: {value}")]
     subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", "-d2s", url], capture_output=True, check=True
+        ["wrk", "-t1", f"-c{concurrency}", "-d2s", *header_args, url], capture_output=True, check=True
     )  # warm-up
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", url],
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", *header_args, url],
         capture_output=True,
         text=True,
         check=True,
@@ -277,7 +282,20 @@ def main() -> int:
             f"storage={settings.storage_backend}; model={args.model} (hidden {hidden}, {layers} layers); "
             f"{args.steps} steps, batch {args.batch}, rank {args.rank}; {os.cpu_count()} CPUs"
         )
-        client = httpx.Client(base_url=base_url, timeout=60)
+        key = (
+            subprocess.run(
+                [sys.executable, "-m", "cli.main", "keys", "create", "default", "--name", "bench"],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        headers = {"Authorization": f"Bearer {key}"}
+        client = httpx.Client(base_url=base_url, timeout=60, headers=headers)
         with data.open("rb") as handle:
             file_id = client.post("/v1/files", files={"file": ("train.jsonl", handle)}).json()["id"]
         spec = {
@@ -333,9 +351,9 @@ def main() -> int:
         )
         for path in (f"/v1/jobs/{job_id}", "/healthz"):
             if shutil.which("wrk"):
-                result = hammer_with_wrk(base_url, path, args.seconds, args.concurrency)
+                result = hammer_with_wrk(base_url, path, args.seconds, args.concurrency, headers)
             else:
-                result = asyncio.run(hammer(base_url, path, args.requests, args.concurrency))
+                result = asyncio.run(hammer(base_url, path, args.requests, args.concurrency, headers))
             print(
                 f"  GET {path:42s} {result['rps']:8.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
                 f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}"

@@ -139,7 +139,7 @@ def run_demo(*, steps: int, port: int) -> int:
     """Runs the demo; returns a process exit code."""
     os.environ.setdefault("TUNEFORGE_HOME", str(ROOT / ".tuneforge" / "demo"))
     os.environ["TUNEFORGE_API_PORT"] = str(port)
-    from cli.main import prepare_embedded, start_worker_process, stop_process
+    from cli.main import local_api_key, prepare_embedded, start_worker_process, stop_process
     from shared.settings import get_settings
     from shared.storage import make_store
 
@@ -180,7 +180,8 @@ def run_demo(*, steps: int, port: int) -> int:
         f"log: {log_path}"
     )
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        headers = {"Authorization": f"Bearer {local_api_key()}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=headers) as client:
             _wait_ready(client)
             with DATASET.open("rb") as handle:
                 upload = _check(

@@ -17,6 +17,12 @@ from rich.table import Table
 app = typer.Typer(help="Tuneforge: fine-tune LLMs with LoRA and friends, self-hosted.", no_args_is_help=True)
 models_app = typer.Typer(help="The base models this deployment can train.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+teams_app = typer.Typer(help="Teams (admin).", no_args_is_help=True)
+app.add_typer(teams_app, name="teams")
+keys_app = typer.Typer(
+    help="API keys (admin): a key is shown once, stored only as an HMAC.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 
@@ -150,12 +156,120 @@ def up(
     a folder-based Celery transport). Ctrl-C stops both."""
     settings = _settings()
     prepare_embedded()
+    key = local_api_key()
     worker_proc = start_worker_process()
     console.print(f"[green]worker started (pid {worker_proc.pid}); state in {settings.home}[/green]")
+    console.print(f"API key of the default team (also in {settings.home / 'api-key'}): {key}")
     try:
         api(host=host, port=port, workers=1)
     finally:
         stop_process(worker_proc)
+
+
+@teams_app.command("create")
+def teams_create(
+    name: str,
+    max_running: Annotated[
+        int | None, typer.Option(help="running jobs at once; default the deployment's")
+    ] = None,
+    max_queued: Annotated[
+        int | None, typer.Option(help="waiting jobs at once; default the deployment's")
+    ] = None,
+) -> None:
+    """Creates a team."""
+    from shared.db import session_scope
+    from shared.services.auth import create_team
+
+    with session_scope(_settings().database_url) as session:
+        team = create_team(
+            session=session, name=name, max_running_jobs=max_running, max_queued_jobs=max_queued
+        )
+        console.print(f"team {team.name}: {team.id}")
+
+
+@teams_app.command("list")
+def teams_list() -> None:
+    """Lists the teams."""
+    from sqlalchemy import select
+
+    from shared.db import session_scope
+    from shared.models import Team
+
+    table = Table("id", "name", "max running", "max queued")
+    with session_scope(_settings().database_url) as session:
+        for team in session.scalars(select(Team).order_by(Team.name)):
+            table.add_row(
+                team.id, team.name, str(team.max_running_jobs or "-"), str(team.max_queued_jobs or "-")
+            )
+    console.print(table)
+
+
+@keys_app.command("create")
+def keys_create(
+    team: str, name: Annotated[str, typer.Option(help="what the key is for")] = "default"
+) -> None:
+    """Creates an API key for TEAM (name or id) and prints it once."""
+    from shared.db import session_scope
+    from shared.services.auth import create_api_key, find_team
+
+    settings = _settings()
+    with session_scope(settings.database_url) as session:
+        found = find_team(session=session, name_or_id=team)
+        record, key = create_api_key(session=session, settings=settings, team_id=found.id, name=name)
+    console.print(f"key {record.id} for team {found.name} (shown once; store it now):")
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(team: str) -> None:
+    """Lists TEAM's keys (never the keys themselves)."""
+    from shared.db import session_scope
+    from shared.services.auth import find_team, list_api_keys
+
+    table = Table("id", "name", "prefix", "created", "last used", "revoked")
+    with session_scope(_settings().database_url) as session:
+        found = find_team(session=session, name_or_id=team)
+        for key in list_api_keys(session=session, team_id=found.id):
+            table.add_row(
+                key.id,
+                key.name,
+                f"tf_{key.prefix}_…",
+                str(key.created_at)[:19],
+                str(key.last_used_at or "-")[:19],
+                str(key.revoked_at or "-")[:19],
+            )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revokes a key at once."""
+    from shared.db import session_scope
+    from shared.services.auth import revoke_api_key
+
+    with session_scope(_settings().database_url) as session:
+        record = revoke_api_key(session=session, key_id=key_id)
+        console.print(f"key {record.id} revoked at {record.revoked_at}")
+
+
+def local_api_key() -> str:
+    """The embedded default's key for the default team: made on first use, kept in TUNEFORGE_HOME/api-key."""
+    from shared.db import session_scope
+    from shared.models import DEFAULT_TEAM_ID
+    from shared.services.auth import authenticate, create_api_key
+
+    settings = _settings()
+    path = settings.home / "api-key"
+    with session_scope(settings.database_url) as session:
+        if path.exists():
+            key = path.read_text().strip()
+            if authenticate(session=session, settings=settings, key=key) is not None:
+                return key
+        _, key = create_api_key(session=session, settings=settings, team_id=DEFAULT_TEAM_ID, name="local")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
 
 
 @models_app.command("list")

@@ -27,6 +27,16 @@ class InvalidRequest(TuneforgeError):
     code = "invalid_request"
 
 
+class Unauthorized(TuneforgeError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class TooManyRequests(TuneforgeError):
+    status_code = 429
+    code = "quota_exceeded"
+
+
 class NotFound(TuneforgeError):
     status_code = 404
     code = "not_found"

@@ -228,13 +228,40 @@ def tiny_model_dir(work_dir: Path, settings: Settings, store) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def make_team(settings: Settings):
+    """Creates a team with an API key: make_team(name) -> (team_id, key)."""
+    from shared.db import session_scope
+    from shared.services.auth import create_api_key, create_team
+
+    def make(name: str | None = None, **limits: int) -> tuple[str, str]:
+        with session_scope(settings.database_url) as session:
+            team = create_team(session=session, name=name or f"team-{secrets.token_hex(4)}", **limits)
+            _, key = create_api_key(session=session, settings=settings, team_id=team.id, name="tests")
+            return team.id, key
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def api_key(settings: Settings) -> str:
+    """An API key of the default team (the one most tests act as)."""
+    from shared.db import session_scope
+    from shared.models import DEFAULT_TEAM_ID
+    from shared.services.auth import create_api_key
+
+    with session_scope(settings.database_url) as session:
+        _, key = create_api_key(session=session, settings=settings, team_id=DEFAULT_TEAM_ID, name="tests")
+    return key
+
+
 @pytest.fixture
-def api_client(settings: Settings, tiny_model_dir: Path):
+def api_client(settings: Settings, tiny_model_dir: Path, api_key: str):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
 
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {api_key}"}) as client:
         yield client
 
 

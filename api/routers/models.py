@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import SettingsDep
+from api.deps import CallerTeam, SettingsDep
 from api.schemas import ModelList, ModelOut
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelList)
-def list_models(settings: SettingsDep) -> ModelList:
+def list_models(settings: SettingsDep, team: CallerTeam) -> ModelList:
     """Lists the model registry."""
     registry = settings.model_registry()
     return ModelList(

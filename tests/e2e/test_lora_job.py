@@ -30,8 +30,9 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: flo
 
 
 @pytest.fixture
-def client(service):
-    with httpx.Client(base_url=service.base_url, timeout=60) as http:
+def client(service, api_key):
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=service.base_url, timeout=60, headers=headers) as http:
         yield http
 
 

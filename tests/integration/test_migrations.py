@@ -11,7 +11,20 @@ from shared.migrate import downgrade, upgrade
 from shared.models import Base
 from tests.conftest import PG_ADMIN_URL, RUN_ID
 
-TABLES = {"teams", "files", "jobs", "job_events", "job_metrics", "artifacts", "plans", "checkpoints"}
+TABLES = {
+    "teams",
+    "files",
+    "jobs",
+    "job_events",
+    "job_metrics",
+    "artifacts",
+    "plans",
+    "checkpoints",
+    "api_keys",
+    "idempotency_keys",
+    "webhooks",
+    "webhook_deliveries",
+}
 
 
 @pytest.fixture

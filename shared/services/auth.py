@@ -1,0 +1,94 @@
+"""Teams and their API keys. A key is shown once; the database keeps only its HMAC."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Sequence
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.errors import Conflict, NotFound
+from shared.models import ApiKey, Team, new_id, utcnow
+from shared.settings import Settings
+from shared.tenancy import TeamID
+
+KEY_FORMAT = re.compile(r"^tf_([0-9a-f]{12})_([A-Za-z0-9_\-]{20,100})$")
+
+
+def key_digest(settings: Settings, key: str) -> str:
+    """HMAC-SHA256 of a key under the deployment's secret: a stolen database does not yield usable keys."""
+    return hmac.new(settings.secret_key.get_secret_value().encode(), key.encode(), hashlib.sha256).hexdigest()
+
+
+def create_team(
+    *, session: Session, name: str, max_running_jobs: int | None = None, max_queued_jobs: int | None = None
+) -> Team:
+    """Creates a team; its name must be new."""
+    team = Team(
+        id=new_id("team"), name=name, max_running_jobs=max_running_jobs, max_queued_jobs=max_queued_jobs
+    )
+    session.add(team)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        raise Conflict(f"a team named {name!r} exists already", param="name") from exc
+    return team
+
+
+def find_team(*, session: Session, name_or_id: str) -> Team:
+    """Returns a team by name or id."""
+    team = session.scalar(select(Team).where((Team.name == name_or_id) | (Team.id == name_or_id)))
+    if team is None:
+        raise NotFound(f"no team {name_or_id!r}", param="team")
+    return team
+
+
+def create_api_key(*, session: Session, settings: Settings, team_id: str, name: str) -> tuple[ApiKey, str]:
+    """Creates a key for a team; returns the record and the key itself (shown once, never stored)."""
+    prefix = secrets.token_hex(6)
+    key = f"tf_{prefix}_{secrets.token_urlsafe(32)}"
+    record = ApiKey(
+        id=new_id("key"), team_id=team_id, name=name, prefix=prefix, digest=key_digest(settings, key)
+    )
+    session.add(record)
+    session.flush()
+    return record, key
+
+
+def authenticate(*, session: Session, settings: Settings, key: str) -> TeamID | None:
+    """Returns the team a key belongs to, or None for an unknown, malformed or revoked key."""
+    match = KEY_FORMAT.match(key)
+    if match is None:
+        return None
+    record = session.scalar(select(ApiKey).where(ApiKey.prefix == match[1]))
+    if record is None or record.revoked_at is not None:
+        return None
+    if not hmac.compare_digest(record.digest, key_digest(settings, key)):
+        return None
+    now = utcnow()
+    if record.last_used_at is None or now - record.last_used_at > timedelta(minutes=1):
+        record.last_used_at = now  # at most once a minute: a write per request would cost more than the read
+        session.commit()
+    return TeamID(record.team_id)
+
+
+def revoke_api_key(*, session: Session, key_id: str) -> ApiKey:
+    """Revokes a key at once."""
+    record = session.get(ApiKey, key_id)
+    if record is None:
+        raise NotFound(f"no API key {key_id!r}", param="key_id")
+    if record.revoked_at is None:
+        record.revoked_at = utcnow()
+        session.flush()
+    return record
+
+
+def list_api_keys(*, session: Session, team_id: str) -> Sequence[ApiKey]:
+    return session.scalars(select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.created_at)).all()

@@ -1,0 +1,55 @@
+"""API keys: every endpoint but health needs one; keys are stored as an HMAC and can be revoked."""
+
+from sqlalchemy import select, text
+
+from shared.db import session_scope
+from shared.models import ApiKey
+from shared.services.auth import key_digest, revoke_api_key
+from tests.helpers import color_messages, to_jsonl
+
+
+def test_health_needs_no_key_and_everything_else_does(api_client):
+    bare = {"Authorization": ""}
+    assert api_client.get("/healthz", headers=bare).status_code == 200
+    assert api_client.get("/readyz", headers=bare).status_code == 200
+    for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/files"), ("GET", "/v1/models")):
+        response = api_client.request(method, path, headers=bare)
+        assert response.status_code == 401, path
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.json()["error"]["code"] == "unauthorized"
+
+
+def test_wrong_and_malformed_keys_are_refused(api_client, api_key):
+    forged = api_key[:-4] + ("AAAA" if not api_key.endswith("AAAA") else "BBBB")
+    for header in (f"Bearer {forged}", "Bearer tf_nope", f"Basic {api_key}", api_key):
+        assert api_client.get("/v1/jobs", headers={"Authorization": header}).status_code == 401, header
+
+
+def test_keys_are_stored_only_as_an_hmac(settings, api_key):
+    with session_scope(settings.database_url) as session:
+        digests = session.scalars(select(ApiKey.digest)).all()
+        dump = session.execute(text("SELECT * FROM api_keys")).all()
+    assert key_digest(settings, api_key) in digests
+    assert all(api_key not in str(row) for row in dump)
+
+
+def test_a_revoked_key_stops_working_at_once(api_client, settings, make_team):
+    _, key = make_team()
+    headers = {"Authorization": f"Bearer {key}"}
+    assert api_client.get("/v1/jobs", headers=headers).status_code == 200
+    with session_scope(settings.database_url) as session:
+        record = session.scalar(select(ApiKey).where(ApiKey.prefix == key.split("_")[1]))
+        revoke_api_key(session=session, key_id=record.id)
+    assert api_client.get("/v1/jobs", headers=headers).status_code == 401
+
+
+def test_teams_see_only_their_own_files_and_jobs(api_client, make_team):
+    _, other_key = make_team()
+    other = {"Authorization": f"Bearer {other_key}"}
+    upload = api_client.post("/v1/files", files={"file": ("c.jsonl", to_jsonl(color_messages(4)))}).json()
+    assert api_client.get(f"/v1/files/{upload['id']}", headers=other).status_code == 404
+    assert upload["id"] not in [f["id"] for f in api_client.get("/v1/files", headers=other).json()["data"]]
+    # Another team cannot train on this team's file either.
+    response = api_client.post("/v1/jobs", headers=other, json={"base_model": "tiny-llama", "dataset": upload["id"]})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "dataset"
