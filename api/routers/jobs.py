@@ -10,9 +10,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from sqlalchemy.orm import Session
 
 from api.archive import ArchiveMember, stream_tar
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
+from api.idempotency import IdempotencyKeyHeader, IdempotentRequest
 from api.schemas import (
     ArtifactList,
     ArtifactOut,
@@ -27,12 +29,15 @@ from api.schemas import (
     MetricsOut,
 )
 from shared.errors import NotFound
-from shared.models import Artifact
+from shared.models import Artifact, Job
 from shared.queue import enqueue_job
 from shared.schemas import AdapterSource, ExportSpec, JobSpec, Method
 from shared.services import jobs as job_service
+from shared.services.idempotency import request_hash
+from shared.settings import Settings
 from shared.states import TERMINAL, JobStatus
 from shared.storage import ObjectStore
+from shared.tenancy import TeamID
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -43,13 +48,30 @@ def primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
     return itertools.chain([first], chunks)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
-def create_job(
-    spec: JobSpec, session: SessionDep, settings: SettingsDep, store: StoreDep, team: CallerTeam
-) -> JobOut:
-    """Submits a job (training, merge, fusion or export). It is checked, stored, and only then queued."""
-    job = job_service.create_job(session=session, settings=settings, store=store, team_id=team, spec=spec)
-    session.commit()
+def submit_job(
+    spec: JobSpec,
+    request: Request,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    team: TeamID,
+    idempotency_key: str | None,
+    endpoint: str = "jobs.create",
+) -> Response | Job:
+    """Creates a job (or replays the answer to an earlier request with the same Idempotency-Key), commits,
+    and only then queues it."""
+    guard = IdempotentRequest(request, team, endpoint, idempotency_key, request_hash(spec.model_dump_json()))
+    replay = guard.replay()
+    if replay is not None:
+        return replay
+    try:
+        job = job_service.create_job(session=session, settings=settings, store=store, team_id=team, spec=spec)
+        guard.record(session, status.HTTP_201_CREATED, JobOut.of(job).model_dump(mode="json"))
+        session.commit()
+    except BaseException:
+        session.rollback()
+        guard.abandon()
+        raise
     # Enqueue only after the commit: a worker must find the job it is told to run.
     if enqueue_job(settings, session, job):
         session.commit()
@@ -62,18 +84,35 @@ def create_job(
             message="the broker did not take the job; it will be re-sent when the broker is back",
         )
         session.commit()
-    return JobOut.of(job)
+    return job
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+def create_job(
+    spec: JobSpec,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    team: CallerTeam,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response | JobOut:
+    """Submits a job (training, merge, fusion or export). It is checked, stored, and only then queued."""
+    created = submit_job(spec, request, session, settings, store, team, idempotency_key)
+    return created if isinstance(created, Response) else JobOut.of(created)
 
 
 @router.post("/{job_id}/export", status_code=status.HTTP_201_CREATED, response_model=JobOut)
 def export_job(
     job_id: str,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
     team: CallerTeam,
     body: ExportRequest | None = None,
-) -> JobOut:
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response | JobOut:
     """Starts an export job that merges this finished job's adapter into its base model."""
     body = body or ExportRequest()
     spec = JobSpec(

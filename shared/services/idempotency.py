@@ -1,0 +1,126 @@
+"""Idempotency-Key: a retried request returns the first answer instead of creating a second resource.
+
+The same key with the same request replays the first response; with a different request it is a 422; two
+requests racing with one key make one resource (the second waits for the first and replays its answer).
+The key row is written before the work starts and its answer is stored in the same transaction as the
+work, so a crash in between leaves neither a resource nor a stored answer (and the key can be retried).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.errors import Conflict, InvalidRequest
+from shared.models import IdempotencyKey, utcnow
+
+PARAM = "Idempotency-Key"
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The stored answer of the first request with this key."""
+
+    status_code: int
+    body: dict[str, Any]
+
+
+def request_hash(*parts: bytes | str) -> str:
+    """A fingerprint of a request's meaningful content."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def _check_key(key: str) -> str:
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 printable characters", param=PARAM)
+    return key
+
+
+def begin(
+    *,
+    factory: Callable[[], Session],
+    team_id: str,
+    endpoint: str,
+    key: str,
+    fingerprint: str,
+    wait_seconds: float = 30.0,
+    abandoned_after_seconds: float = 120.0,
+) -> Replay | None:
+    """Claims `key` for this request (returns None: go ahead) or returns the first request's answer."""
+    _check_key(key)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        with factory() as session:
+            session.add(IdempotencyKey(team_id=team_id, endpoint=endpoint, key=key, request_hash=fingerprint))
+            try:
+                session.commit()
+                return None
+            except IntegrityError:
+                session.rollback()
+            row = session.scalar(
+                select(IdempotencyKey).where(
+                    IdempotencyKey.team_id == team_id, IdempotencyKey.endpoint == endpoint, IdempotencyKey.key == key
+                )
+            )
+            if row is None:  # released between our insert and our read: try again
+                continue
+            if row.request_hash != fingerprint:
+                raise InvalidRequest(
+                    "this Idempotency-Key was used with a different request; use a new key for a new request",
+                    param=PARAM,
+                )
+            if row.status_code is not None:
+                return Replay(row.status_code, row.response or {})
+            if utcnow() - row.created_at > timedelta(seconds=abandoned_after_seconds):
+                # The first request died mid-way (it stored nothing): this one takes the key over.
+                taken = session.execute(
+                    update(IdempotencyKey)
+                    .where(IdempotencyKey.id == row.id, IdempotencyKey.status_code.is_(None))
+                    .where(IdempotencyKey.created_at == row.created_at)
+                    .values(created_at=utcnow())
+                )
+                session.commit()
+                if taken.rowcount == 1:
+                    return None
+        if time.monotonic() > deadline:
+            raise Conflict(
+                "a request with this Idempotency-Key is still being processed; retry in a moment", param=PARAM
+            )
+        time.sleep(0.1)
+
+
+def complete(
+    *, session: Session, team_id: str, endpoint: str, key: str, status_code: int, body: dict[str, Any]
+) -> None:
+    """Stores the answer, in the caller's transaction (the one that made the resource)."""
+    session.execute(
+        update(IdempotencyKey)
+        .where(IdempotencyKey.team_id == team_id, IdempotencyKey.endpoint == endpoint, IdempotencyKey.key == key)
+        .values(status_code=status_code, response=body)
+    )
+
+
+def release(*, factory: Callable[[], Session], team_id: str, endpoint: str, key: str) -> None:
+    """Forgets an unanswered key after the request failed, so that a retry can run."""
+    with factory() as session:
+        session.execute(
+            delete(IdempotencyKey).where(
+                IdempotencyKey.team_id == team_id,
+                IdempotencyKey.endpoint == endpoint,
+                IdempotencyKey.key == key,
+                IdempotencyKey.status_code.is_(None),
+            )
+        )
+        session.commit()
