@@ -98,6 +98,7 @@ def test_file_uploads_are_idempotent_too(api_client, settings):
         )
     assert count == 1
     other = api_client.post(
-        "/v1/files", files={"file": ("u.jsonl", data + b'{"text": "more"}\n')}, headers=headers
+        "/v1/files", files={"file": ("u.jsonl", to_jsonl(color_messages(6)))}, headers=headers
     )
     assert other.status_code == 422
+    assert other.json()["error"]["param"] == "Idempotency-Key"
