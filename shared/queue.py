@@ -87,7 +87,11 @@ def _producer(settings: Settings) -> Celery:
         return _producers[key]
 
 
-def enqueue(settings: Settings, task: str, job_id: str, queue: str) -> bool:
+# Redis serves lower numbers first (kombu's priority steps 0, 3, 6, 9).
+BROKER_PRIORITY = {"high": 0, "normal": 3, "low": 6}
+
+
+def enqueue(settings: Settings, task: str, job_id: str, queue: str, priority: str = "normal") -> bool:
     """Sends `task(job_id)` to `queue`; returns False (and logs) if the broker could not take it."""
     app = _producer(settings)
     try:
@@ -95,6 +99,7 @@ def enqueue(settings: Settings, task: str, job_id: str, queue: str) -> bool:
             task,
             args=[job_id],
             queue=queue,
+            priority=BROKER_PRIORITY.get(priority, BROKER_PRIORITY["normal"]),
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
         )
@@ -113,7 +118,7 @@ def enqueue_job(settings: Settings, session: Session, job: Job) -> bool:
         task, queue = TRAIN_TASK, train_queue(settings, gpus)
     else:
         return False
-    sent = enqueue(settings, task, job.id, queue)
+    sent = enqueue(settings, task, job.id, queue, job.priority)
     if sent:
         job.enqueued_at = utcnow()
         session.flush()

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         ge=1,
         description="GPUs this worker drives (one training process each); default: all visible, or 1",
     )
+    team_max_running_jobs: int = Field(8, ge=1, description="jobs of one team running at once, by default")
+    team_max_queued_jobs: int = Field(100, ge=1, description="jobs of one team waiting at once, by default")
+    fairness_retry_seconds: float = Field(
+        5.0, ge=0, description="a job whose team is at its running limit is tried again after this long"
+    )
     max_attempts: int = Field(3, ge=1, description="attempts a job gets before a crash fails it")
     retry_backoff_seconds: float = Field(30.0, ge=0, description="wait before attempt 2; doubles each retry")
     default_max_runtime_minutes: int = Field(

@@ -463,6 +463,7 @@ def run_job(settings: Settings, job_id: str) -> JobStatus | None:
             job_id=job_id,
             worker_id=settings.worker_id,
             lease_timeout=settings.lease_timeout_seconds,
+            settings=settings,
         )
     if attempt is None:
         log.info(

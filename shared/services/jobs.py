@@ -8,11 +8,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from shared.errors import Conflict, InvalidRequest, NotFound
-from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, UploadedFile, new_id, utcnow
+from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
+from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
 from shared.schemas import AVAILABLE_METHODS, JobSpec, Method, job_sources
 from shared.settings import Settings
 from shared.states import TERMINAL, JobStatus, sources_of
@@ -82,6 +82,27 @@ def _check_sources(
     return base
 
 
+def _team_limits(session: Session, settings: Settings, team_id: str) -> tuple[int, int]:
+    team = session.get(Team, team_id)
+    running = (team.max_running_jobs if team else None) or settings.team_max_running_jobs
+    queued = (team.max_queued_jobs if team else None) or settings.team_max_queued_jobs
+    return running, queued
+
+
+def _check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) -> None:
+    _, limit = _team_limits(session, settings, team_id)
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.team_id == team_id, Job.status.in_([JobStatus.validating.value, JobStatus.queued.value]))
+    )
+    if waiting >= limit:
+        raise TooManyRequests(
+            f"your team has {waiting} jobs waiting, its limit is {limit}; wait for some to start or cancel some",
+            param="team",
+        )
+
+
 def create_job(
     *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
 ) -> Job:
@@ -124,6 +145,7 @@ def create_job(
         for param, value in (("dataset", spec.dataset), ("validation_dataset", spec.validation_dataset))
         if value is not None
     }
+    _check_queue_quota(session=session, settings=settings, team_id=team_id)
     assert spec.base_model is not None
     job = Job(
         id=new_id("ftjob"),
@@ -278,17 +300,40 @@ def cancel_job(*, session: Session, team_id: TeamID, job_id: str) -> Job:
     return job
 
 
-def claim_job(*, session: Session, job_id: str, worker_id: str, lease_timeout: float) -> int | None:
+def claim_job(
+    *, session: Session, job_id: str, worker_id: str, lease_timeout: float, settings: Settings | None = None
+) -> int | None:
     """Claims a queued job for this worker, or takes over one whose worker stopped heartbeating.
-    Returns the new attempt number, or None if the job is not this worker's to run."""
+    Returns the new attempt number, or None if the job is not this worker's to run. With `settings`, a
+    team at its running limit waits (the job is tried again later), so one team cannot take every worker."""
     now = utcnow()
     stale = now - timedelta(seconds=lease_timeout)
     current = session.execute(
-        select(Job.attempt, Job.status, Job.started_at).where(Job.id == job_id)
+        select(Job.attempt, Job.status, Job.started_at, Job.team_id).where(Job.id == job_id)
     ).one_or_none()
     if current is None:
         return None
-    previous_attempt, previous_status, started_at = current
+    previous_attempt, previous_status, started_at, team_id = current
+    if settings is not None and previous_status == JobStatus.queued:
+        if session.bind is not None and session.bind.dialect.name == "postgresql":
+            # Claims of one team's jobs take turns, so two workers cannot both take its last free slot.
+            session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:team))"), {"team": team_id})
+        limit, _ = _team_limits(session, settings, team_id)
+        running = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.team_id == team_id, Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value])
+            )
+        )
+        if running >= limit:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+                .values(not_before=now + timedelta(seconds=settings.fairness_retry_seconds), enqueued_at=None)
+                .execution_options(synchronize_session=False)
+            )
+            return None
     claimable = or_(
         and_(Job.status == JobStatus.queued, or_(Job.not_before.is_(None), Job.not_before <= now)),
         and_(Job.status == JobStatus.running, Job.heartbeat_at < stale),
