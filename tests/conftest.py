@@ -9,6 +9,8 @@ import os
 # Two cores, several processes (the tests, a training process, servers): one thread each avoids the
 # oversubscription that makes torch many times slower. Training subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DeepSpeed compiles a C++ op the first time a multi-process job starts (a minute or two): keep the build.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/tuneforge-tests/torch_extensions"))
 import secrets
 import shutil
 import socket

@@ -48,6 +48,18 @@ class LaunchSpec:
         return cls(**json.loads((work_dir / "launch.json").read_text()))
 
 
+class QuietReporter:
+    """The reporter of ranks other than 0."""
+
+    def event(
+        self, type: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None
+    ) -> None:
+        pass
+
+    def metric(self, split: str, step: int, values: dict[str, float | int | None]) -> None:
+        pass
+
+
 def _die_with_parent() -> None:
     # Linux: if the worker is killed (even with SIGKILL), the kernel sends this process SIGKILL too, so no
     # orphaned training keeps a GPU busy while another attempt starts.
@@ -78,6 +90,8 @@ def run(work_dir: Path) -> int:
     spec = JobSpec.model_validate(launch.spec)
     rank = _rank()
     writer = AttemptWriter(settings, launch.job_id, launch.attempt)
+    # Under torchrun, rank 0 speaks for the job; the others would only repeat it.
+    reporter = writer if rank == 0 else QuietReporter()
     stop_file = work_dir / "STOP"
 
     def fail(code: JobErrorCode, message: str) -> int:
@@ -102,7 +116,7 @@ def run(work_dir: Path) -> int:
             spec=spec,
             model_dir=Path(launch.model_dir),
             work_dir=work_dir,
-            reporter=writer,
+            reporter=reporter,
             should_stop=stop_file.exists,
             train_data=train,
             eval_data=evaluation,

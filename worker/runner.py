@@ -39,6 +39,7 @@ from shared.states import JobStatus
 from shared.storage import StorageError, make_store
 from worker.assets import AssetCache
 from worker.launch import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED, LaunchSpec
+from worker.training.distributed import child_environment
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,7 @@ class Attempt:
             (self.work_dir / name).unlink(missing_ok=True)
         env = (
             os.environ
+            | child_environment(str(self.settings.cache_dir))
             | self.settings.to_env()
             | {"TUNEFORGE_JOB_ID": self.job_id, "TUNEFORGE_ATTEMPT": str(self.attempt)}
         )

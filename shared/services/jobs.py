@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
 from shared.schemas import AVAILABLE_METHODS, JobSpec, Method, job_sources
+from shared.services.webhooks import record_job_finished
 from shared.settings import Settings
 from shared.states import TERMINAL, JobStatus, sources_of
 from shared.storage import ObjectStore, StoredObject
@@ -126,11 +127,6 @@ def create_job(
         raise InvalidRequest(
             f"no worker pool here has {spec.resources.gpus} GPUs (at most {settings.max_gpus_per_job} per job)",
             param="resources.gpus",
-        )
-    if spec.resources.zero_stage != 0:
-        raise InvalidRequest(
-            "DeepSpeed ZeRO stages are not available in this release; use zero_stage 0",
-            param="resources.zero_stage",
         )
     hp = spec.hyperparameters
     if hp is not None and hp.max_seq_length > settings.max_seq_length:
@@ -271,6 +267,7 @@ def transition(
             attempt=attempt or 0,
             data={"status": to.value, **(event_data or {})},
         )
+        record_job_finished(session=session, job_id=job_id, status=to)  # webhooks; terminal statuses only
     return changed
 
 

@@ -17,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from shared.errors import JobErrorCode, JobFailure
 from shared.schemas import Hyperparameters
+from worker.training import distributed
 from worker.training.data import encode_dataset
 from worker.training.recipes.base import TrainingContext
 
@@ -71,17 +72,13 @@ def training_datasets(
     return Dataset.from_dict(columns), eval_dataset
 
 
-def sft_trainer(
-    recipe: LoraRecipe,
-    model: torch.nn.Module,
-    train_dataset: Dataset,
-    eval_dataset: Dataset | None,
-    hp: Hyperparameters,
-) -> SFTTrainer:
-    """trl's SFTTrainer for a recipe: the job's hyperparameters, checkpoints when the recipe keeps them,
-    progress through LoraRecipe's ProgressCallback."""
-    from worker.training.recipes.lora import ProgressCallback, training_dtype
+def training_args(recipe: LoraRecipe, hp: Hyperparameters, *, has_eval: bool) -> SFTConfig:
+    """trl's SFTConfig for a recipe: the job's hyperparameters, checkpoints when the recipe keeps them, and
+    DeepSpeed or data parallelism for multi-GPU jobs. Build it before loading the model: under ZeRO-3 the
+    model is partitioned while it loads."""
+    from worker.training.recipes.lora import training_dtype
 
+    spec = recipe.ctx.spec
     args = SFTConfig(
         output_dir=str(recipe.ctx.work_dir / "trainer"),
         num_train_epochs=hp.epochs or 1,
@@ -94,7 +91,7 @@ def sft_trainer(
         warmup_steps=hp.warmup_ratio,
         weight_decay=hp.weight_decay,
         logging_steps=hp.logging_steps,
-        eval_strategy=("steps" if hp.eval_steps else "epoch") if eval_dataset is not None else "no",
+        eval_strategy=("steps" if hp.eval_steps else "epoch") if has_eval else "no",
         eval_steps=hp.eval_steps,
         save_strategy="steps" if recipe.ctx.checkpoints is not None else "no",
         save_steps=hp.checkpoint_steps or recipe.ctx.checkpoint_steps or 100,
@@ -107,10 +104,26 @@ def sft_trainer(
         packing=hp.packing,
         gradient_checkpointing=bool(hp.gradient_checkpointing),
         bf16=training_dtype() is torch.bfloat16,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=distributed.on_cpu(),
+        ddp_backend=distributed.ddp_backend(),
+        deepspeed=distributed.deepspeed_config(spec),
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    distributed.init_process_group(spec)
+    return args
+
+
+def sft_trainer(
+    recipe: LoraRecipe,
+    model: torch.nn.Module,
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None,
+    args: SFTConfig,
+) -> SFTTrainer:
+    """trl's SFTTrainer reporting through LoraRecipe's ProgressCallback."""
+    from worker.training.recipes.lora import ProgressCallback
+
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -25,6 +25,7 @@ from worker.training.adapters import (
     save_adapter,
     sft_trainer,
     source_names,
+    training_args,
     training_datasets,
 )
 from worker.training.model_card import write_model_card
@@ -131,6 +132,7 @@ class FusionRecipe(LoraRecipe):
         ctx.checkpoints = None
         ctx.resume_from = None
         torch.manual_seed(hp.seed)
+        args = training_args(self, hp, has_eval=ctx.eval_data is not None)
         self.tokenizer = load_tokenizer(ctx.model_dir)
         train_dataset, eval_dataset = training_datasets(ctx, self.tokenizer, hp)
         ctx.check_stop()
@@ -151,7 +153,7 @@ class FusionRecipe(LoraRecipe):
             f"({'per module' if fusion.per_layer else 'one per adapter'}), starting at {1 / len(self.names):.4g}",
             data={"trainable_params": self.trainable, "total_params": self.total},
         )
-        self.trainer = sft_trainer(self, model, train_dataset, eval_dataset, hp)
+        self.trainer = sft_trainer(self, model, train_dataset, eval_dataset, args)
 
     def fused_adapter(self) -> int:
         """Adds OUTPUT_ADAPTER, the fused model as one LoRA adapter; returns its rank."""

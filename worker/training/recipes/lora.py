@@ -15,7 +15,8 @@ from trl import SFTTrainer
 
 from shared.errors import JobErrorCode, JobFailure
 from shared.schemas import JobSpec, Method
-from worker.training.adapters import load_tokenizer, sft_trainer, training_datasets
+from worker.training import distributed
+from worker.training.adapters import load_tokenizer, sft_trainer, training_args, training_datasets
 from worker.training.model_card import write_model_card
 from worker.training.recipes.base import Recipe, TrainingContext, TrainingResult
 
@@ -132,6 +133,8 @@ class ProgressCallback(TrainerCallback):
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
     ) -> None:
+        if not state.is_world_process_zero:  # the logged values are already averaged over every rank
+            return
         logs = logs or {}
         step = int(state.global_step)
         if "eval_loss" in logs:
@@ -194,20 +197,28 @@ class LoraRecipe(Recipe):
         spec, ctx = self.ctx.spec, self.ctx
         hp, adapter = spec.hyperparameters, spec.adapter
         assert hp is not None and adapter is not None and ctx.train_data is not None
-        torch.manual_seed(hp.seed)
+        args = training_args(self, hp, has_eval=ctx.eval_data is not None)
         self.tokenizer = load_tokenizer(ctx.model_dir)
         train_dataset, eval_dataset = training_datasets(ctx, self.tokenizer, hp)
         ctx.check_stop()
 
         base = self.load_base_model()
-        self.model = get_peft_model(self.prepare_base_model(base), lora_config(spec, base))
+        # Seeded after loading (which draws random numbers differently under ZeRO-3), so every topology
+        # starts from the same adapter initialisation.
+        torch.manual_seed(hp.seed)
+        self.model = get_peft_model(
+            self.prepare_base_model(base),
+            lora_config(spec, base),
+            # Under ZeRO-3 every parameter of one group must share a dtype: keep the adapter in the base's.
+            autocast_adapter_dtype=spec.resources.zero_stage != 3,
+        )
         trainable, total = self.model.get_nb_trainable_parameters()
         ctx.reporter.event(
             "model",
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)",
             data={"trainable_params": trainable, "total_params": total},
         )
-        self.trainer = sft_trainer(self, self.model, train_dataset, eval_dataset, hp)
+        self.trainer = sft_trainer(self, self.model, train_dataset, eval_dataset, args)
 
     def train(self) -> None:
         assert self.trainer is not None
@@ -228,7 +239,16 @@ class LoraRecipe(Recipe):
         assert self.model is not None and self.trainer is not None
         spec = self.ctx.spec
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(output_dir)
+        trainable, total = self.model.get_nb_trainable_parameters()
+        if distributed.world_size() > 1:
+            # Every rank takes part: under ZeRO-3 saving gathers the sharded adapter weights.
+            self.trainer.save_model(str(output_dir))
+            (output_dir / "training_args.bin").unlink(missing_ok=True)
+            barrier()
+            if not distributed.is_main_process():
+                return TrainingResult(output_dir, trainable, total, 0, {}, stopped=self.stopped)
+        else:
+            self.model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
         # The adapter names its base by registry name, not by this worker's cache path. (Set after saving:
         # peft looks the name up while saving, and there is no model hub to ask.)
@@ -236,7 +256,6 @@ class LoraRecipe(Recipe):
         adapter_config = json.loads(config_path.read_text())
         adapter_config["base_model_name_or_path"] = spec.base_model
         config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
-        trainable, total = self.model.get_nb_trainable_parameters()
         state = self.trainer.state
         trained_tokens = int(getattr(self.trainer, "_total_train_tokens", 0) or 0)
         metrics: dict[str, Any] = {

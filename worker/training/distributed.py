@@ -1,0 +1,94 @@
+"""Multi-GPU training: the DeepSpeed configuration generated from a job, and the process-group setup.
+
+A job with `resources.gpus` N runs as N processes started by torchrun (one per GPU; on a CPU-only machine,
+N processes over gloo). ZeRO stage 0 is plain data parallelism; stages 2 and 3 go through DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from shared.schemas import JobSpec
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def deepspeed_config(spec: JobSpec) -> dict[str, Any] | None:
+    """The DeepSpeed config for a job (None for ZeRO stage 0). Batch sizes, accumulation, clipping and
+    precision stay "auto": the Trainer fills them from the job's hyperparameters."""
+    resources = spec.resources
+    if resources.zero_stage == 0:
+        return None
+    zero: dict[str, Any] = {
+        "stage": resources.zero_stage,
+        # Overlapping communication with computation needs CUDA streams.
+        "overlap_comm": not on_cpu(),
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if resources.zero_stage == 3:
+        zero |= {
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            # Gather the sharded weights when the adapter is saved, so the saved file is complete.
+            "stage3_gather_16bit_weights_on_model_save": True,
+        }
+    if resources.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu()}
+        if resources.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu()}
+    config: dict[str, Any] = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if on_cpu():
+        # Keep the Trainer's torch AdamW: DeepSpeed's CPU Adam would be compiled first (minutes).
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def ddp_backend() -> str | None:
+    """gloo between CPU processes; the Trainer's default (NCCL) on GPUs."""
+    return "gloo" if on_cpu() and world_size() > 1 else None
+
+
+def init_process_group(spec: JobSpec) -> None:
+    """Called after the training arguments exist and before the model is loaded. On CPU the Trainer starts
+    torch.distributed (gloo) but not DeepSpeed's communication layer, which ZeRO-3 asks for the world
+    size while it partitions the model during loading."""
+    if spec.resources.zero_stage and world_size() > 1 and on_cpu():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+def child_environment(cache_dir: str) -> dict[str, str]:
+    """Environment for training processes: DeepSpeed's compiled ops cached across jobs, CPU accelerator
+    without GPUs."""
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(cache_dir, "torch_extensions")
+    }
+    if on_cpu():
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
