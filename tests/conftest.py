@@ -281,12 +281,14 @@ class ServiceProcesses:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", *args],
             cwd=ROOT,
-            env=self.env,
+            env=self.env | (env or {}),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -299,7 +301,7 @@ class ServiceProcesses:
         wait_http(self.base_url + "/readyz", timeout=60)
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
-        proc = self._spawn(name, ["worker"])
+        proc = self._spawn(name, ["worker"], env={"TUNEFORGE_WORKER_ID": f"{name}-{RUN_ID}"})
         deadline = time.monotonic() + 60
         log_path = self.log_dir / f"{name}.log"
         while time.monotonic() < deadline:
@@ -322,6 +324,14 @@ class ServiceProcesses:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+
+    def kill_hard(self, name: str) -> None:
+        """SIGKILL to the process itself (not its group): what an OOM killer or a lost node does."""
+        import signal
+
+        proc = self.procs.pop(name)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
