@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     presigned_url_ttl_seconds: int = Field(600, ge=30, le=900)
 
     secret_key: SecretStr = SecretStr(DEV_SECRET)
+    metrics_token: SecretStr | None = Field(None, description="bearer token Prometheus sends to /metrics")
 
     model_registry_file: Path | None = Field(
         None, description="YAML/JSON file {name: {location, description}}; default home/models.yaml"
@@ -108,6 +109,34 @@ class Settings(BaseSettings):
     max_seq_length: int = Field(32768, ge=16)
     allowed_file_roots: list[Path] = Field(default_factory=list)
     allowed_s3_buckets: list[str] = Field(default_factory=list)
+    allow_http_datasets: bool = Field(
+        False, description="accept http(s):// dataset URLs (checked by the outbound URL policy)"
+    )
+    http_dataset_timeout_seconds: float = Field(
+        600.0, gt=0, description="time limit of one http(s) dataset download, all of it"
+    )
+
+    # The outbound URL policy (shared/urlpolicy.py): http(s) datasets and webhooks.
+    outbound_https_only: bool = Field(False, description="refuse plain http:// for datasets and webhooks")
+    outbound_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="when set, outbound URLs must have a host matching one of these patterns (*.example.com)",
+    )
+    outbound_allow_loopback: bool = Field(
+        False, description="test hook: let outbound URLs reach 127.0.0.1/::1; honoured only in test"
+    )
+    outbound_max_redirects: int = Field(3, ge=0, le=10, description="redirects followed, each hop re-checked")
+    outbound_timeout_seconds: float = Field(
+        30.0, gt=0, description="connect/read/write timeout of an outbound request"
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="timeout of one webhook request")
+    webhook_max_attempts: int = Field(8, ge=1, description="attempts a webhook delivery gets before failing")
+    webhook_backoff_base_seconds: float = Field(
+        30.0, ge=0, description="wait before a delivery's 2nd attempt; doubles each retry"
+    )
+    webhook_backoff_max_seconds: float = Field(
+        3600.0, ge=0, description="longest wait between two attempts of a delivery"
+    )
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -195,7 +224,7 @@ class Settings(BaseSettings):
     def public_summary(self) -> dict[str, object]:
         """Returns the settings without secrets, for logs and diagnostics."""
         data = json.loads(self.model_dump_json())
-        for key in ("secret_key", "s3_secret_access_key"):
+        for key in ("secret_key", "s3_secret_access_key", "metrics_token"):
             data.pop(key, None)
         return data
 
