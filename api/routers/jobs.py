@@ -123,7 +123,10 @@ def export_job(
         priority=body.priority,
         metadata=body.metadata,
     )
-    return create_job(spec, session, settings, store, team)
+    created = submit_job(
+        spec, request, session, settings, store, team, idempotency_key, endpoint="jobs.export"
+    )
+    return created if isinstance(created, Response) else JobOut.of(created)
 
 
 @router.get("", response_model=JobPage)

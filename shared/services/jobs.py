@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,7 +14,9 @@ from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
+from shared.planning import ModelConfigError, ModelShape, static_refusals
 from shared.schemas import AVAILABLE_METHODS, JobSpec, Method, job_sources
+from shared.services.models import model_config
 from shared.services.webhooks import record_job_finished
 from shared.settings import Settings
 from shared.states import TERMINAL, JobStatus, sources_of
@@ -104,10 +107,20 @@ def _check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID)
         )
 
 
-def create_job(
+@dataclass(frozen=True)
+class CheckedSpec:
+    """A spec that passed every check before queueing, with what the checks resolved."""
+
+    spec: JobSpec  # base_model filled in for merge and export
+    dataset: str | None
+    validation_dataset: str | None
+
+
+def check_spec(
     *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
-) -> Job:
-    """Checks a spec against this deployment and records a new job in `validating` (not yet enqueued)."""
+) -> CheckedSpec:
+    """Runs the checks a submitted job gets before it is stored (a dry run gets the same); raises a 4xx
+    error naming the field to change."""
     if spec.method not in AVAILABLE_METHODS:
         available = ", ".join(sorted(AVAILABLE_METHODS))
         raise InvalidRequest(
@@ -136,11 +149,55 @@ def create_job(
         )
     if hp is not None and hp.eval_steps is not None and spec.validation_dataset is None:
         raise InvalidRequest("eval_steps needs a validation_dataset", param="hyperparameters.eval_steps")
+    spec = _fit_to_model(settings=settings, store=store, spec=spec)
     datasets = {
         param: _check_dataset(session=session, settings=settings, team_id=team_id, value=value, param=param)
         for param, value in (("dataset", spec.dataset), ("validation_dataset", spec.validation_dataset))
         if value is not None
     }
+    return CheckedSpec(spec, datasets.get("dataset"), datasets.get("validation_dataset"))
+
+
+def _fit_to_model(*, settings: Settings, store: ObjectStore, spec: JobSpec) -> JobSpec:
+    """Fits defaults to the base model (a max_seq_length the user did not set stays within its context) and
+    refuses combinations its shape rules out. Reads config.json only, never weights; when this process
+    cannot read it, the worker runs the same checks before queueing."""
+    if spec.adapter is None or spec.base_model is None:
+        return spec
+    config = model_config(settings=settings, store=store, name=spec.base_model)
+    if config is None:
+        return spec
+    try:
+        shape = ModelShape.from_config(config)
+    except ModelConfigError:
+        return spec
+    hp = spec.hyperparameters
+    context = shape.context_length
+    if (
+        hp is not None
+        and "max_seq_length" not in hp.model_fields_set
+        and context
+        and hp.max_seq_length > context
+    ):
+        spec = spec.model_copy(update={"hyperparameters": hp.model_copy(update={"max_seq_length": context})})
+    refusals = static_refusals(spec, shape)
+    if refusals:
+        first = refusals[0]
+        more = (
+            f" (and {len(refusals) - 1} more: {'; '.join(r.message for r in refusals[1:])})"
+            if len(refusals) > 1
+            else ""
+        )
+        raise InvalidRequest(first.message + more, param=first.param, code="refused_combination")
+    return spec
+
+
+def create_job(
+    *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
+) -> Job:
+    """Checks a spec against this deployment and records a new job in `validating` (not yet enqueued)."""
+    checked = check_spec(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
+    spec = checked.spec
     _check_queue_quota(session=session, settings=settings, team_id=team_id)
     assert spec.base_model is not None
     job = Job(
@@ -149,8 +206,8 @@ def create_job(
         status=JobStatus.validating,
         method=spec.method,
         base_model=spec.base_model,
-        dataset_uri=datasets.get("dataset"),
-        validation_uri=datasets.get("validation_dataset"),
+        dataset_uri=checked.dataset,
+        validation_uri=checked.validation_dataset,
         spec=spec.model_dump(mode="json"),
         priority=spec.priority,
         user_metadata=dict(spec.metadata),
