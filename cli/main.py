@@ -124,11 +124,11 @@ def prepare_embedded() -> None:
     make_store(settings).ensure_bucket()
 
 
-def start_worker_process(log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    """Starts `tuneforge worker` as a child process with this process's environment."""
+def start_worker_process(log_path: Path | None = None, role: str = "all") -> subprocess.Popen[bytes]:
+    """Starts `tuneforge worker --role ROLE` as a child process with this process's environment."""
     out = log_path.open("ab") if log_path else None
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "worker"],
+        [sys.executable, "-m", "cli.main", "worker", "--role", role],
         stdout=out,
         stderr=subprocess.STDOUT if out else None,
         env=os.environ.copy(),
@@ -157,13 +157,18 @@ def up(
     settings = _settings()
     prepare_embedded()
     key = local_api_key()
-    worker_proc = start_worker_process()
-    console.print(f"[green]worker started (pid {worker_proc.pid}); state in {settings.home}[/green]")
+    # Two workers: one trains, one checks new jobs and makes plans, so a dry run never waits for training.
+    trainer = start_worker_process(role="train")
+    checker = start_worker_process(role="validate")
+    console.print(
+        f"[green]workers started (pids {trainer.pid}, {checker.pid}); state in {settings.home}[/green]"
+    )
     console.print(f"API key of the default team (also in {settings.home / 'api-key'}): {key}")
     try:
         api(host=host, port=port, workers=1)
     finally:
-        stop_process(worker_proc)
+        stop_process(trainer)
+        stop_process(checker)
 
 
 @teams_app.command("create")
@@ -324,6 +329,10 @@ def demo(
 
     raise typer.Exit(run_demo(steps=steps, port=port))
 
+
+from cli.jobs_cli import register  # noqa: E402  (user commands: submit, list, status, events, cancel, ...)
+
+register(app)
 
 if __name__ == "__main__":
     app()

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 VALIDATE_TASK = "tuneforge.validate_job"
 TRAIN_TASK = "tuneforge.run_job"
+PLAN_TASK = "tuneforge.plan_job"
 
 
 def validate_queue(settings: Settings) -> str:

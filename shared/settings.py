@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         5.0, ge=0, description="a job whose team is at its running limit is tried again after this long"
     )
     max_attempts: int = Field(3, ge=1, description="attempts a job gets before a crash fails it")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="memory of one GPU in the worker pools; plans note estimates above it"
+    )
+    plan_wait_seconds: float = Field(
+        30.0, ge=0, description="how long POST /v1/plans waits for a worker's plan before answering 202"
+    )
     retry_backoff_seconds: float = Field(30.0, ge=0, description="wait before attempt 2; doubles each retry")
     default_max_runtime_minutes: int = Field(
         24 * 60, ge=1, description="run-time limit of a job, all attempts"

@@ -1,8 +1,8 @@
-"""Celery tasks: each takes a job id and calls the code that does the work."""
+"""Celery tasks: each takes an id and calls the code that does the work."""
 
 from __future__ import annotations
 
-from shared.queue import TRAIN_TASK, VALIDATE_TASK
+from shared.queue import PLAN_TASK, TRAIN_TASK, VALIDATE_TASK
 from shared.settings import get_settings
 from worker import runner, validation
 from worker.celery_app import app
@@ -18,3 +18,8 @@ def validate_job(job_id: str) -> str | None:
 def run_job(job_id: str) -> str | None:
     status = runner.run_job(get_settings(), job_id)
     return status and status.value
+
+
+@app.task(name=PLAN_TASK)
+def plan_job(plan_id: str) -> str | None:
+    return validation.make_job_plan(get_settings(), plan_id)

@@ -1,16 +1,24 @@
-"""Checks a submitted job's inputs on a worker before the job waits for a GPU."""
+"""Checks a submitted job on a worker before it waits for a GPU: its datasets line by line, its source
+adapters, its base model, and the plan (parameter counts, dataset statistics, the memory estimate). A dry
+run (a `plans` row) gets the same checks without a job."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from shared.datasets import DatasetInvalid, read_dataset
+from sqlalchemy.orm import Session
+
+from shared.datasets import DatasetInvalid, DatasetSummary, read_dataset
 from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
-from shared.models import Job
+from shared.models import Job, Plan
 from shared.queue import enqueue_job
 from shared.schemas import JobSpec, job_sources
 from shared.services import jobs as job_service
+from shared.services.plans import finish_plan
 from shared.settings import Settings
 from shared.states import JobStatus
 from shared.storage import make_store
@@ -19,36 +27,87 @@ from worker.assets import AssetCache
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Inputs:
+    """A job's inputs, fetched and checked."""
+
+    datasets: dict[str, DatasetSummary]
+    model_dir: Path
+
+
+def check_inputs(
+    settings: Settings,
+    cache: AssetCache,
+    session: Session,
+    *,
+    team_id: str,
+    spec: JobSpec,
+    dataset: str | None,
+    validation_dataset: str | None,
+) -> Inputs:
+    """Fetches and checks a job's datasets, source adapters and base model; raises JobFailure naming what
+    is wrong (with line numbers for datasets)."""
+    summaries = {}
+    for param, uri in (("dataset", dataset), ("validation_dataset", validation_dataset)):
+        if not uri:
+            continue
+        path = cache.dataset_file(uri, session=session, team_id=team_id, param=param)
+        try:
+            summaries[param] = read_dataset(path)
+        except DatasetInvalid as exc:
+            raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: the file is not UTF-8 text") from exc
+    for source in job_sources(spec):
+        cache.adapter_dir(source, session=session, team_id=team_id)
+    assert spec.base_model is not None
+    return Inputs(summaries, cache.model_dir(spec.base_model))
+
+
+def plan_for(settings: Settings, spec: JobSpec, inputs: Inputs) -> dict[str, Any] | None:
+    """The plan of a job that trains (None for merge and export, which have nothing to estimate)."""
+    if spec.hyperparameters is None or spec.adapter is None:
+        return None
+    from worker.planning import make_plan
+
+    return make_plan(
+        spec,
+        inputs.model_dir,
+        inputs.datasets.get("dataset"),
+        inputs.datasets.get("validation_dataset"),
+        gpu_memory_bytes=int(settings.gpu_memory_gib * 2**30) if settings.gpu_memory_gib else None,
+    )
+
+
+def refusal_message(plan: dict[str, Any]) -> str:
+    return "; ".join(f"{r['param']}: {r['message']}" for r in plan["refusals"])
+
+
 def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
-    """Checks a `validating` job's inputs (datasets line by line, source adapters, base model); queues the
-    job or fails it with what is at fault. Returns the job's new status (None if it was not validating)."""
+    """Checks a `validating` job; queues it or fails it with what is at fault. Returns the job's new status
+    (None if it was not validating)."""
     cache = AssetCache(settings, make_store(settings))
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
         if job is None or job.status != JobStatus.validating:
             log.info("job %s is not validating (%s); nothing to do", job_id, job and job.status)
             return None
-        datasets = [
-            (p, uri)
-            for p, uri in (("dataset", job.dataset_uri), ("validation_dataset", job.validation_uri))
-            if uri
-        ]
         spec = JobSpec.model_validate(job.spec)
         try:
-            summaries = {}
-            for param, uri in datasets:
-                path = cache.dataset_file(uri, session=session, team_id=job.team_id, param=param)
-                try:
-                    summaries[param] = read_dataset(path)
-                except DatasetInvalid as exc:
-                    raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: {exc}") from exc
-                except UnicodeDecodeError as exc:
-                    raise JobFailure(
-                        JobErrorCode.invalid_dataset, f"{param}: the file is not UTF-8 text"
-                    ) from exc
-            for source in job_sources(spec):
-                cache.adapter_dir(source, session=session, team_id=job.team_id)
-            cache.model_dir(job.base_model)
+            inputs = check_inputs(
+                settings,
+                cache,
+                session,
+                team_id=job.team_id,
+                spec=spec,
+                dataset=job.dataset_uri,
+                validation_dataset=job.validation_uri,
+            )
+            plan = plan_for(settings, spec, inputs)
+            if plan is not None and plan["status"] == "refused":
+                raise JobFailure(
+                    JobErrorCode.invalid_config, f"the plan refused this job: {refusal_message(plan)}"
+                )
         except JobFailure as failure:
             job_service.transition(
                 session=session,
@@ -59,13 +118,29 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
                 error_message=failure.message,
             )
             return JobStatus.failed
-        for param, summary in summaries.items():
+        for param, summary in inputs.datasets.items():
             job_service.add_event(
                 session=session,
                 job_id=job_id,
                 type="dataset",
                 message=f"{param}: {summary.num_samples} valid samples in {summary.format.value} format",
                 data={"param": param, "format": summary.format.value, "samples": summary.num_samples},
+            )
+        if plan is not None:
+            job.plan = plan
+            memory = (plan.get("memory") or {}).get("total")
+            job_service.add_event(
+                session=session,
+                job_id=job_id,
+                type="plan",
+                message="plan: "
+                + (
+                    f"{plan['params']['trainable']:,} trainable parameters"
+                    if plan.get("params")
+                    else "no parameters"
+                )
+                + (f", about {memory / 2**30:.2f} GiB per GPU" if memory else ""),
+                data={"notes": [n["message"] for n in plan.get("notes", [])]},
             )
         if not job_service.transition(
             session=session, job_id=job_id, to=JobStatus.queued, message="job is queued", enqueued_at=None
@@ -77,3 +152,41 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
         if job is not None:
             enqueue_job(settings, session, job)
     return JobStatus.queued
+
+
+def make_job_plan(settings: Settings, plan_id: str) -> str | None:
+    """Completes a dry-run plan; returns its status."""
+    cache = AssetCache(settings, make_store(settings))
+    with session_scope(settings.database_url) as session:
+        row = session.get(Plan, plan_id)
+        if row is None or row.status != "pending":
+            return None
+        stored = dict(row.spec)
+        dataset, validation_dataset = stored.pop("dataset", None), stored.pop("validation_dataset", None)
+        spec = JobSpec.model_validate(stored | {"dataset": dataset, "validation_dataset": validation_dataset})
+        try:
+            inputs = check_inputs(
+                settings,
+                cache,
+                session,
+                team_id=row.team_id,
+                spec=spec,
+                dataset=dataset,
+                validation_dataset=validation_dataset,
+            )
+            plan = plan_for(settings, spec, inputs) or {
+                "status": "ready",
+                "method": spec.method.value,
+                "notes": [],
+            }
+        except JobFailure as failure:
+            finish_plan(
+                session=session,
+                plan_id=plan_id,
+                result=None,
+                error_code=failure.code.value,
+                error_message=failure.message,
+            )
+            return "failed"
+        finish_plan(session=session, plan_id=plan_id, result=plan)
+        return str(plan["status"])

@@ -71,7 +71,9 @@ def begin(
                 session.rollback()
             row = session.scalar(
                 select(IdempotencyKey).where(
-                    IdempotencyKey.team_id == team_id, IdempotencyKey.endpoint == endpoint, IdempotencyKey.key == key
+                    IdempotencyKey.team_id == team_id,
+                    IdempotencyKey.endpoint == endpoint,
+                    IdempotencyKey.key == key,
                 )
             )
             if row is None:  # released between our insert and our read: try again
@@ -107,7 +109,9 @@ def complete(
     """Stores the answer, in the caller's transaction (the one that made the resource)."""
     session.execute(
         update(IdempotencyKey)
-        .where(IdempotencyKey.team_id == team_id, IdempotencyKey.endpoint == endpoint, IdempotencyKey.key == key)
+        .where(
+            IdempotencyKey.team_id == team_id, IdempotencyKey.endpoint == endpoint, IdempotencyKey.key == key
+        )
         .values(status_code=status_code, response=body)
     )
 

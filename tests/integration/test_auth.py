@@ -12,7 +12,12 @@ def test_health_needs_no_key_and_everything_else_does(api_client):
     bare = {"Authorization": ""}
     assert api_client.get("/healthz", headers=bare).status_code == 200
     assert api_client.get("/readyz", headers=bare).status_code == 200
-    for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/files"), ("GET", "/v1/models")):
+    for method, path in (
+        ("GET", "/v1/jobs"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/files"),
+        ("GET", "/v1/models"),
+    ):
         response = api_client.request(method, path, headers=bare)
         assert response.status_code == 401, path
         assert response.headers["www-authenticate"] == "Bearer"
@@ -50,6 +55,8 @@ def test_teams_see_only_their_own_files_and_jobs(api_client, make_team):
     assert api_client.get(f"/v1/files/{upload['id']}", headers=other).status_code == 404
     assert upload["id"] not in [f["id"] for f in api_client.get("/v1/files", headers=other).json()["data"]]
     # Another team cannot train on this team's file either.
-    response = api_client.post("/v1/jobs", headers=other, json={"base_model": "tiny-llama", "dataset": upload["id"]})
+    response = api_client.post(
+        "/v1/jobs", headers=other, json={"base_model": "tiny-llama", "dataset": upload["id"]}
+    )
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "dataset"

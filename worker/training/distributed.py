@@ -87,7 +87,8 @@ def child_environment(cache_dir: str) -> dict[str, str]:
     """Environment for training processes: DeepSpeed's compiled ops cached across jobs, CPU accelerator
     without GPUs."""
     env = {
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(cache_dir, "torch_extensions")
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
+        or os.path.join(cache_dir, "torch_extensions")
     }
     if on_cpu():
         env["DS_ACCELERATOR"] = "cpu"

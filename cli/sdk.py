@@ -1,0 +1,648 @@
+"""A thin Python client of the Tuneforge HTTP API (httpx only: no torch, no server code).
+
+    from cli.sdk import Tuneforge
+
+    with Tuneforge() as tf:  # TUNEFORGE_URL / TUNEFORGE_API_KEY, or the embedded default's key file
+        file = tf.upload_file("train.jsonl")
+        job = tf.create_job({"base_model": "smollm2-135m-instruct", "dataset": file["id"]})
+        for event in tf.follow_events(job["id"]):
+            print(event["message"])
+        folder = tf.download_adapter(job["id"], "adapters/")  # every file checked against its sha256
+
+Reads (GET) and creates (POST with an `Idempotency-Key`, one fresh key per logical call, the same key on each
+of its retries) are retried on connection errors and 5xx answers; an error answer raises `TuneforgeError`
+with the API's `code`, `message` and `param`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "DEFAULT_URL",
+    "TERMINAL_STATUSES",
+    "APIConnectionError",
+    "ChecksumMismatch",
+    "Tuneforge",
+    "TuneforgeError",
+]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+USER_AGENT = "tuneforge-sdk/0.1"
+SUMS_FILE = "SHA256SUMS"
+
+
+class TuneforgeError(Exception):
+    """An error answer of the API (`{"error": {"code", "message", "param"}}`), or a client-side failure.
+
+    `status_code` is the HTTP status (None when no answer came back), `code` the machine-readable reason,
+    `param` the field to blame when there is one, `details` the per-field list of a validation error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        code: str = "error",
+        param: str | None = None,
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.code = code
+        self.param = param
+        self.details = details or []
+
+    def __str__(self) -> str:
+        where = f" [{self.param}]" if self.param else ""
+        status = f"HTTP {self.status_code} " if self.status_code is not None else ""
+        return f"{self.message}{where} ({status}{self.code})"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(status_code={self.status_code!r}, code={self.code!r}, "
+            f"message={self.message!r}, param={self.param!r})"
+        )
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> TuneforgeError:
+        """Builds the error from an answer's body; a body that is not the API's error shape is quoted."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict) and error.get("message"):
+            details = body.get("details") if isinstance(body.get("details"), list) else None
+            return cls(
+                str(error["message"]),
+                status_code=response.status_code,
+                code=str(error.get("code") or "error"),
+                param=error.get("param"),
+                details=details,
+            )
+        text = response.text.strip()[:500] or response.reason_phrase
+        return cls(
+            f"{response.request.method} {response.request.url.path} answered {response.status_code}: {text}",
+            status_code=response.status_code,
+            code="http_error",
+        )
+
+
+class APIConnectionError(TuneforgeError):
+    """No answer came back (connection refused, reset, timed out), after the retries."""
+
+    def __init__(self, message: str, *, code: str = "connection_error", **kwargs: Any) -> None:
+        super().__init__(message, code=code, **kwargs)
+
+
+class ChecksumMismatch(TuneforgeError):
+    """A downloaded archive is not what the API recorded: a file's size or sha256 differs, a file is missing
+    or extra, SHA256SUMS disagrees, or the tar itself is broken or unsafe."""
+
+    def __init__(self, message: str, *, code: str = "checksum_mismatch", **kwargs: Any) -> None:
+        super().__init__(message, code=code, **kwargs)
+
+
+def _env_api_key() -> str | None:
+    key = os.environ.get("TUNEFORGE_API_KEY", "").strip()
+    if key:
+        return key
+    path = Path(os.environ.get("TUNEFORGE_HOME") or ".tuneforge").expanduser() / "api-key"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks (tarfile reads a streamed archive through it)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = b""
+        self.received = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        """Reads the rest of the chunks (and so raises if the stream was cut)."""
+        for chunk in self._chunks:
+            self.received += len(chunk)
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+            self.received += len(self._pending)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def _sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Parses server-sent events; yields (event type, data)."""
+    kind, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, "\n".join(data)
+            kind, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                kind = value
+            elif field == "data":
+                data.append(value)
+    if data:
+        yield kind, "\n".join(data)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_folder(folder: Path, recorded: dict[str, dict[str, Any]]) -> None:
+    """Checks that `folder` holds exactly the recorded files (name -> {size_bytes, sha256}) plus a
+    SHA256SUMS file that lists the same hashes; raises ChecksumMismatch otherwise."""
+    root = folder.resolve()
+    for name, artifact in recorded.items():
+        path = (folder / name).resolve()
+        if not path.is_relative_to(root) or name == SUMS_FILE:
+            raise ChecksumMismatch(
+                f"the API lists an artifact with an unsafe name {name!r}", code="bad_archive"
+            )
+        if not path.is_file():
+            raise ChecksumMismatch(f"{name}: missing from the downloaded archive")
+        size = path.stat().st_size
+        if artifact.get("size_bytes") is not None and size != artifact["size_bytes"]:
+            raise ChecksumMismatch(
+                f"{name}: {size} bytes downloaded, the API recorded {artifact['size_bytes']}"
+            )
+        actual = _sha256(path)
+        if actual != artifact["sha256"]:
+            raise ChecksumMismatch(
+                f"{name}: sha256 {actual} does not match the recorded {artifact['sha256']}"
+            )
+    sums_path = folder / SUMS_FILE
+    if not sums_path.is_file():
+        raise ChecksumMismatch(f"the archive has no {SUMS_FILE} file")
+    listed: dict[str, str] = {}
+    for line in sums_path.read_text().splitlines():
+        if line.strip():
+            sha, _, name = line.partition("  ")
+            listed[name] = sha
+    expected = {name: artifact["sha256"] for name, artifact in recorded.items()}
+    if listed != expected:
+        differ = sorted(set(listed.items()) ^ set(expected.items()))
+        raise ChecksumMismatch(
+            f"{SUMS_FILE} does not match the API's artifact list (differs on {differ[:3]})"
+        )
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+    extra = sorted(present - set(recorded) - {SUMS_FILE})
+    if extra:
+        raise ChecksumMismatch(f"the archive holds files the API does not list: {', '.join(extra[:5])}")
+
+
+class Tuneforge:
+    """A client of one Tuneforge API.
+
+    base_url: default env TUNEFORGE_URL, else http://127.0.0.1:8000. api_key: default env TUNEFORGE_API_KEY,
+    else the embedded default's key file $TUNEFORGE_HOME/api-key (TUNEFORGE_HOME default `.tuneforge`).
+    timeout: seconds per connect/read/write. retries: extra attempts of a safe call after a connection error
+    or a 5xx answer, with exponential backoff (backoff seconds, doubled each time, at most 10 s)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        upload_timeout: float = 900.0,
+        stream_read_timeout: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("TUNEFORGE_URL") or DEFAULT_URL).rstrip("/")
+        self.api_key = api_key or _env_api_key()
+        self.timeout = timeout
+        self.retries = max(0, retries)
+        self.backoff = backoff
+        self.upload_timeout = upload_timeout
+        self.stream_read_timeout = stream_read_timeout
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, headers=headers, transport=transport
+        )
+
+    # ------------------------------------------------------------------------------------------- plumbing
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Tuneforge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Tuneforge(base_url={self.base_url!r})"
+
+    def _pause(self, attempt: int, response: httpx.Response | None = None) -> None:
+        delay = min(self.backoff * 2**attempt, 10.0) * (1 + random.random() / 4)
+        if response is not None:
+            with suppress(ValueError):
+                delay = max(delay, min(float(response.headers.get("retry-after", 0)), 30.0))
+        time.sleep(delay)
+
+    def _connection_error(self, exc: httpx.TransportError, request: str) -> APIConnectionError:
+        return APIConnectionError(
+            f"{request}: no answer from {self.base_url} ({type(exc).__name__}: {str(exc) or 'no details'})",
+            code="connection_error",
+        )
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        retry: bool,
+        idempotent_create: bool = False,
+        build: Callable[[], dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Sends a request, retrying safe ones; returns a 2xx/3xx answer or raises TuneforgeError.
+        `build` makes fresh keyword arguments per attempt (an upload reopens its file)."""
+        attempts = 1 + (self.retries if retry else 0)
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                if build is not None:
+                    with _fresh_arguments(build) as extra:
+                        response = self._http.request(method, path, **kwargs, **extra)
+                else:
+                    response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if last:
+                    raise self._connection_error(exc, f"{method} {path}") from exc
+                self._pause(attempt)
+                continue
+            if response.status_code < 400:
+                return response
+            error = TuneforgeError.from_response(response)
+            # A first request with this Idempotency-Key still in flight: retry and get its answer.
+            in_flight = (
+                idempotent_create and response.status_code == 409 and error.param == IDEMPOTENCY_HEADER
+            )
+            if last or not (response.status_code in RETRY_STATUSES or in_flight):
+                raise error
+            self._pause(attempt, response)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _json(response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise TuneforgeError(
+                f"{response.request.method} {response.request.url.path} answered {response.status_code} with "
+                f"a body that is not JSON: {response.text[:200]!r}",
+                status_code=response.status_code,
+                code="bad_response",
+            ) from None
+
+    def _get(self, path: str, **params: Any) -> Any:
+        query = {k: v for k, v in params.items() if v is not None}
+        return self._json(self._request("GET", path, retry=True, params=query))
+
+    def _create(self, path: str, idempotency_key: str | None, **kwargs: Any) -> dict[str, Any]:
+        headers = {IDEMPOTENCY_HEADER: idempotency_key or str(uuid.uuid4())}
+        return self._json(
+            self._request("POST", path, retry=True, idempotent_create=True, headers=headers, **kwargs)
+        )
+
+    # ----------------------------------------------------------------------------------------------- files
+
+    def upload_file(
+        self, path: str | os.PathLike[str], *, purpose: str = "fine-tune", idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Uploads a JSONL dataset (every line is checked by the API); returns the file record (`id`...)."""
+        source = Path(path)
+        if not source.is_file():
+            raise TuneforgeError(f"{source}: no such file", code="file_not_found", param="path")
+
+        def build() -> dict[str, Any]:
+            handle = source.open("rb")
+            return {
+                "files": {"file": (source.name, handle, "application/jsonl")},
+                "data": {"purpose": purpose},
+                "_close": handle,
+            }
+
+        return self._create(
+            "/v1/files",
+            idempotency_key,
+            build=build,
+            timeout=httpx.Timeout(self.timeout, read=self.upload_timeout, write=self.upload_timeout),
+        )
+
+    def list_files(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        """The team's uploaded files, newest first (every page of them)."""
+        files: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page = self._get("/v1/files", purpose=purpose, after=after)
+            files.extend(page["data"])
+            if not page.get("has_more") or not page["data"]:
+                return files
+            after = page["data"][-1]["id"]
+
+    def get_file(self, file_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/files/{file_id}")
+
+    # ------------------------------------------------------------------------------------------------ jobs
+
+    def create_job(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submits a job (a JobSpec as a dict); returns the job with every default filled in."""
+        return self._create("/v1/jobs", idempotency_key, json=spec)
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/jobs/{job_id}")
+
+    def list_jobs(
+        self, status: str | None = None, limit: int | None = None, *, page_size: int = 100
+    ) -> Iterator[dict[str, Any]]:
+        """The team's jobs, newest first, fetched page by page; at most `limit` of them (None: all)."""
+        cursor: str | None = None
+        count = 0
+        while True:
+            size = min(page_size, 100, limit - count) if limit is not None else min(page_size, 100)
+            if size <= 0:
+                return
+            page = self._get("/v1/jobs", status=status, limit=size, cursor=cursor)
+            for job in page["data"]:
+                if limit is not None and count >= limit:
+                    return
+                yield job
+                count += 1
+            cursor = page.get("next_cursor")
+            if not page.get("has_more") or not cursor:
+                return
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancels a job: at once if it waits, through `cancelling` if it trains. Retried safely: a retry
+        that finds the job already cancelled returns the job."""
+        attempts = 1 + self.retries
+        for attempt in range(attempts):
+            try:
+                return self._json(self._request("POST", f"/v1/jobs/{job_id}/cancel", retry=False))
+            except APIConnectionError:
+                if attempt == attempts - 1:
+                    raise
+            except TuneforgeError as error:
+                if attempt > 0 and error.status_code == 409:
+                    job = self.get_job(job_id)
+                    if job["status"] in ("cancelled", "cancelling"):
+                        return job
+                if error.status_code not in RETRY_STATUSES or attempt == attempts - 1:
+                    raise
+            self._pause(attempt)
+        raise AssertionError("unreachable")
+
+    def wait(
+        self, job_id: str, *, timeout: float | None = None, poll_interval: float = 2.0
+    ) -> dict[str, Any]:
+        """Polls until the job ends; returns it. Raises TuneforgeError (code `timeout`) after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if job["status"] in TERMINAL_STATUSES:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TuneforgeError(f"job {job_id} still {job['status']} after {timeout}s", code="timeout")
+            time.sleep(poll_interval)
+
+    # ------------------------------------------------------------------------------------ events, metrics
+
+    def events(self, job_id: str, after: int | None = None) -> Iterator[dict[str, Any]]:
+        """The job's events after event id `after` (all of them by default), in order, page by page."""
+        while True:
+            page = self._get(f"/v1/jobs/{job_id}/events", after=after, limit=500)
+            for event in page["data"]:
+                after = event["id"]
+                yield event
+            if not page.get("has_more") or not page["data"]:
+                return
+
+    def follow_events(
+        self, job_id: str, after: int | None = None, *, stream: bool = True, poll_interval: float = 1.0
+    ) -> Iterator[dict[str, Any]]:
+        """Yields the job's events (after `after`) as they happen and returns when the job has ended.
+
+        stream=True reads the server-sent event stream (reconnecting, without repeats, when it breaks);
+        stream=False polls the events page every `poll_interval` seconds."""
+        if not stream:
+            yield from self._poll_events(job_id, after, poll_interval)
+            return
+        failures = 0
+        path = f"/v1/jobs/{job_id}/events/stream"
+        timeout = httpx.Timeout(self.timeout, read=self.stream_read_timeout)
+        while True:
+            try:
+                with self._http.stream("GET", path, timeout=timeout) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        error = TuneforgeError.from_response(response)
+                        if response.status_code not in RETRY_STATUSES or failures >= self.retries:
+                            raise error
+                        failures += 1
+                        self._pause(failures - 1, response)
+                        continue
+                    for kind, data in _sse(response.iter_lines()):
+                        if kind == "end":
+                            return
+                        event = json.loads(data)
+                        failures = 0
+                        if after is not None and event["id"] <= after:
+                            continue  # already seen before a reconnect
+                        after = event["id"]
+                        yield event
+            except httpx.ReadTimeout:
+                # A quiet job, not a dead server: check that the server answers (get_job retries), then
+                # listen again.
+                if self.get_job(job_id)["status"] in TERMINAL_STATUSES:
+                    yield from self.events(job_id, after)
+                    return
+                continue
+            except httpx.TransportError as exc:
+                if failures >= self.retries:
+                    raise self._connection_error(exc, f"GET {path}") from exc
+                failures += 1
+                self._pause(failures - 1)
+                continue
+            # The stream closed without its `end` event (a proxy, a restart): listen again shortly.
+            self._pause(0)
+
+    def _poll_events(self, job_id: str, after: int | None, poll_interval: float) -> Iterator[dict[str, Any]]:
+        while True:
+            finished = self.get_job(job_id)["status"] in TERMINAL_STATUSES
+            seen = False
+            for event in self.events(job_id, after):
+                after = event["id"]
+                seen = True
+                yield event
+            if finished and not seen:
+                return
+            if not seen:
+                time.sleep(poll_interval)
+
+    def metrics(self, job_id: str) -> dict[str, Any]:
+        """The job's curves: {"train": [{step, epoch, loss, learning_rate, ...}], "eval": [...]}."""
+        return self._get(f"/v1/jobs/{job_id}/metrics")
+
+    # ---------------------------------------------------------------------------------------- artifacts
+
+    def artifacts(self, job_id: str) -> dict[str, Any]:
+        """The job's files: {"data": [{kind, name, size_bytes, sha256, download_url}], "archive_urls"...}."""
+        return self._get(f"/v1/jobs/{job_id}/artifacts")
+
+    def download_adapter(
+        self,
+        job_id: str,
+        dest_dir: str | os.PathLike[str] = ".",
+        kind: str = "adapter",
+        *,
+        overwrite: bool = False,
+    ) -> Path:
+        """Downloads the job's `kind` artifacts (adapter, merged) as one streamed tar, unpacks it safely
+        (tarfile's "data" filter, every member under `<job_id>-<kind>/`) and checks every file against the
+        size and sha256 that the API lists and against the archive's SHA256SUMS. Returns the folder
+        `dest_dir/<job_id>-<kind>`; nothing is left there unless every check passed (ChecksumMismatch)."""
+        recorded = {a["name"]: a for a in self.artifacts(job_id)["data"] if a["kind"] == kind}
+        if not recorded:
+            raise TuneforgeError(f"job {job_id} has no {kind} artifacts", status_code=404, code="not_found")
+        dest = Path(dest_dir)
+        root = f"{job_id}-{kind}"
+        target = dest / root
+        if target.exists() and not overwrite:
+            raise TuneforgeError(
+                f"{target} already exists; remove it or pass overwrite", code="already_exists", param="dest"
+            )
+        dest.mkdir(parents=True, exist_ok=True)
+        path = f"/v1/jobs/{job_id}/artifacts/{kind}.tar"
+        attempts = 1 + self.retries
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            staging = Path(tempfile.mkdtemp(prefix=f".{root}-", dir=dest))
+            try:
+                self._extract(path, root, staging)
+                verify_folder(staging / root, recorded)
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staging / root, target)
+                return target
+            except httpx.TransportError as exc:
+                if last:
+                    raise TuneforgeError(
+                        f"the {kind} archive of job {job_id} was cut off ({type(exc).__name__}: {exc}). "
+                        "The API stops an archive whose stored bytes fail their sha256 check, so if this "
+                        "repeats the stored artifact may be damaged (the API log names the file)",
+                        code="download_incomplete",
+                    ) from exc
+                self._pause(attempt)
+            except tarfile.TarError as exc:
+                if last:
+                    raise ChecksumMismatch(
+                        f"the {kind} archive of job {job_id} is not a complete tar archive: {exc}",
+                        code="bad_archive",
+                    ) from exc
+                self._pause(attempt)
+            except _RetryableAnswer as retry:
+                if last:
+                    raise retry.error from None
+                self._pause(attempt, retry.response)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        raise AssertionError("unreachable")
+
+    def _extract(self, path: str, root: str, staging: Path) -> None:
+        """Streams the tar at `path` into `staging`, member by member (nothing is held in memory)."""
+        timeout = httpx.Timeout(self.timeout, read=self.stream_read_timeout)
+        with self._http.stream("GET", path, timeout=timeout) as response:
+            if response.status_code >= 400:
+                response.read()
+                error = TuneforgeError.from_response(response)
+                if response.status_code in RETRY_STATUSES:
+                    raise _RetryableAnswer(error, response)
+                raise error
+            reader = _ChunkReader(response.iter_bytes())
+            with tarfile.open(fileobj=io.BufferedReader(reader, 1024 * 1024), mode="r|") as tar:
+                for member in tar:
+                    if not member.name.startswith(root + "/") or not (member.isfile() or member.isdir()):
+                        raise ChecksumMismatch(
+                            f"the archive holds an unexpected member {member.name!r}", code="bad_archive"
+                        )
+                    tar.extract(member, staging, filter="data")
+            # Read to the end, so a stream cut after the end-of-archive blocks is noticed too.
+            reader.drain()
+
+    # ------------------------------------------------------------------------------------------- models
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """The base models this deployment can train."""
+        return self._get("/v1/models")["data"]
+
+
+class _RetryableAnswer(Exception):
+    """A 5xx answer to a streamed request, to retry."""
+
+    def __init__(self, error: TuneforgeError, response: httpx.Response) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.response = response
+
+
+@contextmanager
+def _fresh_arguments(build: Callable[[], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Calls a per-attempt argument builder; closes what it opened (its `_close` entry) afterwards."""
+    kwargs = build()
+    handle = kwargs.pop("_close", None)
+    try:
+        yield kwargs
+    finally:
+        if handle is not None:
+            handle.close()
