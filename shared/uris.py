@@ -1,4 +1,5 @@
-"""Where datasets may come from: uploaded file ids, s3:// in allowed buckets, file:// under allowed roots."""
+"""Where datasets may come from: uploaded file ids, s3:// in allowed buckets, file:// under allowed roots, and
+http(s):// URLs that pass the outbound URL policy when TUNEFORGE_ALLOW_HTTP_DATASETS is on."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 from shared.errors import InvalidRequest
 from shared.settings import Settings
+from shared.urlpolicy import OutboundPolicy, URLRefused
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 
@@ -18,7 +20,7 @@ FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 class DatasetSource:
     """A dataset reference that passed the policy."""
 
-    kind: Literal["upload", "s3", "local"]
+    kind: Literal["upload", "s3", "local", "http"]
     uri: str
     file_id: str | None = None
     bucket: str | None = None
@@ -71,9 +73,17 @@ def resolve_dataset_uri(value: str, settings: Settings, *, param: str) -> Datase
             raise InvalidRequest(f"{path} is outside the allowed dataset folders", param=param)
         return DatasetSource(kind="local", uri=value, path=path)
     if scheme in ("http", "https"):
-        raise InvalidRequest(
-            "http(s) datasets are disabled on this deployment; upload the file or use s3://", param=param
-        )
+        if not settings.allow_http_datasets:
+            raise InvalidRequest(
+                "http(s) datasets are disabled on this deployment (TUNEFORGE_ALLOW_HTTP_DATASETS is off); "
+                "upload the file or use s3://",
+                param=param,
+            )
+        try:
+            OutboundPolicy.from_settings(settings).check(value)
+        except URLRefused as exc:
+            raise InvalidRequest(f"{value!r} is refused: {exc.message}", param=param) from None
+        return DatasetSource(kind="http", uri=value)
     raise InvalidRequest(
         f"unsupported URI scheme {scheme!r}; use an uploaded file id, s3://bucket/key or file:///path",
         param=param,

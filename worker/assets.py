@@ -1,4 +1,5 @@
-"""The worker's local cache of base models and datasets, filled from object storage and checked by sha256."""
+"""The worker's local cache of base models and datasets, filled from object storage and checked by sha256
+(http(s) datasets are downloaded afresh, through the outbound URL policy)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import fcntl
 import hashlib
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,7 @@ from shared.schemas import AdapterSource
 from shared.settings import Settings
 from shared.storage import ObjectNotFound, ObjectStore, StorageError, parse_s3_uri
 from shared.uris import resolve_dataset_uri
+from shared.urlpolicy import OutboundError, OutboundPolicy, URLRefused, open_url
 
 COMPLETE = ".tuneforge-complete"
 
@@ -130,6 +133,8 @@ class AssetCache:
             if not source.path.is_file():
                 raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {source.path} does not exist")
             return source.path
+        if source.kind == "http":
+            return self._download_dataset(source.uri, param=param)
         if source.kind == "upload":
             record = session.get(UploadedFile, source.file_id)
             if record is None or record.team_id != team_id:
@@ -156,4 +161,72 @@ class AssetCache:
             ) from exc
         except StorageError as exc:
             raise JobFailure(JobErrorCode.storage_error, f"{param}: could not fetch {uri}: {exc}") from exc
+        return target
+
+    def _download_dataset(self, url: str, *, param: str) -> Path:
+        """Downloads an http(s) dataset through the outbound URL policy (every hop re-checked), at most
+        max_upload_bytes within http_dataset_timeout_seconds; returns it cached under its sha256."""
+        limit = self.settings.max_upload_bytes
+        deadline = time.monotonic() + self.settings.http_dataset_timeout_seconds
+        folder = self.root / "datasets"
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=".jsonl")
+        staging = Path(name)
+        try:
+            with (
+                open(fd, "wb") as handle,
+                open_url(
+                    "GET",
+                    url,
+                    policy=OutboundPolicy.from_settings(self.settings),
+                    headers={"Accept-Encoding": "identity"},
+                ) as response,
+            ):
+                if response.status_code != 200:
+                    code = (
+                        JobErrorCode.dataset_not_found
+                        if response.status_code in (401, 403, 404, 410)
+                        else JobErrorCode.storage_error
+                    )
+                    raise JobFailure(code, f"{param}: {url} answered HTTP {response.status_code}")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise JobFailure(
+                        JobErrorCode.invalid_dataset,
+                        f"{param}: {url} is {int(declared)} bytes, "
+                        f"more than the {limit} bytes allowed (max_upload_bytes)",
+                    )
+                size = 0
+                # Raw bytes: a compressed answer is not inflated here, so the limit holds for what is stored.
+                for chunk in response.iter_raw(1024 * 1024):
+                    size += len(chunk)
+                    if size > limit:
+                        raise JobFailure(
+                            JobErrorCode.invalid_dataset,
+                            f"{param}: {url} is more than the {limit} bytes allowed (max_upload_bytes)",
+                        )
+                    if time.monotonic() > deadline:
+                        raise JobFailure(
+                            JobErrorCode.storage_error,
+                            f"{param}: downloading {url} took more than "
+                            f"{self.settings.http_dataset_timeout_seconds:g}s",
+                        )
+                    digest.update(chunk)
+                    handle.write(chunk)
+        except URLRefused as exc:
+            staging.unlink(missing_ok=True)
+            raise JobFailure(
+                JobErrorCode.dataset_not_found, f"{param}: {url} is refused: {exc.message}"
+            ) from exc
+        except OutboundError as exc:
+            staging.unlink(missing_ok=True)
+            raise JobFailure(
+                JobErrorCode.storage_error, f"{param}: could not download {url}: {exc.message}"
+            ) from exc
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+        target = folder / f"{digest.hexdigest()}.jsonl"
+        staging.replace(target)
         return target

@@ -16,6 +16,7 @@ from shared.queue import enqueue_job, queued_messages
 from shared.services import jobs as job_service
 from shared.settings import Settings
 from shared.states import JobStatus
+from worker.webhooks import deliver_due_webhooks
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,14 @@ def resend_lost_jobs(settings: Settings) -> list[str]:
 
 
 def maintain(settings: Settings) -> None:
-    """One round: reap, then re-send."""
+    """One round: reap, re-send, then deliver due webhooks."""
     reaped = reap_stale_jobs(settings)
     if reaped:
         log.warning("returned jobs with a lost worker to the queue: %s", reaped)
     resent = resend_lost_jobs(settings)
     if resent:
         log.info("sent jobs to the queue: %s", resent)
+    deliver_due_webhooks(settings)
 
 
 def start_maintenance(settings: Settings) -> threading.Event:
