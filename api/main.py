@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routers import files, health, jobs, models
+from api.routers import files, health, jobs, metrics, models, openai_compat, plans, webhooks
 from shared.db import session_factory
 from shared.settings import Settings, get_settings
 from shared.storage import make_store
@@ -25,6 +25,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = session_factory(settings.database_url)
     app.state.store = make_store(settings)
     install_error_handlers(app)
-    for module in (health, models, files, jobs):
+    for module in (health, metrics, models, files, jobs, webhooks, openai_compat, plans):
         app.include_router(module.router)
     return app

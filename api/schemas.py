@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, UploadedFile
+from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, Plan, UploadedFile
 from shared.schemas import (
     AdapterSpec,
     ExportSpec,
@@ -50,6 +50,10 @@ class JobOut(BaseModel):
     total_params: int | None = None
     trained_tokens: int | None = None
     result: dict[str, Any] = Field(default_factory=dict, description="final metrics of a finished job")
+    plan: dict[str, Any] | None = Field(
+        None,
+        description="what the checks before queueing found: datasets, parameters, memory estimate, notes",
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None = None
@@ -80,6 +84,7 @@ class JobOut(BaseModel):
             total_params=job.total_params,
             trained_tokens=job.trained_tokens,
             result=job.result or {},
+            plan=job.plan,
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,
@@ -207,6 +212,35 @@ class CheckpointList(BaseModel):
     data: list[CheckpointOut]
 
 
+class PlanOut(BaseModel):
+    object: Literal["plan"] = "plan"
+    id: str
+    status: str = Field(description="pending, ready, refused or failed")
+    spec: dict[str, Any]
+    result: dict[str, Any] | None = Field(
+        None,
+        description="datasets (samples, tokens, truncation, the first sample with its loss mask), params, "
+        "memory (per GPU, with and without gradient checkpointing), refusals and notes",
+    )
+    error: ErrorBody | None = None
+    created_at: datetime
+    finished_at: datetime | None = None
+
+    @classmethod
+    def of(cls, plan: Plan) -> PlanOut:
+        return cls(
+            id=plan.id,
+            status=plan.status,
+            spec=plan.spec,
+            result=plan.result,
+            error=ErrorBody(code=plan.error_code, message=plan.error_message or "")
+            if plan.error_code
+            else None,
+            created_at=plan.created_at,
+            finished_at=plan.finished_at,
+        )
+
+
 class ExportRequest(BaseModel):
     """Options for merging a finished adapter into its base model."""
 
@@ -219,33 +253,43 @@ class ExportRequest(BaseModel):
 
 
 class FileOut(BaseModel):
+    """OpenAI's file object (so the `openai` client reads it), with Tuneforge's checks of the dataset."""
+
     object: Literal["file"] = "file"
     id: str
-    filename: str
-    purpose: str
     bytes: int
+    created_at: int = Field(description="unix seconds")
+    filename: str
+    purpose: str = Field(description="fine-tune (uploads) or fine-tune-results (a job's metrics CSV)")
+    status: Literal["processed"] = Field(
+        "processed", description="always processed: every line is checked before the upload answers"
+    )
+    status_details: str | None = None
+    expires_at: int | None = None
     sha256: str
-    format: str
+    format: str = Field(description="messages, prompt_completion or text (csv for results files)")
     num_samples: int
-    created_at: datetime
 
     @classmethod
     def of(cls, record: UploadedFile) -> FileOut:
         return cls(
             id=record.id,
+            bytes=record.size_bytes,
+            created_at=int(record.created_at.timestamp()),
             filename=record.filename,
             purpose=record.purpose,
-            bytes=record.size_bytes,
             sha256=record.sha256,
             format=record.format,
             num_samples=record.num_samples,
-            created_at=record.created_at,
         )
 
 
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileOut]
+    has_more: bool = Field(False, description="pass the last id as `after` for the next page")
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class ModelOut(BaseModel):

@@ -169,7 +169,9 @@ class Settings(BaseSettings):
                 "storage_backend=s3 needs TUNEFORGE_S3_ACCESS_KEY_ID and TUNEFORGE_S3_SECRET_ACCESS_KEY"
             )
         if self.outbound_allow_loopback and self.environment != Environment.test:
-            raise ValueError("TUNEFORGE_OUTBOUND_ALLOW_LOOPBACK is a test hook; set it only in the test environment")
+            raise ValueError(
+                "TUNEFORGE_OUTBOUND_ALLOW_LOOPBACK is a test hook; set it only in the test environment"
+            )
         if self.test_oom_above_micro_batch is not None and self.environment != Environment.test:
             raise ValueError(
                 "TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH is a test hook; set it only in the test environment"
