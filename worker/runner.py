@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -92,12 +91,6 @@ class Outcome:
     kind: str  # ok | failed | oom | stopped | cancelled | lost | timeout | crashed
     code: int | None = None
     detail: str = ""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -237,13 +230,13 @@ class Attempt:
         processes = spec.resources.gpus
         if processes == 1:
             return launch
+        # --standalone: torchrun's rendezvous binds a free port itself (no race for a port picked here).
         return [
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",
             f"--nproc_per_node={processes}",
-            f"--master_port={_free_port()}",
-            "--master_addr=127.0.0.1",
             *launch[1:],
         ]
 

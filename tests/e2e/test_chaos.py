@@ -32,7 +32,9 @@ def chaos(work_dir, pg_url, s3_server, tiny_model_dir, tmp_path_factory, api_key
         pg_url=pg_url,
         redis_url=f"redis://127.0.0.1:6379/{CHAOS_REDIS_DB}",
         s3=s3_server,
-        lease_timeout_seconds=6,
+        # Short enough for the test to see a lost worker within seconds, long enough that a loaded 2-core
+        # machine never lets a healthy worker's lease lapse.
+        lease_timeout_seconds=15,
         heartbeat_interval_seconds=0.5,
         maintenance_interval_seconds=1,
         resend_grace_seconds=2,

@@ -81,7 +81,7 @@ def run(settings, store, gpus: int, zero_stage: int, batch_size: int) -> str:
         events = [
             e.message for e in session.query(JobEvent).filter(JobEvent.job_id == job_id).order_by(JobEvent.id)
         ]
-    assert status is JobStatus.succeeded, (job.error_message, events)
+    assert status is JobStatus.succeeded, (job.error_message, events[-1])
     return job_id
 
 

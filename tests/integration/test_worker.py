@@ -109,7 +109,7 @@ def test_lora_trains_and_uploads_a_loadable_adapter(settings, store, tiny_model_
     assert trainable == 2 * (8 * (64 + 64) + 8 * (64 + 32) + 8 * (64 + 32) + 8 * (64 + 64))
 
 
-def test_bad_target_module_fails_with_an_actionable_message(settings, store, tiny_model_dir):
+def test_bad_target_module_fails_before_queueing_with_an_actionable_message(settings, store, tiny_model_dir):
     job_id = submit(
         settings,
         store,
@@ -117,8 +117,9 @@ def test_bad_target_module_fails_with_an_actionable_message(settings, store, tin
         adapter={"target_modules": ["c_attn"]},
         hyperparameters={"max_steps": 2},
     )
-    validation.validate_job(settings, job_id)
-    assert runner.run_job(settings, job_id) is JobStatus.failed
+    # The plan made during validation finds it: the job never waits for a GPU.
+    assert validation.validate_job(settings, job_id) is JobStatus.failed
+    assert runner.run_job(settings, job_id) is None
     failed = job(settings, job_id)
     assert failed.error_code == "invalid_config"
     assert "c_attn" in failed.error_message and "q_proj" in failed.error_message
