@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.schemas import LORA_METHODS, JobSpec, Method, QuantizationSpec
+from shared.schemas import DEFAULT_MAX_SEQ_LENGTH, LORA_METHODS, JobSpec, Method, QuantizationSpec
 
 PLAN_VERSION = 1
 GIB = 1024**3
@@ -287,6 +287,16 @@ class Note:
         return asdict(self)
 
 
+def fit_to_model(spec: JobSpec, shape: ModelShape) -> JobSpec:
+    """Fills the defaults that depend on the base model: an unset max_seq_length becomes the model's
+    context length, at most 1024."""
+    hp = spec.hyperparameters
+    if hp is None or hp.max_seq_length is not None:
+        return spec
+    length = min(DEFAULT_MAX_SEQ_LENGTH, shape.context_length or DEFAULT_MAX_SEQ_LENGTH)
+    return spec.model_copy(update={"hyperparameters": hp.model_copy(update={"max_seq_length": length})})
+
+
 def static_checks(
     spec: JobSpec, shape: ModelShape, layers: list[LinearLayer] | None = None
 ) -> tuple[list[Refusal], list[Note]]:
@@ -298,7 +308,7 @@ def static_checks(
 
     if hp is not None:
         positions = shape.context_length
-        if positions is not None and hp.max_seq_length > positions:
+        if positions is not None and hp.seq_length > positions:
             stretched = (
                 f" ({shape.max_position_embeddings} stretched by the config's RoPE scaling)"
                 if shape.max_position_embeddings != positions
@@ -308,7 +318,7 @@ def static_checks(
                 Refusal(
                     "max_seq_length_exceeds_positions",
                     "hyperparameters.max_seq_length",
-                    f"max_seq_length {hp.max_seq_length} is above the {positions} positions this model handles"
+                    f"max_seq_length {hp.seq_length} is above the {positions} positions this model handles"
                     f"{stretched}: tokens past position {positions} would get position encodings the model never "
                     "saw in pretraining (a learned position table fails outright with an index error); "
                     f"set max_seq_length to at most {positions}",
@@ -521,7 +531,7 @@ def estimate_memory(
     hp, adapter, resources = spec.hyperparameters, spec.adapter, spec.resources
     gpus, zero = max(resources.gpus, 1), resources.zero_stage
     b = hp.batch_size
-    s = hp.max_seq_length if hp.packing or seq_length is None else max(1, min(seq_length, hp.max_seq_length))
+    s = hp.seq_length if hp.packing or seq_length is None else max(1, min(seq_length, hp.seq_length))
     t = b * s
     qlora = spec.method is Method.qlora
     base_params = max(total_params - trainable_params, 0)

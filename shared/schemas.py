@@ -27,6 +27,9 @@ LORA_METHODS: frozenset[Method] = frozenset({Method.lora, Method.dora, Method.rs
 DATASET_METHODS: frozenset[Method] = LORA_METHODS | {Method.fusion}
 
 
+DEFAULT_MAX_SEQ_LENGTH = 1024
+
+
 class Priority(StrEnum):
     low = "low"
     normal = "normal"
@@ -81,7 +84,12 @@ class Hyperparameters(BaseModel):
     )
     batch_size: int = Field(4, ge=1, le=1024, description="micro-batch size per device")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    max_seq_length: int = Field(1024, ge=16, le=131072, description="longer samples are truncated")
+    max_seq_length: int | None = Field(
+        None,
+        ge=16,
+        le=131072,
+        description="longer samples are truncated; default: the base model's context length, at most 1024",
+    )
     packing: bool = Field(False, description="pack several samples into each sequence")
     gradient_checkpointing: bool | None = Field(
         None,
@@ -97,6 +105,11 @@ class Hyperparameters(BaseModel):
     checkpoint_steps: int | None = Field(
         None, ge=1, description="save a resumable checkpoint every N steps; default: the deployment's setting"
     )
+
+    @property
+    def seq_length(self) -> int:
+        """The sequence length in force (the default until the job is fitted to its model)."""
+        return self.max_seq_length or DEFAULT_MAX_SEQ_LENGTH
 
     @model_validator(mode="after")
     def _length(self) -> Hyperparameters:

@@ -19,6 +19,8 @@ from shared.states import JobStatus
 from worker.webhooks import deliver_due_webhooks
 
 log = logging.getLogger(__name__)
+RUNNING = frozenset({JobStatus.running})
+CANCELLING = frozenset({JobStatus.cancelling})
 
 
 def reap_stale_jobs(settings: Settings) -> list[str]:
@@ -33,12 +35,20 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
                 Job.heartbeat_at < stale,
             )
         ).all()
+        # Re-checked in each update: a worker that was only slow and has just heartbeated keeps its job.
+        still_stale = (Job.heartbeat_at < stale,)
         for job in jobs:
             last = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
             lost = f"the worker running attempt {job.attempt} stopped heartbeating (last at {last})"
             if job.status == JobStatus.cancelling:
                 done = job_service.transition(
-                    session=session, job_id=job.id, to=JobStatus.cancelled, attempt=job.attempt, message=lost
+                    session=session,
+                    job_id=job.id,
+                    to=JobStatus.cancelled,
+                    attempt=job.attempt,
+                    from_=CANCELLING,
+                    conditions=still_stale,
+                    message=lost,
                 )
             elif job.attempt >= settings.max_attempts:
                 done = job_service.transition(
@@ -46,6 +56,8 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
                     job_id=job.id,
                     to=JobStatus.failed,
                     attempt=job.attempt,
+                    from_=RUNNING,
+                    conditions=still_stale,
                     message=f"{lost}; no attempts left",
                     error_code=JobErrorCode.worker_lost.value,
                     error_message=f"{lost}; gave up after {job.attempt} attempts",
@@ -56,6 +68,8 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
                     job_id=job.id,
                     to=JobStatus.queued,
                     attempt=job.attempt,
+                    from_=RUNNING,
+                    conditions=still_stale,
                     message=f"{lost}; the job goes back to the queue and resumes from its last checkpoint",
                     worker_id=None,
                     enqueued_at=None,

@@ -172,7 +172,7 @@ def _dataset_checks(param: str, report: dict[str, Any], spec: JobSpec) -> tuple[
             Refusal(
                 "no_trained_tokens",
                 "hyperparameters.max_seq_length",
-                f"no sample of {param} has a token to learn within max_seq_length {hp.max_seq_length} (the "
+                f"no sample of {param} has a token to learn within max_seq_length {hp.seq_length} (the "
                 "trained part of every sample lies beyond it); raise max_seq_length",
             )
         )
@@ -181,7 +181,7 @@ def _dataset_checks(param: str, report: dict[str, Any], spec: JobSpec) -> tuple[
             Note(
                 "samples_dropped",
                 f"{lost} of {report['samples']} samples of {param} have no trained token within max_seq_length "
-                f"{hp.max_seq_length} and are left out",
+                f"{hp.seq_length} and are left out",
                 "hyperparameters.max_seq_length",
             )
         )
@@ -190,7 +190,7 @@ def _dataset_checks(param: str, report: dict[str, Any], spec: JobSpec) -> tuple[
             Note(
                 "samples_truncated",
                 f"{report['truncated_samples']} of {report['samples']} samples of {param} are longer than "
-                f"max_seq_length {hp.max_seq_length} (longest {report['tokens']['max']} tokens) and are cut",
+                f"max_seq_length {hp.seq_length} (longest {report['tokens']['max']} tokens) and are cut",
                 "hyperparameters.max_seq_length",
             )
         )
@@ -204,7 +204,7 @@ def _schedule(spec: JobSpec, train: dict[str, Any]) -> dict[str, Any]:
     assert hp is not None
     gpus = spec.resources.gpus
     kept = train["samples"] - train["samples_without_trained_tokens"]
-    rows = math.ceil(train["tokens"]["after_truncation"] / hp.max_seq_length) if hp.packing else kept
+    rows = math.ceil(train["tokens"]["after_truncation"] / hp.seq_length) if hp.packing else kept
     micro_batches = math.ceil(rows / (hp.batch_size * gpus)) if rows else 0
     steps_per_epoch = math.ceil(micro_batches / hp.gradient_accumulation_steps) if micro_batches else 0
     total = hp.max_steps if hp.max_steps is not None else steps_per_epoch * (hp.epochs or 1)
@@ -256,7 +256,7 @@ def make_plan(
             if data is None:
                 continue
             try:
-                report = dataset_report(data.records, data.format, tokenizer, hp.max_seq_length)
+                report = dataset_report(data.records, data.format, tokenizer, hp.seq_length)
             except JobFailure as failure:
                 refusals.append(Refusal("dataset_unusable", param, failure.message))
                 continue

@@ -34,7 +34,7 @@ from shared.queue import enqueue_job
 from shared.schemas import JobSpec, job_sources
 from shared.services import jobs as job_service
 from shared.settings import Settings
-from shared.states import JobStatus
+from shared.states import ACTIVE, JobStatus
 from shared.storage import StorageError, make_store
 from worker.assets import AssetCache
 from worker.launch import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED, LaunchSpec
@@ -143,7 +143,15 @@ class Attempt:
     def move(self, to: JobStatus, message: str, **values: object) -> bool:
         return self.write(
             lambda session: job_service.transition(
-                session=session, job_id=self.job_id, to=to, attempt=self.attempt, message=message, **values
+                session=session,
+                job_id=self.job_id,
+                to=to,
+                attempt=self.attempt,
+                # Only from a state this attempt is in: if the reaper already handed the job back (same
+                # attempt number, now queued), this attempt must not fail or requeue it again.
+                from_=ACTIVE,
+                message=message,
+                **values,
             ),
             f"the move to {to.value}",
         )
@@ -502,6 +510,7 @@ def _never_left_running(settings: Settings, job_id: str, attempt: int) -> None:
                     job_id=job_id,
                     to=to,
                     attempt=attempt,
+                    from_=frozenset({JobStatus(job.status)}),
                     message="the worker stopped without finishing the job",
                     error_code=None if to is JobStatus.cancelled else JobErrorCode.internal_error.value,
                     error_message=None

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.datasets import DatasetInvalid, DatasetSummary, read_dataset
 from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job, Plan
+from shared.planning import fit_to_model
 from shared.queue import enqueue_job
 from shared.schemas import JobSpec, job_sources
 from shared.services import jobs as job_service
@@ -25,6 +27,7 @@ from shared.storage import make_store
 from worker.assets import AssetCache
 
 log = logging.getLogger(__name__)
+VALIDATING = frozenset({JobStatus.validating})
 
 
 @dataclass
@@ -64,6 +67,16 @@ def check_inputs(
     return Inputs(summaries, cache.model_dir(spec.base_model))
 
 
+def fitted(spec: JobSpec, inputs: Inputs) -> JobSpec:
+    """The spec with the defaults that depend on the base model filled in (as the API does when it can
+    read the model's config)."""
+    from worker.planning import model_shape
+
+    if spec.hyperparameters is None:
+        return spec
+    return fit_to_model(spec, model_shape(inputs.model_dir))
+
+
 def plan_for(settings: Settings, spec: JobSpec, inputs: Inputs) -> dict[str, Any] | None:
     """The plan of a job that trains (None for merge and export, which have nothing to estimate)."""
     if spec.hyperparameters is None or spec.adapter is None:
@@ -88,7 +101,8 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
     (None if it was not validating)."""
     cache = AssetCache(settings, make_store(settings))
     with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
+        # Locked for the whole check: a second delivery of the same message waits, then finds it done.
+        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
         if job is None or job.status != JobStatus.validating:
             log.info("job %s is not validating (%s); nothing to do", job_id, job and job.status)
             return None
@@ -103,6 +117,8 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
                 dataset=job.dataset_uri,
                 validation_dataset=job.validation_uri,
             )
+            spec = fitted(spec, inputs)
+            job.spec = spec.model_dump(mode="json")
             plan = plan_for(settings, spec, inputs)
             if plan is not None and plan["status"] == "refused":
                 raise JobFailure(
@@ -113,6 +129,7 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
                 session=session,
                 job_id=job_id,
                 to=JobStatus.failed,
+                from_=VALIDATING,
                 message=f"validation failed: {failure.message}",
                 error_code=failure.code.value,
                 error_message=failure.message,
@@ -143,7 +160,12 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
                 data={"notes": [n["message"] for n in plan.get("notes", [])]},
             )
         if not job_service.transition(
-            session=session, job_id=job_id, to=JobStatus.queued, message="job is queued", enqueued_at=None
+            session=session,
+            job_id=job_id,
+            to=JobStatus.queued,
+            from_=VALIDATING,
+            message="job is queued",
+            enqueued_at=None,
         ):
             return JobStatus(session.get(Job, job_id).status)
     # Enqueue only after the commit that queued it; if the broker is away, the sweeper sends it later.
@@ -174,7 +196,7 @@ def make_job_plan(settings: Settings, plan_id: str) -> str | None:
                 dataset=dataset,
                 validation_dataset=validation_dataset,
             )
-            plan = plan_for(settings, spec, inputs) or {
+            plan = plan_for(settings, fitted(spec, inputs), inputs) or {
                 "status": "ready",
                 "method": spec.method.value,
                 "notes": [],

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
-from shared.planning import ModelConfigError, ModelShape, static_refusals
+from shared.planning import ModelConfigError, ModelShape, fit_to_model, static_refusals
 from shared.schemas import AVAILABLE_METHODS, JobSpec, Method, job_sources
 from shared.services.models import model_config
 from shared.services.webhooks import record_job_finished
@@ -142,7 +142,7 @@ def check_spec(
             param="resources.gpus",
         )
     hp = spec.hyperparameters
-    if hp is not None and hp.max_seq_length > settings.max_seq_length:
+    if hp is not None and hp.max_seq_length is not None and hp.max_seq_length > settings.max_seq_length:
         raise InvalidRequest(
             f"max_seq_length is limited to {settings.max_seq_length} on this deployment",
             param="hyperparameters.max_seq_length",
@@ -171,15 +171,7 @@ def _fit_to_model(*, settings: Settings, store: ObjectStore, spec: JobSpec) -> J
         shape = ModelShape.from_config(config)
     except ModelConfigError:
         return spec
-    hp = spec.hyperparameters
-    context = shape.context_length
-    if (
-        hp is not None
-        and "max_seq_length" not in hp.model_fields_set
-        and context
-        and hp.max_seq_length > context
-    ):
-        spec = spec.model_copy(update={"hyperparameters": hp.model_copy(update={"max_seq_length": context})})
+    spec = fit_to_model(spec, shape)
     refusals = static_refusals(spec, shape)
     if refusals:
         first = refusals[0]
@@ -300,13 +292,16 @@ def transition(
     job_id: str,
     to: JobStatus,
     attempt: int | None = None,
+    from_: frozenset[JobStatus] | None = None,
     message: str | None = None,
     event_data: dict[str, Any] | None = None,
+    conditions: Sequence[ColumnElement[bool]] = (),
     **values: Any,
 ) -> bool:
-    """Moves a job to `to` if the state machine allows it from its current status (and, when given, only for
-    that attempt). Returns False when the job had moved on or belongs to another attempt."""
-    query = update(Job).where(Job.id == job_id, Job.status.in_([s.value for s in sources_of(to)]))
+    """Moves a job to `to` if the state machine allows it from its current status — and, when given, only
+    from the statuses in `from_` and only for that attempt. Returns False when the job had moved on."""
+    sources = sources_of(to) if from_ is None else sources_of(to) & from_
+    query = update(Job).where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *conditions)
     if attempt is not None:
         query = query.where(Job.attempt == attempt)
     now = utcnow()
@@ -344,6 +339,7 @@ def cancel_job(*, session: Session, team_id: TeamID, job_id: str) -> Job:
         session=session,
         job_id=job_id,
         to=target,
+        from_=frozenset({status}),
         message="cancelled by the user" if target is JobStatus.cancelled else "cancellation requested",
         cancel_requested_at=utcnow(),
     ):

@@ -36,6 +36,7 @@ def model_config(*, settings: Settings, store: ObjectStore, name: str) -> dict[s
             config = json.loads(store.read_bytes(f"{prefix.rstrip('/')}/config.json", bucket=bucket))
     except (OSError, ValueError, StorageError):
         config = None
-    with _lock:
-        _cache[entry.location] = (now, config)
+    if config is not None:  # a miss is not remembered: the model may be uploaded a moment later
+        with _lock:
+            _cache[entry.location] = (now, config)
     return config

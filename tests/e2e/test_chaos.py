@@ -175,7 +175,8 @@ def test_racing_workers_run_one_attempt(chaos):
         e for e in events(settings, job_id) if e.type == "status" and e.data.get("status") == "running"
     ]
     assert status(client, job_id)["status"] == "succeeded"
-    assert len(started) == 1 and status(client, job_id)["attempt"] == 1
+    history = [(e.attempt, e.message) for e in events(settings, job_id)]
+    assert len(started) == 1 and status(client, job_id)["attempt"] == 1, history
     print("\n[chaos] racing workers: duplicate concurrent attempts 0")
 
 

@@ -61,8 +61,13 @@ def submit(settings, store, **spec) -> str:
             session=session, settings=settings, store=store, team_id=TEAM, spec=JobSpec(**body)
         )
         job_id = job.id
-    assert validation.validate_job(settings, job_id) is JobStatus.queued
+    assert validation.validate_job(settings, job_id) is JobStatus.queued, error_of(settings, job_id)
     return job_id
+
+
+def error_of(settings, job_id) -> str | None:
+    with session_scope(settings.database_url) as session:
+        return session.get(Job, job_id).error_message
 
 
 def job(settings, job_id) -> Job:

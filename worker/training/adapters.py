@@ -52,23 +52,23 @@ def training_datasets(
 ) -> tuple[Dataset, Dataset | None]:
     """Encodes the job's dataset (and validation dataset) as LoraRecipe does, reporting what it found."""
     assert ctx.train_data is not None
-    train = encode_dataset(ctx.train_data.records, ctx.train_data.format, tokenizer, hp.max_seq_length)
+    train = encode_dataset(ctx.train_data.records, ctx.train_data.format, tokenizer, hp.seq_length)
     ctx.reporter.event(
         "dataset",
         f"{len(train.samples)} training samples, {train.total_tokens} tokens, "
-        f"{train.truncated} longer than max_seq_length {hp.max_seq_length}",
+        f"{train.truncated} longer than max_seq_length {hp.seq_length}",
         data={"samples": len(train.samples), "tokens": train.total_tokens, "truncated": train.truncated},
     )
-    columns = train.columns(hp.max_seq_length)
+    columns = train.columns(hp.seq_length)
     if not columns["input_ids"]:
         raise JobFailure(
             JobErrorCode.invalid_dataset,
-            f"no sample has a token to learn within max_seq_length {hp.max_seq_length}; raise it",
+            f"no sample has a token to learn within max_seq_length {hp.seq_length}; raise it",
         )
     eval_dataset = None
     if ctx.eval_data is not None:
-        encoded = encode_dataset(ctx.eval_data.records, ctx.eval_data.format, tokenizer, hp.max_seq_length)
-        eval_dataset = Dataset.from_dict(encoded.columns(hp.max_seq_length))
+        encoded = encode_dataset(ctx.eval_data.records, ctx.eval_data.format, tokenizer, hp.seq_length)
+        eval_dataset = Dataset.from_dict(encoded.columns(hp.seq_length))
     return Dataset.from_dict(columns), eval_dataset
 
 
@@ -100,7 +100,7 @@ def training_args(recipe: LoraRecipe, hp: Hyperparameters, *, has_eval: bool) ->
         report_to="none",
         seed=hp.seed,
         data_seed=hp.seed,
-        max_length=hp.max_seq_length,
+        max_length=hp.seq_length,
         packing=hp.packing,
         gradient_checkpointing=bool(hp.gradient_checkpointing),
         bf16=training_dtype() is torch.bfloat16,
