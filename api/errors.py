@@ -50,7 +50,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail), None)
+        response = _error(exc.status_code, code, str(exc.detail), None)
+        response.headers.update(exc.headers or {})  # e.g. the `Allow` header a 405 must carry
+        return response
 
     @app.exception_handler(ObjectNotFound)
     async def _missing_object(_: Request, exc: ObjectNotFound) -> JSONResponse:

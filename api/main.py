@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from api.deps import refuse_unstorable_text
 from api.errors import install_error_handlers
 from api.routers import files, health, jobs, metrics, models, openai_compat, plans, webhooks
 from shared.db import session_factory
@@ -20,7 +21,12 @@ Fine-tune LLMs with parameter-efficient methods. Upload a dataset (`POST /v1/fil
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the API for the given settings (the environment's by default)."""
     settings = settings or get_settings()
-    app = FastAPI(title="Tuneforge", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(
+        title="Tuneforge",
+        version="0.1.0",
+        description=DESCRIPTION,
+        dependencies=[Depends(refuse_unstorable_text)],
+    )
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.database_url)
     app.state.store = make_store(settings)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,6 +15,8 @@ from shared.schemas import (
     Hyperparameters,
     JobSpec,
     MergeSpec,
+    MetadataKey,
+    MetadataValue,
     Priority,
     QuantizationSpec,
     Resources,
@@ -249,7 +251,8 @@ class ExportRequest(BaseModel):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     max_shard_size: str = Field("2GB", pattern=r"^[0-9]+(KB|MB|GB)$")
     priority: Priority = Priority.normal
-    metadata: dict[str, str] = Field(default_factory=dict)
+    # The export job's metadata: the same limits as a job's (checked here, so a bad key is a 422, not a 500).
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] = Field(default_factory=dict)
 
 
 class FileOut(BaseModel):

@@ -28,8 +28,30 @@ class DatasetSource:
     path: Path | None = None
 
 
-def resolve_dataset_uri(value: str, settings: Settings, *, param: str) -> DatasetSource:
-    """Parses a dataset reference and applies the deployment's policy (InvalidRequest names `param`)."""
+# Prefixes of the deployment's own bucket that Tuneforge writes: a team's uploads and artifacts live under
+# files/<team id>/ and artifacts/<team id>/, base models under models/.
+TEAM_PREFIXES = ("files", "artifacts")
+
+
+def check_own_objects(bucket: str, key: str, settings: Settings, *, team_id: str, param: str) -> None:
+    """Refuses a key of the deployment's bucket that belongs to another team (or to the base models): an
+    s3:// URI must not reach what the API would answer 404 for."""
+    if bucket != settings.storage_bucket:
+        return
+    top, _, rest = key.partition("/")
+    if top in TEAM_PREFIXES and not rest.startswith(f"{team_id}/"):
+        raise InvalidRequest(
+            f"s3://{bucket}/{key} belongs to another team; use your own uploads and jobs", param=param
+        )
+    if top == "models":
+        raise InvalidRequest(
+            f"s3://{bucket}/{key} is a base model, not something a job can read", param=param
+        )
+
+
+def resolve_dataset_uri(value: str, settings: Settings, *, param: str, team_id: str) -> DatasetSource:
+    """Parses a dataset reference and applies the deployment's policy for `team_id` (InvalidRequest names
+    `param`)."""
     value = value.strip()
     if FILE_ID.match(value):
         return DatasetSource(kind="upload", uri=value, file_id=value)
@@ -53,6 +75,7 @@ def resolve_dataset_uri(value: str, settings: Settings, *, param: str) -> Datase
             raise InvalidRequest(
                 f"bucket {bucket!r} is not allowed here; allowed buckets: {allowed}", param=param
             )
+        check_own_objects(bucket, key, settings, team_id=team_id, param=param)
         return DatasetSource(kind="s3", uri=value, bucket=bucket, key=key)
     if scheme == "file":
         parts = urlsplit(value)

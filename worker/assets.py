@@ -20,7 +20,7 @@ from shared.models import Artifact, Job, UploadedFile
 from shared.schemas import AdapterSource
 from shared.settings import Settings
 from shared.storage import ObjectNotFound, ObjectStore, StorageError, parse_s3_uri
-from shared.uris import resolve_dataset_uri
+from shared.uris import check_own_objects, resolve_dataset_uri
 from shared.urlpolicy import OutboundError, OutboundPolicy, URLRefused, open_url
 
 COMPLETE = ".tuneforge-complete"
@@ -112,6 +112,16 @@ class AssetCache:
             return target
         assert source.uri is not None
         bucket, prefix = parse_s3_uri(source.uri)
+        try:  # the policy, again at run time (it may have changed since submission)
+            check_own_objects(
+                bucket,
+                f"{prefix.rstrip('/')}/adapter_config.json",
+                self.settings,
+                team_id=team_id,
+                param="source",
+            )
+        except InvalidRequest as exc:
+            raise JobFailure(JobErrorCode.invalid_config, exc.message) from exc
         target = self.root / "adapters" / hashlib.sha256(source.uri.encode()).hexdigest()[:32]
         shutil.rmtree(target, ignore_errors=True)  # an s3:// folder may change; fetch it afresh
         try:
@@ -125,7 +135,7 @@ class AssetCache:
     def dataset_file(self, uri: str, *, session: Session, team_id: str, param: str) -> Path:
         """Returns a local copy of a job's dataset, verified against its recorded sha256 when there is one."""
         try:
-            source = resolve_dataset_uri(uri, self.settings, param=param)
+            source = resolve_dataset_uri(uri, self.settings, param=param, team_id=team_id)
         except InvalidRequest as exc:  # the deployment's policy changed since the job was submitted
             raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {exc.message}") from exc
         if source.kind == "local":

@@ -170,7 +170,8 @@ def delete_file(file_id: str, session: SessionDep, store: StoreDep, team: Caller
     new jobs cannot use the id. A job submitted at the very moment of the deletion fails its validation
     with `dataset_not_found`.
     """
-    refuse_results_file_delete(file_id)
+    if find_results_file(session, team, file_id) is not None:  # 404 unless it is the team's own job's
+        refuse_results_file_delete(file_id)
     record = file_service.get_file(session=session, team_id=team, file_id=file_id)
     readers = session.scalars(
         select(Job.id)

@@ -114,6 +114,7 @@ def export_job(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response | JobOut:
     """Starts an export job that merges this finished job's adapter into its base model."""
+    job_service.get_job(session=session, team_id=team, job_id=job_id)  # 404 unless it is the team's job
     body = body or ExportRequest()
     spec = JobSpec(
         method=Method.export,
@@ -165,7 +166,9 @@ def list_events(
     job_id: str,
     session: SessionDep,
     team: CallerTeam,
-    after: Annotated[int | None, Query(ge=0, description="return events after this event id")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=2**63 - 1, description="return events after this event id")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventPage:
     """Returns a job's events in the order they happened."""
@@ -201,6 +204,10 @@ def stream_events(job_id: str, request: Request, session: SessionDep, team: Call
                 return
             if not page:
                 time.sleep(1.0)
+                # A comment (SSE clients skip it) between idle polls: without it this generator never
+                # returns to the server while the job is quiet, so a client that left is never noticed and
+                # its thread polls until the job ends (enough of them exhaust the threadpool).
+                yield b": keep-alive\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -15,6 +15,7 @@ from shared.settings import Settings
 from shared.states import JobStatus
 from shared.storage import ObjectStore, StorageError, parse_s3_uri
 from shared.tenancy import TeamID
+from shared.uris import check_own_objects
 
 
 @dataclass(frozen=True)
@@ -30,17 +31,24 @@ class AdapterInfo:
     peft_type: str
 
 
-def _info(label: str, config: dict, base_model: str | None) -> AdapterInfo:
-    targets = config.get("target_modules") or []
-    return AdapterInfo(
-        label=label,
-        base_model=base_model or str(config.get("base_model_name_or_path") or ""),
-        rank=int(config.get("r") or 0),
-        target_modules=frozenset([targets] if isinstance(targets, str) else targets),
-        use_dora=bool(config.get("use_dora")),
-        use_rslora=bool(config.get("use_rslora")),
-        peft_type=str(config.get("peft_type") or ""),
-    )
+def _info(label: str, config: dict, base_model: str | None, param: str) -> AdapterInfo:
+    # The file may be anyone's JSON (an s3:// source is any object in an allowed bucket): a malformed one
+    # is the caller's error, not the server's.
+    try:
+        targets = config.get("target_modules") or []
+        return AdapterInfo(
+            label=label,
+            base_model=base_model or str(config.get("base_model_name_or_path") or ""),
+            rank=int(config.get("r") or 0),
+            target_modules=frozenset([targets] if isinstance(targets, str) else targets),
+            use_dora=bool(config.get("use_dora")),
+            use_rslora=bool(config.get("use_rslora")),
+            peft_type=str(config.get("peft_type") or ""),
+        )
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRequest(
+            f"{label}: adapter_config.json is not a valid adapter configuration", param=param
+        ) from exc
 
 
 def describe_source(
@@ -77,7 +85,7 @@ def describe_source(
             raise InvalidRequest(
                 f"could not read the adapter of job {source.job_id}: {exc}", param=param
             ) from exc
-        return _info(f"job {job.id}", config, job.base_model)
+        return _info(f"job {job.id}", config, job.base_model, param)
     assert source.uri is not None
     bucket, prefix = parse_s3_uri(source.uri)
     if bucket not in settings.allowed_s3_buckets:
@@ -86,10 +94,11 @@ def describe_source(
             f"bucket {bucket!r} is not allowed here; allowed buckets: {allowed}", param=param
         )
     key = f"{prefix.rstrip('/')}/adapter_config.json"
+    check_own_objects(bucket, key, settings, team_id=team_id, param=param)
     try:
         config = json.loads(store.read_bytes(key, bucket=bucket))
     except StorageError as exc:
         raise InvalidRequest(f"no adapter_config.json under {source.uri}", param=param) from exc
     except ValueError as exc:
         raise InvalidRequest(f"{source.uri}/adapter_config.json is not valid JSON", param=param) from exc
-    return _info(source.uri, config, None)
+    return _info(source.uri, config, None, param)

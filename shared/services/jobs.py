@@ -28,7 +28,7 @@ MAX_PAGE = 100
 
 
 def _check_dataset(*, session: Session, settings: Settings, team_id: TeamID, value: str, param: str) -> str:
-    source = resolve_dataset_uri(value, settings, param=param)
+    source = resolve_dataset_uri(value, settings, param=param, team_id=team_id)
     if source.kind == "upload":
         found = session.scalar(
             select(UploadedFile.id).where(UploadedFile.id == source.file_id, UploadedFile.team_id == team_id)
@@ -229,9 +229,14 @@ def _decode_cursor(cursor: str) -> tuple[datetime, Any]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, item_id = json.loads(raw)
-        return datetime.fromisoformat(created), item_id
+        moment = datetime.fromisoformat(created)
     except (ValueError, TypeError) as exc:
         raise InvalidRequest("cursor is not one this API returned", param="cursor") from exc
+    # A forged cursor must not reach the query: a naive time cannot be compared with stored ones, and an
+    # id that is not printable text (a number, NUL) is no id this API returned.
+    if moment.tzinfo is None or not (isinstance(item_id, str) and item_id.isprintable()):
+        raise InvalidRequest("cursor is not one this API returned", param="cursor")
+    return moment, item_id
 
 
 def list_jobs(
