@@ -61,3 +61,20 @@ def color_prompt_completion(n: int, seed: int = 0) -> list[dict]:
 
 def to_jsonl(rows: list[dict]) -> bytes:
     return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+
+
+def upload_dataset(session, settings, store, data: bytes, team_id: str = "team-default"):
+    """Stores a dataset the way POST /v1/files does (checked line by line) and returns its record."""
+    import io
+
+    from shared.services.files import store_upload
+
+    return store_upload(
+        session=session,
+        settings=settings,
+        store=store,
+        team_id=team_id,
+        filename="dataset.jsonl",
+        purpose="fine-tune",
+        source=io.BytesIO(data),
+    )

@@ -3,7 +3,6 @@ real runner. Each saves a complete adapter and follows the single-process loss c
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -18,11 +17,10 @@ from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Job, JobEvent
 from shared.schemas import JobSpec
 from shared.services import jobs as job_service
-from shared.services.files import store_upload
 from shared.states import JobStatus
 from shared.tenancy import TeamID
 from tests.conftest import TINY_MODEL, make_settings
-from tests.helpers import color_messages, to_jsonl
+from tests.helpers import color_messages, to_jsonl, upload_dataset
 from worker import runner, validation
 
 TEAM = TeamID(DEFAULT_TEAM_ID)
@@ -55,15 +53,7 @@ def two_gpu_settings(work_dir, pg_url, redis_url, s3_server, tiny_model_dir):
 
 def run(settings, store, gpus: int, zero_stage: int, batch_size: int) -> str:
     with session_scope(settings.database_url) as session:
-        upload = store_upload(
-            session=session,
-            settings=settings,
-            store=store,
-            team_id=TEAM,
-            filename="d.jsonl",
-            purpose="fine-tune",
-            source=io.BytesIO(to_jsonl(color_messages(48, seed=5))),
-        )
+        upload = upload_dataset(session, settings, store, to_jsonl(color_messages(48, seed=5)))
         spec = JobSpec(
             base_model=TINY_MODEL,
             dataset=upload.id,

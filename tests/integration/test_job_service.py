@@ -10,29 +10,19 @@ from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Job, utcnow
 from shared.schemas import JobSpec
 from shared.services import jobs as job_service
-from shared.services.files import store_upload
 from shared.states import JobStatus
 from shared.tenancy import TeamID
 from tests.conftest import TINY_MODEL
-from tests.helpers import color_messages, to_jsonl
+from tests.helpers import color_messages, to_jsonl, upload_dataset
 
 TEAM = TeamID(DEFAULT_TEAM_ID)
 
 
 @pytest.fixture
 def queued_job(settings, store) -> str:
-    import io
 
     with session_scope(settings.database_url) as session:
-        upload = store_upload(
-            session=session,
-            settings=settings,
-            store=store,
-            team_id=TEAM,
-            filename="c.jsonl",
-            purpose="fine-tune",
-            source=io.BytesIO(to_jsonl(color_messages(4))),
-        )
+        upload = upload_dataset(session, settings, store, to_jsonl(color_messages(4)))
         spec = JobSpec(base_model=TINY_MODEL, dataset=upload.id)
         job = job_service.create_job(session=session, settings=settings, store=store, team_id=TEAM, spec=spec)
         assert job_service.transition(session=session, job_id=job.id, to=JobStatus.queued)

@@ -4,7 +4,6 @@ The runner is called in this process (each attempt still trains in its own child
 
 from __future__ import annotations
 
-import io
 import subprocess
 import threading
 import time
@@ -21,11 +20,10 @@ from shared.models import DEFAULT_TEAM_ID, Checkpoint, Job, JobEvent, JobMetric,
 from shared.queue import queued_messages, train_queue
 from shared.schemas import JobSpec
 from shared.services import jobs as job_service
-from shared.services.files import store_upload
 from shared.states import JobStatus
 from shared.tenancy import TeamID
 from tests.conftest import TINY_MODEL, make_settings
-from tests.helpers import color_messages, to_jsonl
+from tests.helpers import color_messages, to_jsonl, upload_dataset
 from worker import maintenance, runner, validation
 
 TEAM = TeamID(DEFAULT_TEAM_ID)
@@ -47,15 +45,7 @@ def tuned(work_dir, pg_url, redis_url, s3_server, tiny_model_dir):
 
 def submit(settings, store, **spec) -> str:
     with session_scope(settings.database_url) as session:
-        upload = store_upload(
-            session=session,
-            settings=settings,
-            store=store,
-            team_id=TEAM,
-            filename="d.jsonl",
-            purpose="fine-tune",
-            source=io.BytesIO(to_jsonl(color_messages(24, seed=3))),
-        )
+        upload = upload_dataset(session, settings, store, to_jsonl(color_messages(24, seed=3)))
         body = {"base_model": TINY_MODEL, "dataset": upload.id, "hyperparameters": HP} | spec
         job = job_service.create_job(
             session=session, settings=settings, store=store, team_id=TEAM, spec=JobSpec(**body)

@@ -1,6 +1,5 @@
 """The worker's validation and training code, called directly, on real PostgreSQL and S3 with a tiny Llama."""
 
-import io
 import threading
 import time
 
@@ -13,11 +12,10 @@ from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Job
 from shared.schemas import JobSpec
 from shared.services import jobs as job_service
-from shared.services.files import store_upload
 from shared.states import JobStatus
 from shared.tenancy import TeamID
 from tests.conftest import BUCKET, TINY_MODEL
-from tests.helpers import color_messages, color_prompt_completion, to_jsonl
+from tests.helpers import color_messages, color_prompt_completion, to_jsonl, upload_dataset
 from worker import runner, validation
 
 TEAM = TeamID(DEFAULT_TEAM_ID)
@@ -26,15 +24,7 @@ TEAM = TeamID(DEFAULT_TEAM_ID)
 def submit(settings, store, dataset: str | bytes, **spec) -> str:
     with session_scope(settings.database_url) as session:
         if isinstance(dataset, bytes):
-            dataset = store_upload(
-                session=session,
-                settings=settings,
-                store=store,
-                team_id=TEAM,
-                filename="d.jsonl",
-                purpose="fine-tune",
-                source=io.BytesIO(dataset),
-            ).id
+            dataset = upload_dataset(session, settings, store, dataset).id
         body = {"base_model": TINY_MODEL, "dataset": dataset, **spec}
         if body.get("validation_dataset") == "same":
             body["validation_dataset"] = dataset
