@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -91,6 +91,27 @@ class Outcome:
     kind: str  # ok | failed | oom | stopped | cancelled | lost | timeout | crashed
     code: int | None = None
     detail: str = ""
+
+
+def memory_event(metrics: dict[str, Any], plan: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The measured peak memory of a finished attempt next to the plan's per-GPU estimate, as an event's
+    message and data; None when the recipe measured nothing."""
+    gpu = metrics.get("peak_gpu_memory_bytes")
+    host = metrics.get("peak_host_memory_bytes")
+    if gpu is None and host is None:
+        return None
+    estimate = ((plan or {}).get("memory") or {}).get("total")
+    parts = []
+    if gpu is not None:
+        parts.append(f"GPU {gpu / 2**30:.2f} GiB")
+        if estimate:
+            parts[-1] += f" (the plan estimated {estimate / 2**30:.2f} GiB, {gpu / estimate:.0%} of it)"
+    if host is not None:
+        parts.append(f"host {host / 2**30:.2f} GiB")
+    return {
+        "message": "peak memory of the training process: " + ", ".join(parts),
+        "data": {"peak_gpu_bytes": gpu, "peak_host_bytes": host, "plan_estimate_bytes": estimate},
+    }
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -362,6 +383,11 @@ class Attempt:
             job_service.record_artifacts(
                 session=session, job=job, kind=kind, stored=zip(names, stored, strict=True)
             )
+            memory = memory_event(result["metrics"], job.plan)
+            if memory is not None:
+                job_service.add_event(
+                    session=session, job_id=self.job_id, type="memory", attempt=self.attempt, **memory
+                )
             job_service.transition(
                 session=session,
                 job_id=self.job_id,

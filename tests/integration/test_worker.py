@@ -71,12 +71,21 @@ def test_lora_trains_and_uploads_a_loadable_adapter(settings, store, tiny_model_
     assert done.status == "succeeded" and done.attempt == 1 and done.error_code is None
     assert done.result["final_train_loss"] < done.result["first_train_loss"]
     assert done.result["eval_loss"] is not None
+    # Throughput and the measured peak memory, reported next to the plan's estimate.
+    assert done.result["tokens_per_second"] > 0 and done.trained_tokens > 0
+    assert done.result["peak_host_memory_bytes"] > 100 * 2**20
+    assert ("peak_gpu_memory_bytes" in done.result) == torch.cuda.is_available()
     with session_scope(settings.database_url) as session:
         curves = job_service.get_metrics(session=session, team_id=TEAM, job_id=job_id)
         artifacts = job_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id)
     assert [m.step for m in curves["train"]] == list(range(1, 25))
     assert [m.step for m in curves["eval"]] == [12, 24]
     assert all(m.tokens_per_second and m.tokens_per_second > 0 for m in curves["train"][1:])
+    with session_scope(settings.database_url) as session:
+        events, _ = job_service.list_events(session=session, team_id=TEAM, job_id=job_id)
+    memory = [e for e in events if e.type == "memory"]
+    assert len(memory) == 1 and memory[0].data["peak_host_bytes"] == done.result["peak_host_memory_bytes"]
+    assert memory[0].data["plan_estimate_bytes"] == done.plan["memory"]["total"] > 0
     names = {a.name for a in artifacts}
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json"} <= names
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,15 @@ def lora_config(spec: JobSpec, model: torch.nn.Module) -> LoraConfig:
         use_dora=bool(adapter.use_dora),
         use_rslora=bool(adapter.use_rslora),
     )
+
+
+def peak_memory() -> dict[str, int]:
+    """This process's peak memory so far: the GPU's (allocated by torch) where there is one, and the host's
+    resident set. Compared with the plan's estimate in the job's result and events."""
+    peaks = {"peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        peaks["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+    return peaks
 
 
 def training_dtype() -> torch.dtype:
@@ -266,6 +276,11 @@ class LoraRecipe(Recipe):
             "eval_loss": self.last_eval_loss,
             "train_runtime_seconds": round(self.runtime, 3),
             "seconds_per_step": round(self.runtime / state.global_step, 4) if state.global_step else None,
+            # Tokens of every rank together (the trainer gathers the count), per second of training.
+            "tokens_per_second": round(trained_tokens / self.runtime, 1)
+            if trained_tokens and self.runtime
+            else None,
+            **peak_memory(),
         }
         write_model_card(
             output_dir,
