@@ -257,7 +257,9 @@ class Attempt:
     def command(self, spec: JobSpec) -> list[str]:
         launch = [sys.executable, "-m", "worker.launch", str(self.work_dir)]
         processes = spec.resources.gpus
-        if processes == 1:
+        # DeepSpeed needs the process-group environment torchrun sets, even for one process (without it,
+        # it goes looking for MPI).
+        if processes == 1 and spec.resources.zero_stage == 0:
             return launch
         # --standalone: torchrun's rendezvous binds a free port itself (no race for a port picked here).
         return [

@@ -119,3 +119,14 @@ def test_two_process_jobs_match_one_process_and_save_a_complete_adapter(
         torch.testing.assert_close(value, reference_weights[name], rtol=1e-3, atol=1e-5)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     PeftModel.from_pretrained(base, folder)  # loads as it is
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3], ids=["zero-2", "zero-3"])
+def test_zero_on_one_gpu_runs_under_the_launcher_and_matches(
+    two_gpu_settings, store, single_process_run, zero_stage
+):
+    # DeepSpeed with a single process still needs a process-group environment (it would look for MPI
+    # without one): such a job starts under torchrun like a multi-GPU one.
+    settings = two_gpu_settings
+    job_id = run(settings, store, gpus=1, zero_stage=zero_stage, batch_size=4)
+    assert losses(settings, job_id) == pytest.approx(losses(settings, single_process_run), rel=1e-4, abs=1e-5)
