@@ -28,6 +28,7 @@ from shared.services import jobs as job_service
 from shared.services import webhooks as webhook_service
 from shared.settings import Settings
 from shared.states import JobStatus
+from shared.storage import make_store
 from tests.conftest import TINY_MODEL
 from tests.unit.test_urlpolicy import LocalServer, Seen
 from worker import webhooks as delivery
@@ -94,7 +95,7 @@ def new_job(settings: Settings, team_id: str, **metadata: str) -> str:
     )
     with session_scope(settings.database_url) as session:
         job = job_service.create_job(
-            session=session, settings=settings, store=None, team_id=team_id, spec=spec
+            session=session, settings=settings, store=make_store(settings), team_id=team_id, spec=spec
         )
         return job.id
 
