@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.service import Service, run_service_job  # noqa: E402
 
 MODELS = {
     # name: (hidden, layers, heads, kv heads, intermediate)
@@ -67,24 +68,6 @@ t_end = time.perf_counter()
 print(json.dumps({"import": t_import - t0, "setup": t_train - t_import, "train": t_trained - t_train,
                   "total_after_import": t_end - t_import}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("service not ready")
 
 
 def write_dataset(path: Path, n: int) -> None:
@@ -183,19 +166,6 @@ def fmt(values: list[float]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
 
-def run_service_job(client: httpx.Client, spec: dict) -> tuple[dict, float]:
-    """Submits a job and polls it until it ends; returns the job and the wall time from submission."""
-    started = time.perf_counter()
-    job_id = client.post("/v1/jobs", json=spec).json()["id"]
-    while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in (
-        "succeeded",
-        "failed",
-        "cancelled",
-    ):
-        time.sleep(0.1)
-    return job, time.perf_counter() - started
-
-
 def run_bare(cfg: dict) -> dict[str, float]:
     """Runs the bare transformers + peft script in a fresh process; returns its phase timings."""
     out = subprocess.run(
@@ -239,35 +209,10 @@ def main() -> int:
     env.setdefault("TUNEFORGE_HOME", str(work / "home"))
     env["TUNEFORGE_MODELS"] = json.dumps({"bench": {"location": f"file://{model_dir}"}})
     env["TUNEFORGE_LOG_LEVEL"] = "WARNING"
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    log = (work / "service.log").open("ab")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "migrate"], env=env, cwd=ROOT, stdout=log, stderr=log
-        )
-    ]
-    procs[0].wait()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "api", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        ),
-        subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "worker"],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        ),
-    ]
+    stack = Service(env, work / "service.log")
     try:
-        wait_ready(base_url)
+        stack.start()
+        base_url = stack.base_url
         from shared.settings import Settings
 
         settings = Settings(
@@ -282,20 +227,8 @@ def main() -> int:
             f"storage={settings.storage_backend}; model={args.model} (hidden {hidden}, {layers} layers); "
             f"{args.steps} steps, batch {args.batch}, rank {args.rank}; {os.cpu_count()} CPUs"
         )
-        key = (
-            subprocess.run(
-                [sys.executable, "-m", "cli.main", "keys", "create", "default", "--name", "bench"],
-                env=env,
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        headers = {"Authorization": f"Bearer {key}"}
-        client = httpx.Client(base_url=base_url, timeout=60, headers=headers)
+        client = stack.client()
+        headers = {"Authorization": client.headers["authorization"]}
         with data.open("rb") as handle:
             file_id = client.post("/v1/files", files={"file": ("train.jsonl", handle)}).json()["id"]
         spec = {
@@ -359,10 +292,7 @@ def main() -> int:
                 f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}"
             )
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-                proc.wait(timeout=30)
+        stack.stop()
     return 0
 
 

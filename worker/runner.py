@@ -1,6 +1,6 @@
 """Runs one attempt of a job: claim it, keep its lease alive, start the training process, watch it, finish.
 
-The training itself runs in a child process group (worker/launch.py; under torchrun for multi-GPU jobs),
+The training itself runs in a child process group (worker/launch.py; under torchrun for multi-GPU and ZeRO jobs),
 so a cancel can stop all of it at once, a crash or an out-of-memory error cannot take the worker down, and
 a warm shutdown can ask it to checkpoint first. Every write is fenced by the attempt number this worker
 claimed: a worker that lost its job (its lease expired and another took over) cannot overwrite it.

@@ -98,7 +98,10 @@ def peak_memory() -> dict[str, int]:
     resident set. Compared with the plan's estimate in the job's result and events."""
     peaks = {"peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if torch.cuda.is_available():
+        # Tensors at their peak, and what the caching allocator held (the plan's estimate also counts the
+        # CUDA context, which neither figure sees).
         peaks["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        peaks["peak_gpu_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
     return peaks
 
 
