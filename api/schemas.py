@@ -56,6 +56,12 @@ class JobOut(BaseModel):
         None,
         description="what the checks before queueing found: datasets, parameters, memory estimate, notes",
     )
+    dataset_sha256: dict[str, str] | None = Field(
+        None,
+        description="sha256 of each dataset as validation read it (by parameter); every attempt trains on "
+        "exactly this content and fails the job if the source changed",
+        examples=[{"dataset": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}],
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None = None
@@ -87,6 +93,7 @@ class JobOut(BaseModel):
             trained_tokens=job.trained_tokens,
             result=job.result or {},
             plan=job.plan,
+            dataset_sha256=job.input_digests,
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,

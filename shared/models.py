@@ -125,6 +125,8 @@ class Job(Base):
     result: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     # What the checks before queueing found: dataset statistics, parameter counts, the memory estimate.
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # sha256 of each dataset (by parameter) as validation read it; every attempt checks its copy against it.
+    input_digests: Mapped[dict[str, str] | None] = mapped_column(JSONType)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -35,7 +35,7 @@ from shared.schemas import JobSpec, job_sources
 from shared.services import jobs as job_service
 from shared.settings import Settings
 from shared.states import ACTIVE, JobStatus
-from shared.storage import StorageError, make_store
+from shared.storage import StorageError, make_store, sha256_file
 from worker.assets import AssetCache
 from worker.launch import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED, LaunchSpec
 from worker.training.distributed import child_environment
@@ -112,6 +112,25 @@ def memory_event(metrics: dict[str, Any], plan: dict[str, Any] | None) -> dict[s
         "message": "peak memory of the training process: " + ", ".join(parts),
         "data": {"peak_gpu_bytes": gpu, "peak_host_bytes": host, "plan_estimate_bytes": estimate},
     }
+
+
+PARAM_URI = {"dataset": "dataset_uri", "validation_dataset": "validation_uri"}
+
+
+def check_pinned(param: str, uri: str, path: Path, digests: dict[str, str] | None) -> None:
+    """Refuses a dataset whose content is not what validation read (a file or URL rewritten since): the
+    job would train on data nobody checked, and a resumed attempt would mix two datasets."""
+    expected = (digests or {}).get(param)
+    if expected is None:  # validated before digests were recorded
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise JobFailure(
+            JobErrorCode.invalid_dataset,
+            f"{param}: {uri} changed after the job was validated (sha256 {expected[:12]}… then, "
+            f"{actual[:12]}… now); a job trains only on the data that was checked: restore the file or "
+            "submit the job again",
+        )
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -226,6 +245,8 @@ class Attempt:
                 for param, uri in (("dataset", job.dataset_uri), ("validation_dataset", job.validation_uri))
                 if uri
             }
+            for param, path in paths.items():
+                check_pinned(param, getattr(job, PARAM_URI[param]), Path(path), job.input_digests)
             sources = [
                 str(self.cache.adapter_dir(source, session=session, team_id=job.team_id))
                 for source in job_sources(spec)

@@ -23,7 +23,7 @@ from shared.services import jobs as job_service
 from shared.services.plans import finish_plan
 from shared.settings import Settings
 from shared.states import JobStatus
-from shared.storage import make_store
+from shared.storage import make_store, sha256_file
 from worker.assets import AssetCache
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ class Inputs:
 
     datasets: dict[str, DatasetSummary]
     model_dir: Path
+    # sha256 of each dataset file as read here; the runner trains only on the same content.
+    digests: dict[str, str]
 
 
 def check_inputs(
@@ -50,11 +52,12 @@ def check_inputs(
 ) -> Inputs:
     """Fetches and checks a job's datasets, source adapters and base model; raises JobFailure naming what
     is wrong (with line numbers for datasets)."""
-    summaries = {}
+    summaries, digests = {}, {}
     for param, uri in (("dataset", dataset), ("validation_dataset", validation_dataset)):
         if not uri:
             continue
         path = cache.dataset_file(uri, session=session, team_id=team_id, param=param)
+        digests[param] = sha256_file(path)
         try:
             summaries[param] = read_dataset(path)
         except DatasetInvalid as exc:
@@ -64,7 +67,7 @@ def check_inputs(
     for source in job_sources(spec):
         cache.adapter_dir(source, session=session, team_id=team_id)
     assert spec.base_model is not None
-    return Inputs(summaries, cache.model_dir(spec.base_model))
+    return Inputs(summaries, cache.model_dir(spec.base_model), digests)
 
 
 def fitted(spec: JobSpec, inputs: Inputs) -> JobSpec:
@@ -119,6 +122,7 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
             )
             spec = fitted(spec, inputs)
             job.spec = spec.model_dump(mode="json")
+            job.input_digests = inputs.digests
             plan = plan_for(settings, spec, inputs)
             if plan is not None and plan["status"] == "refused":
                 raise JobFailure(

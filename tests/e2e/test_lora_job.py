@@ -58,6 +58,11 @@ def test_lora_job_end_to_end(client, service, tiny_model_dir, tmp_path):
     assert response.status_code == 201, response.text
     job = wait_for(client, response.json()["id"], TERMINAL)
     assert job["status"] == "succeeded", (job, service.log("worker")[-3000:])
+    # The job names the exact content it trained on.
+    assert job["dataset_sha256"] == {
+        "dataset": hashlib.sha256(to_jsonl(color_messages(64, seed=1))).hexdigest(),
+        "validation_dataset": hashlib.sha256(to_jsonl(color_messages(16, seed=2))).hexdigest(),
+    }
 
     events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
     statuses = [e["data"].get("status") for e in events if e["type"] == "status"]

@@ -54,6 +54,33 @@ def test_missing_dataset_object_fails_validation(settings, store, tiny_model_dir
     assert job(settings, job_id).error_code == "dataset_not_found"
 
 
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_a_dataset_rewritten_after_validation_is_refused(settings, store, where):
+    # Only uploads are immutable: a file or an S3 object can change between validation and the run (or between
+    # two attempts), and the job must not train on content nobody checked.
+    checked, rewritten = to_jsonl(color_messages(8)), to_jsonl(color_messages(8, seed=3))
+    if where == "file":
+        path = settings.allowed_file_roots[0] / "rewritten.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(checked)
+        uri = f"file://{path}"
+    else:
+        store.put_bytes("datasets/rewritten.jsonl", checked)
+        uri = f"s3://{BUCKET}/datasets/rewritten.jsonl"
+    job_id = submit(settings, store, uri, hyperparameters={"max_steps": 1})
+    assert validation.validate_job(settings, job_id) is JobStatus.queued
+    assert set(job(settings, job_id).input_digests) == {"dataset"}
+    if where == "file":
+        path.write_bytes(rewritten)
+    else:
+        store.put_bytes("datasets/rewritten.jsonl", rewritten)
+
+    assert runner.run_job(settings, job_id) is JobStatus.failed
+    failed = job(settings, job_id)
+    assert failed.error_code == "invalid_dataset"
+    assert f"dataset: {uri} changed after the job was validated" in failed.error_message
+
+
 def test_lora_trains_and_uploads_a_loadable_adapter(settings, store, tiny_model_dir, tmp_path):
     data = to_jsonl(color_messages(48))
     job_id = submit(
