@@ -27,7 +27,14 @@ from sqlalchemy import or_, select, update
 
 from shared.db import session_scope
 from shared.models import Webhook, WebhookDelivery, utcnow
-from shared.services.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, sign
+from shared.sealing import SealError
+from shared.services.webhooks import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    SIGNATURE_HEADER,
+    sign,
+    signing_secret,
+)
 from shared.settings import Settings
 from shared.urlpolicy import OutboundError, OutboundPolicy, open_url
 
@@ -43,7 +50,8 @@ class Claimed:
     id: str
     attempt: int
     url: str
-    secret: str
+    webhook_id: str
+    secret: str  # as stored: sealed
     event: str
     payload: dict[str, Any]
 
@@ -81,6 +89,7 @@ def claim_due(settings: Settings, *, now: datetime | None = None, limit: int = B
                 WebhookDelivery.event,
                 WebhookDelivery.payload,
                 Webhook.url,
+                Webhook.id.label("webhook_id"),
                 Webhook.secret,
             )
             .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
@@ -104,7 +113,15 @@ def claim_due(settings: Settings, *, now: datetime | None = None, limit: int = B
             )
             if result.rowcount == 1:
                 claimed.append(
-                    Claimed(row.id, row.attempts + 1, row.url, row.secret, row.event, dict(row.payload))
+                    Claimed(
+                        row.id,
+                        row.attempts + 1,
+                        row.url,
+                        row.webhook_id,
+                        row.secret,
+                        row.event,
+                        dict(row.payload),
+                    )
                 )
     return claimed
 
@@ -112,9 +129,13 @@ def claim_due(settings: Settings, *, now: datetime | None = None, limit: int = B
 def send(settings: Settings, delivery: Claimed) -> Outcome:
     """Makes one attempt: POSTs the signed event through the outbound URL policy."""
     body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
+    try:
+        secret = signing_secret(settings, delivery.webhook_id, delivery.secret)
+    except SealError as exc:
+        return Outcome(False, None, str(exc))
     headers = {
         "Content-Type": "application/json",
-        SIGNATURE_HEADER: sign(delivery.secret, body),
+        SIGNATURE_HEADER: sign(secret, body),
         DELIVERY_HEADER: delivery.id,
         EVENT_HEADER: delivery.event,
     }

@@ -94,14 +94,14 @@ def create_webhook(
 ) -> WebhookCreated:
     """Registers a webhook; the answer shows its signing secret, once."""
     try:
-        webhook = webhook_service.create_webhook(
+        webhook, secret = webhook_service.create_webhook(
             session=session, settings=settings, team_id=team, url=body.url, events=body.events
         )
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    return WebhookCreated(**WebhookOut.of(webhook).model_dump(), secret=webhook.secret)
+    return WebhookCreated(**WebhookOut.of(webhook).model_dump(), secret=secret)
 
 
 @router.get("", response_model=WebhookList)

@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.models import Job, Webhook, WebhookDelivery, new_id, utcnow
+from shared.sealing import seal, unseal
 from shared.settings import Settings
 from shared.states import TERMINAL, JobStatus
 from shared.tenancy import TeamID
@@ -55,6 +56,7 @@ SIGNATURE_HEADER = "Tuneforge-Signature"
 DELIVERY_HEADER = "Tuneforge-Delivery-Id"
 EVENT_HEADER = "Tuneforge-Event"
 DEFAULT_TOLERANCE_SECONDS = 300
+SECRET_PURPOSE = "webhook-secret"
 
 
 def sign(secret: str, body: bytes, *, timestamp: int | None = None) -> str:
@@ -101,8 +103,9 @@ def check_url(url: str, settings: Settings) -> str:
 
 def create_webhook(
     *, session: Session, settings: Settings, team_id: TeamID, url: str, events: Sequence[str] | None = None
-) -> Webhook:
-    """Registers a webhook for a team's job events (all of them by default); its `secret` is shown once."""
+) -> tuple[Webhook, str]:
+    """Registers a webhook for a team's job events (all of them by default). Returns it with its signing
+    secret, which is stored sealed (shared/sealing.py) and shown once."""
     url = url.strip()
     chosen = list(dict.fromkeys(events)) if events is not None else list(EVENTS)
     unknown = [e for e in chosen if e not in EVENTS]
@@ -122,17 +125,24 @@ def create_webhook(
         raise Conflict(
             f"a team can have at most {MAX_WEBHOOKS_PER_TEAM} webhooks; delete one first", param="url"
         )
+    webhook_id = new_id("wh")
+    secret = f"whsec_{secrets.token_hex(24)}"
     webhook = Webhook(
-        id=new_id("wh"),
+        id=webhook_id,
         team_id=team_id,
         url=url,
-        secret=f"whsec_{secrets.token_hex(24)}",
+        secret=seal(settings, secret, purpose=SECRET_PURPOSE, bound_to=webhook_id),
         events=chosen,
         created_at=utcnow(),
     )
     session.add(webhook)
     session.flush()
-    return webhook
+    return webhook, secret
+
+
+def signing_secret(settings: Settings, webhook_id: str, stored: str) -> str:
+    """The clear signing secret of a webhook, from its stored (sealed) form."""
+    return unseal(settings, stored, purpose=SECRET_PURPOSE, bound_to=webhook_id)
 
 
 def list_webhooks(*, session: Session, team_id: TeamID) -> Sequence[Webhook]:

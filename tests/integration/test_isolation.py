@@ -208,7 +208,7 @@ def seed_team(
             data={"status": "succeeded"},
         )
 
-        webhook = webhook_service.create_webhook(
+        webhook, _ = webhook_service.create_webhook(
             session=session, settings=settings, team_id=team_id, url=WEBHOOK_URL, events=None
         )
         delivery = WebhookDelivery(

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import select
 
 from api.main import create_app
 from shared import urlpolicy
 from shared.db import session_scope
-from shared.models import Job, WebhookDelivery
+from shared.models import Job, Webhook, WebhookDelivery
 from shared.schemas import JobSpec
 from shared.services import jobs as job_service
 from shared.services import webhooks as webhook_service
@@ -194,6 +195,11 @@ def test_webhooks_are_team_scoped(make_team, hook_settings, receiver):
     with client(hook_settings, key_a) as a, client(hook_settings, key_b) as b:
         created = register(a, receiver.url("/hook"), events=["job.failed"])
         assert created["secret"].startswith("whsec_")
+        # Stored sealed: the database row does not hold the secret (deliveries still verify with it, below).
+        with session_scope(hook_settings.database_url) as session:
+            stored = session.get(Webhook, created["id"]).secret
+        assert stored.startswith("sealed1:") and created["secret"] not in stored
+        assert webhook_service.signing_secret(hook_settings, created["id"], stored) == created["secret"]
         assert created["events"] == ["job.failed"]
         listed = a.get("/v1/webhooks").json()["data"]
         assert [h["id"] for h in listed] == [created["id"]]
@@ -352,6 +358,19 @@ def test_the_url_is_checked_again_at_each_delivery(team, hook_settings, receiver
     assert row.status == "pending"
     assert row.last_error == "127.0.0.1 is a loopback address"
     assert receiver.seen == []
+
+
+def test_a_worker_with_another_secret_key_sends_nothing_and_says_why(team, hook_settings, receiver):
+    team_id, c = team
+    receiver.routes["/hook"] = lambda seen: (200, {}, b"")
+    register(c, receiver.url("/hook"))
+    job_id = new_job(hook_settings, team_id)
+    finish(hook_settings, job_id, JobStatus.cancelled)
+    rotated = hook_settings.model_copy(update={"secret_key": SecretStr("a different deployment secret")})
+    delivery.deliver_due_webhooks(rotated)
+    [row] = deliveries(hook_settings, job_id)
+    assert row.status == "pending" and receiver.seen == []
+    assert "TUNEFORGE_SECRET_KEY is not the one it was sealed with" in row.last_error
 
 
 def test_the_delivery_row_commits_with_the_status(team, hook_settings, receiver):
