@@ -67,39 +67,35 @@ WORDS = [
 
 
 def build_model(out_dir: Path, size: str, seq: int) -> tuple[Path, int, int]:
-    """A randomly initialised Llama of the given shape, saved in bf16 (on the GPU when there is one, which is
-    much faster for billions of parameters). Returns the folder, parameter count and vocabulary size."""
+    """A randomly initialised Llama of the given shape, saved in bf16 (built on the GPU when there is one).
+    Returns the folder, parameter count and vocabulary size."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from worker.training.toy_models import build_tokenizer
+    from worker.training.toy_models import build_llama
 
     hidden, layers, heads, kv_heads, intermediate = SIZES[size]
-    tokenizer = build_tokenizer(out_dir, [" ".join(WORDS)] * 20, vocab_size=2048)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    on_gpu = torch.cuda.is_available()
+    build_llama(
+        out_dir,
         hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
         intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
+        vocab_size=2048,
         max_position_embeddings=max(seq, 2048),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        corpus=[" ".join(WORDS)] * 20,
+        dtype="bfloat16" if on_gpu else "float32",
+        device="cuda" if on_gpu else "cpu",
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    count = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(out_dir)
-    del model
-    if device == "cuda":
+    if on_gpu:
         torch.cuda.empty_cache()
-    return out_dir, count, len(tokenizer)
+    config = AutoConfig.from_pretrained(out_dir)
+    with init_empty_weights():
+        count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    return out_dir, count, config.vocab_size
 
 
 def write_dataset(path: Path, rows: int, words_per_row: int) -> None:

@@ -3,7 +3,6 @@ adapters trained on a tiny Llama for two different tasks (colors of things, reve
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import shutil
@@ -20,12 +19,11 @@ from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Job
 from shared.schemas import JobSpec, Method
 from shared.services import jobs as job_service
-from shared.services.files import store_upload
 from shared.settings import ModelEntry, Settings
 from shared.states import JobStatus
 from shared.tenancy import TeamID
 from tests.conftest import BUCKET, TINY_MODEL
-from tests.helpers import color_prompt_completion, corpus, to_jsonl
+from tests.helpers import color_prompt_completion, corpus, to_jsonl, upload_dataset
 from worker import runner, validation
 from worker.training.data import IGNORE, encode_dataset
 from worker.training.recipes.base import TrainingContext
@@ -59,15 +57,7 @@ def mixed(n: int, seed: int) -> list[dict]:
 
 def upload(settings, store, rows: list[dict]) -> str:
     with session_scope(settings.database_url) as session:
-        return store_upload(
-            session=session,
-            settings=settings,
-            store=store,
-            team_id=TEAM,
-            filename="d.jsonl",
-            purpose="fine-tune",
-            source=io.BytesIO(to_jsonl(rows)),
-        ).id
+        return upload_dataset(session, settings, store, to_jsonl(rows), team_id=TEAM).id
 
 
 def run(settings, store, **spec) -> Job:

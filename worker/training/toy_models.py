@@ -61,8 +61,10 @@ def build_llama(
     corpus: Iterable[str] = (),
     seed: int = 0,
     dtype: str = "float32",
+    device: str = "cpu",
 ) -> Path:
-    """Builds a randomly initialised Llama model and its tokenizer in `out_dir` (a Hugging Face folder)."""
+    """Builds a randomly initialised Llama model and its tokenizer in `out_dir` (a Hugging Face folder).
+    `device="cuda"` initialises billions of parameters much faster than the CPU does."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -82,6 +84,7 @@ def build_llama(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(out_dir)
     return out_dir
