@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shared.datasets import DatasetFormat, DatasetSummary
 from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Job
-from shared.schemas import JobSpec, Method
+from shared.schemas import JobSpec
 from shared.services import jobs as job_service
 from shared.settings import ModelEntry, Settings
 from shared.states import JobStatus
@@ -167,13 +167,6 @@ def job_settings(settings, model_dir) -> Settings:
     """The test settings with MODEL in the model registry too."""
     entry = ModelEntry(location=f"s3://{BUCKET}/models/{MODEL}", description="tiny Llama, confident logits")
     return settings.model_copy(update={"models": {**settings.models, MODEL: entry}})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def all_methods_available():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(job_service, "AVAILABLE_METHODS", frozenset(Method))
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -381,16 +381,11 @@ def test_the_gradient_check_catches_bitsandbytes_cpu_repacking(model_dir, datase
 # d. A qlora job through the worker's validation and runner, on PostgreSQL and S3.
 
 
-def test_qlora_job_runs_end_to_end(settings, store, tiny_model_dir, tmp_path, monkeypatch):
-    import shared.schemas
+def test_qlora_job_runs_end_to_end(settings, store, tiny_model_dir, tmp_path):
     from shared.services import jobs as job_service
     from tests.conftest import TINY_MODEL
     from tests.integration.test_worker import TEAM, job, submit
     from worker import runner, validation
-
-    with_qlora = shared.schemas.AVAILABLE_METHODS | {Method.qlora}
-    monkeypatch.setattr(shared.schemas, "AVAILABLE_METHODS", with_qlora)
-    monkeypatch.setattr(job_service, "AVAILABLE_METHODS", with_qlora)
 
     job_id = submit(
         settings,

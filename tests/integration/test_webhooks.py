@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from sqlalchemy import select
 from api.main import create_app
 from shared import urlpolicy
 from shared.db import session_scope
-from shared.models import Job, Webhook, WebhookDelivery
+from shared.models import Job, Webhook, WebhookDelivery, utcnow
 from shared.schemas import JobSpec
 from shared.services import jobs as job_service
 from shared.services import webhooks as webhook_service
@@ -284,10 +285,10 @@ def test_succeeded_and_failed_jobs_carry_their_result(team, hook_settings, recei
 
 def test_retries_with_growing_backoff_until_delivered(team, hook_settings, receiver):
     team_id, c = team
-    arrivals: list[float] = []
+    arrivals: list[Seen] = []
 
     def flaky(seen: Seen) -> tuple[int, dict[str, str], bytes]:
-        arrivals.append(time.monotonic())
+        arrivals.append(seen)
         return (500, {}, b"database is down") if len(arrivals) <= 2 else (200, {}, b"")
 
     receiver.routes["/hook"] = flaky
@@ -295,22 +296,57 @@ def test_retries_with_growing_backoff_until_delivered(team, hook_settings, recei
     job_id = new_job(hook_settings, team_id)
     finish(hook_settings, job_id, JobStatus.failed)
 
-    delivery.deliver_due_webhooks(hook_settings)
+    def next_attempt() -> datetime:
+        """Runs delivery rounds until the receiver sees one more attempt; returns the time taken just before
+        the round that made it."""
+        before = len(arrivals)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            started = utcnow()
+            delivery.deliver_due_webhooks(hook_settings)
+            if len(arrivals) > before:
+                assert len(arrivals) == before + 1
+                return started
+            time.sleep(0.02)
+        raise AssertionError(
+            f"no attempt after {before}: {[r.status for r in deliveries(hook_settings, job_id)]}"
+        )
+
+    def quiet_until_due(row: WebhookDelivery) -> None:
+        """A round run a moment before the row is due sends nothing and counts no attempt."""
+        sent = len(arrivals)
+        delivery.deliver_due_webhooks(hook_settings, now=row.next_attempt_at - timedelta(milliseconds=1))
+        assert len(arrivals) == sent
+        [again] = deliveries(hook_settings, job_id)
+        assert (again.status, again.attempts, again.next_attempt_at) == (
+            "pending",
+            row.attempts,
+            row.next_attempt_at,
+        )
+
+    first = next_attempt()
     [row] = deliveries(hook_settings, job_id)
     assert (row.status, row.attempts, row.last_status_code) == ("pending", 1, 500)
     assert row.last_error == "HTTP 500: database is down"
+    assert row.next_attempt_at >= first + timedelta(seconds=delivery.backoff_seconds(hook_settings, 1))
+    quiet_until_due(row)
+
+    second = next_attempt()
+    [row] = deliveries(hook_settings, job_id)
+    assert (row.status, row.attempts, row.last_status_code) == ("pending", 2, 500)
+    assert row.last_error == "HTTP 500: database is down"
+    assert row.next_attempt_at >= second + timedelta(seconds=delivery.backoff_seconds(hook_settings, 2))
+    quiet_until_due(row)
 
     row = deliver_until(hook_settings, job_id, {"delivered"})
     assert (row.attempts, row.last_status_code, row.last_error) == (3, 200, None)
     assert len(arrivals) == 3
-    first_wait, second_wait = arrivals[1] - arrivals[0], arrivals[2] - arrivals[1]
-    assert first_wait >= 0.2  # base
-    assert second_wait >= 0.4  # base * 2
     ids = {s.headers["Tuneforge-Delivery-Id"] for s in receiver.seen}
     assert ids == {row.id}
     for seen in receiver.seen:
         check_signature(seen, hook["secret"])
-    assert delivery.backoff_seconds(hook_settings, 1) == 0.2
+    assert delivery.backoff_seconds(hook_settings, 1) == 0.2  # base
+    assert delivery.backoff_seconds(hook_settings, 2) == 0.4  # base * 2
     assert delivery.backoff_seconds(hook_settings, 3) == 0.8
     assert delivery.backoff_seconds(hook_settings, 10) == 1.0  # the cap
 
