@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.service import Service, run_service_job  # noqa: E402
+from cli.sdk import TuneforgeError  # noqa: E402
 
 # name: hidden, layers, heads, kv heads, intermediate (the shapes of well-known Llama-architecture models;
 # the vocabulary is this script's small tokenizer's, so the embeddings are smaller than theirs)
@@ -160,14 +161,12 @@ def main() -> int:
     try:
         service.start()
         client = service.client(timeout=120)
-        with data.open("rb") as handle:
-            upload = client.post("/v1/files", files={"file": ("train.jsonl", handle)})
-        upload.raise_for_status()
+        file_id = client.upload_file(data)["id"]
         for method in args.methods.split(","):
             for zero in (int(z) for z in args.zero.split(",")):
                 spec = {
                     "base_model": "bench",
-                    "dataset": upload.json()["id"],
+                    "dataset": file_id,
                     "method": method,
                     "adapter": {"rank": args.rank, "alpha": 2 * args.rank, "target_modules": "all-linear"},
                     "hyperparameters": {
@@ -181,7 +180,7 @@ def main() -> int:
                 }
                 try:
                     job, wall = run_service_job(client, spec, poll=1.0)
-                except RuntimeError as exc:
+                except TuneforgeError as exc:
                     rows.append((method, zero, "refused", None, None, None, None, None, None, str(exc)))
                     continue
                 result = job.get("result") or {}

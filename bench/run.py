@@ -228,9 +228,8 @@ def main() -> int:
             f"{args.steps} steps, batch {args.batch}, rank {args.rank}; {os.cpu_count()} CPUs"
         )
         client = stack.client()
-        headers = {"Authorization": client.headers["authorization"]}
-        with data.open("rb") as handle:
-            file_id = client.post("/v1/files", files={"file": ("train.jsonl", handle)}).json()["id"]
+        headers = {"Authorization": f"Bearer {client.api_key}"}
+        file_id = client.upload_file(data)["id"]
         spec = {
             "base_model": "bench",
             "dataset": file_id,
@@ -238,9 +237,7 @@ def main() -> int:
             "hyperparameters": {"max_steps": args.steps, "batch_size": args.batch, "max_seq_length": 512},
         }
         # A warm-up job, so the worker's first-job imports and caches do not count.
-        warm = client.post("/v1/jobs", json={**spec, "hyperparameters": {"max_steps": 1}}).json()["id"]
-        while client.get(f"/v1/jobs/{warm}").json()["status"] not in ("succeeded", "failed"):
-            time.sleep(0.2)
+        run_service_job(client, {**spec, "hyperparameters": {"max_steps": 1}}, poll=0.2)
 
         bare_cfg = {
             "model": str(model_dir),

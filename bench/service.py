@@ -1,9 +1,8 @@
 """The service as the benchmarks drive it: `tuneforge migrate`, `api` and `worker` as child processes with
-the caller's TUNEFORGE_* environment, an API key, and a job submitted and followed over HTTP."""
+the caller's TUNEFORGE_* environment, an API key, and a job submitted and followed through the SDK."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -13,8 +12,10 @@ from typing import Any
 
 import httpx
 
+from cli.main import stop_process
+from cli.sdk import Tuneforge
+
 ROOT = Path(__file__).resolve().parents[1]
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def free_port() -> int:
@@ -38,13 +39,12 @@ def wait_ready(url: str, timeout: float = 120) -> None:
 class Service:
     """Migrates, then runs the API and one worker until `stop()`; their output goes to `log_path`."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, worker_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env = env
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = log_path.open("ab")
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.worker_args = worker_args
 
     def _cli(self, *args: str, session: bool = True) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -61,7 +61,7 @@ class Service:
             raise RuntimeError(f"tuneforge migrate failed; see {self.log.name}")
         self.procs = [
             self._cli("api", "--port", str(self.port)),
-            self._cli("worker", *self.worker_args),
+            self._cli("worker"),
         ]
         wait_ready(self.base_url)
         return self
@@ -77,25 +77,20 @@ class Service:
         ).stdout
         return out.strip().splitlines()[-1]
 
-    def client(self, timeout: float = 60) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.api_key()}"}
-        return httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+    def client(self, timeout: float = 60) -> Tuneforge:
+        """An SDK client of the service with a fresh API key."""
+        return Tuneforge(self.base_url, self.api_key(), timeout=timeout)
 
     def stop(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-                proc.wait(timeout=60)
+            stop_process(proc, timeout=60)
         self.log.close()
 
 
-def run_service_job(client: httpx.Client, spec: dict[str, Any], poll: float = 0.1) -> tuple[dict, float]:
-    """Submits a job and polls it until it ends; returns the job and the wall time from submission."""
+def run_service_job(client: Tuneforge, spec: dict[str, Any], poll: float = 0.1) -> tuple[dict, float]:
+    """Submits a job and polls it until it ends; returns the job and the wall time from submission.
+    A refused job raises the SDK's TuneforgeError."""
     started = time.perf_counter()
-    response = client.post("/v1/jobs", json=spec)
-    if response.status_code >= 400:
-        raise RuntimeError(f"job refused ({response.status_code}): {response.text}")
-    job_id = response.json()["id"]
-    while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in TERMINAL:
-        time.sleep(poll)
+    job_id = client.create_job(spec)["id"]
+    job = client.wait(job_id, poll_interval=poll)
     return job, time.perf_counter() - started

@@ -13,8 +13,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -314,12 +313,6 @@ def _handles_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@contextmanager
-def _client(url: str | None, api_key: str | None) -> Iterator[Tuneforge]:
-    with Tuneforge(base_url=url, api_key=api_key) as client:
-        yield client
-
-
 def _when(value: str | float | None) -> str:
     """A timestamp (ISO 8601 text, or unix seconds as the OpenAI-shaped file objects give) as UTC text."""
     if value is None or value == "":
@@ -347,29 +340,12 @@ def _status(status: str) -> str:
     return f"[{style}]{status}[/{style}]" if style else status
 
 
-def _find(obj: Any, key: str) -> Any:
-    """The first value of `key` anywhere in nested dicts/lists."""
-    if isinstance(obj, dict):
-        if obj.get(key) is not None:
-            return obj[key]
-        values = obj.values()
-    elif isinstance(obj, list):
-        values = obj
-    else:
-        return None
-    for value in values:
-        found = _find(value, key)
-        if found is not None:
-            return found
-    return None
-
-
-def total_steps(job: dict[str, Any], events: Sequence[dict[str, Any]] = ()) -> int | None:
-    """The job's optimizer steps when known: max_steps, or a total the job or its events report."""
+def total_steps(job: dict[str, Any]) -> int | None:
+    """The job's optimizer steps when known: max_steps, or the total of its plan's schedule."""
     hyper = job.get("hyperparameters") or {}
     if hyper.get("max_steps"):
         return int(hyper["max_steps"])
-    found = _find(job, "total_steps") or _find([e.get("data") for e in events], "total_steps")
+    found = ((job.get("plan") or {}).get("schedule") or {}).get("total_steps")
     return int(found) if isinstance(found, int | float) and found > 0 else None
 
 
@@ -408,7 +384,6 @@ def watch(
     as they come) until it ends; returns the final job."""
     console = console or _out()
     after: int | None = None
-    seen: list[dict[str, Any]] = []
     curves: dict[str, Any] = {"train": [], "eval": []}
     with Progress(
         TextColumn("{task.fields[status]:>10}"),
@@ -425,13 +400,12 @@ def watch(
             if show_events:
                 for event in client.events(job_id, after):
                     after = event["id"]
-                    seen.append(event)
                     progress.console.print(_event_line(event))
             if job["status"] not in ("validating", "queued"):
                 curves = client.metrics(job_id)
             train, evals = curves.get("train") or [], curves.get("eval") or []
             step = train[-1]["step"] if train else 0
-            total = total_steps(job, seen)
+            total = total_steps(job)
             if job["status"] == "succeeded" and total is None:
                 total = step
             progress.update(
@@ -556,7 +530,7 @@ def submit(
         _print_json(spec)
         return
     out = _err() if quiet or json_out else _out()
-    with _client(url, api_key) as client:
+    with Tuneforge(base_url=url, api_key=api_key) as client:
         for field, path in uploads.items():
             record = client.upload_file(path)
             spec[field] = record["id"]
@@ -586,7 +560,7 @@ def list_jobs(
     api_key: KeyOption = None,
 ) -> None:
     """Lists your team's jobs, newest first."""
-    with _client(url, api_key) as client:
+    with Tuneforge(base_url=url, api_key=api_key) as client:
         jobs = list(client.list_jobs(status=status, limit=limit or None))
     if json_out:
         _print_json(jobs)
@@ -622,7 +596,7 @@ def status(
 ) -> None:
     """Follows a job with a live progress bar (steps, train and eval loss) until it ends; exits 1 unless it
     succeeded. --once prints one snapshot."""
-    with _client(url, api_key) as client:
+    with Tuneforge(base_url=url, api_key=api_key) as client:
         if not once:
             _exit_for(watch(client, job_id, interval=interval, show_events=events))
             return
@@ -680,7 +654,7 @@ def events(
 ) -> None:
     """Prints a job's events in order (--follow: as they happen, until the job ends)."""
     console = _out()
-    with _client(url, api_key) as client:
+    with Tuneforge(base_url=url, api_key=api_key) as client:
         source = (
             client.follow_events(job_id, after, stream=not poll) if follow else client.events(job_id, after)
         )
@@ -694,7 +668,7 @@ def events(
 @_handles_errors
 def cancel(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
     """Cancels a job: at once if it waits, within seconds if it trains."""
-    with _client(url, api_key) as client:
+    with Tuneforge(base_url=url, api_key=api_key) as client:
         job = client.cancel_job(job_id)
     note = " (it stops within seconds)" if job["status"] == "cancelling" else ""
     _out().print(f"job {job['id']} {_status(job['status'])}{note}")
@@ -714,7 +688,7 @@ def download(
     """Downloads a finished job's adapter (or merged model) and checks every file's sha256."""
     if kind not in ("adapter", "merged"):
         raise SpecError(f"--kind must be adapter or merged, not {kind!r}")
-    with _client(url, api_key) as client:
+    with Tuneforge(base_url=url, api_key=api_key) as client:
         folder = client.download_adapter(job_id, dest, kind, overwrite=force)
     files = [p for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS"]
     size = sum(p.stat().st_size for p in files)
@@ -733,7 +707,7 @@ def files_upload(
     """Uploads a JSONL dataset (every line is checked); prints its file id."""
     if not path.is_file():
         raise SpecError(f"{path}: no such file")
-    with _client(url, api_key) as client:
+    with Tuneforge(base_url=url, api_key=api_key) as client:
         record = client.upload_file(path, purpose=purpose)
     if json_out:
         _print_json(record)
@@ -748,7 +722,7 @@ def files_upload(
 @_handles_errors
 def files_list(json_out: JsonOption = False, url: UrlOption = None, api_key: KeyOption = None) -> None:
     """Lists your team's uploaded files, newest first."""
-    with _client(url, api_key) as client:
+    with Tuneforge(base_url=url, api_key=api_key) as client:
         records = client.list_files()
     if json_out:
         _print_json(records)

@@ -26,8 +26,8 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -302,20 +302,14 @@ class Tuneforge:
         *,
         retry: bool,
         idempotent_create: bool = False,
-        build: Callable[[], dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """Sends a request, retrying safe ones; returns a 2xx/3xx answer or raises TuneforgeError.
-        `build` makes fresh keyword arguments per attempt (an upload reopens its file)."""
+        """Sends a request, retrying safe ones; returns a 2xx/3xx answer or raises TuneforgeError."""
         attempts = 1 + (self.retries if retry else 0)
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                if build is not None:
-                    with _fresh_arguments(build) as extra:
-                        response = self._http.request(method, path, **kwargs, **extra)
-                else:
-                    response = self._http.request(method, path, **kwargs)
+                response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 if last:
                     raise self._connection_error(exc, f"{method} {path}") from exc
@@ -364,21 +358,15 @@ class Tuneforge:
         source = Path(path)
         if not source.is_file():
             raise TuneforgeError(f"{source}: no such file", code="file_not_found", param="path")
-
-        def build() -> dict[str, Any]:
-            handle = source.open("rb")
-            return {
-                "files": {"file": (source.name, handle, "application/jsonl")},
-                "data": {"purpose": purpose},
-                "_close": handle,
-            }
-
-        return self._create(
-            "/v1/files",
-            idempotency_key,
-            build=build,
-            timeout=httpx.Timeout(self.timeout, read=self.upload_timeout, write=self.upload_timeout),
-        )
+        # One open file serves every attempt: httpx rewinds a file object each time it builds the request.
+        with source.open("rb") as handle:
+            return self._create(
+                "/v1/files",
+                idempotency_key,
+                files={"file": (source.name, handle, "application/jsonl")},
+                data={"purpose": purpose},
+                timeout=httpx.Timeout(self.timeout, read=self.upload_timeout, write=self.upload_timeout),
+            )
 
     def list_files(self, purpose: str | None = None) -> list[dict[str, Any]]:
         """The team's uploaded files, newest first (every page of them)."""
@@ -634,15 +622,3 @@ class _RetryableAnswer(Exception):
         super().__init__(str(error))
         self.error = error
         self.response = response
-
-
-@contextmanager
-def _fresh_arguments(build: Callable[[], dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Calls a per-attempt argument builder; closes what it opened (its `_close` entry) afterwards."""
-    kwargs = build()
-    handle = kwargs.pop("_close", None)
-    try:
-        yield kwargs
-    finally:
-        if handle is not None:
-            handle.close()

@@ -192,11 +192,10 @@ def test_timestamps_read_as_iso_text_or_unix_seconds():
     assert jobs_cli._when(None) == "-"
 
 
-def test_total_steps_from_max_steps_or_reported_totals():
+def test_total_steps_from_max_steps_or_the_plan_schedule():
     assert total_steps({"hyperparameters": {"max_steps": 7, "epochs": None}}) == 7
     assert total_steps({"hyperparameters": {"epochs": 3}}) is None
     assert total_steps({"hyperparameters": {"epochs": 3}, "plan": {"schedule": {"total_steps": 12}}}) == 12
-    assert total_steps({"hyperparameters": {"epochs": 1}}, [{"data": {"total_steps": 5}}]) == 5
 
 
 # ------------------------------------------------------------------------------------------ the commands
@@ -368,7 +367,7 @@ def test_a_cancel_whose_answer_was_lost_is_retried_and_returns_the_job():
         )
 
 
-def test_upload_reopens_the_file_on_each_attempt(tmp_path):
+def test_upload_sends_the_whole_file_on_each_attempt(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "a"}\n')
     bodies = []
