@@ -28,13 +28,38 @@ def _error(status: int, code: str, message: str, param: str | None, **extra: obj
     )
 
 
+ErrorParts = tuple[int, str, str, str | None, dict[str, str]]
+
+
+def describe(exc: Exception, request: Request) -> ErrorParts:
+    """Status, code, message, param and headers for an error raised while serving `request`, logging what an
+    operator must see. Both API surfaces word their answers from this (validation errors aside)."""
+    if isinstance(exc, TuneforgeError):
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        return exc.status_code, exc.code, exc.message, exc.param, headers
+    if isinstance(exc, StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # e.g. the `Allow` header a 405 must carry
+        return exc.status_code, code, str(exc.detail), None, dict(exc.headers or {})
+    if isinstance(exc, ObjectNotFound):
+        log.error("object missing from storage: %s", exc)
+        return 404, "object_missing", f"the stored object is missing: {exc}", None, {}
+    if isinstance(exc, StorageError):
+        log.error("object storage failed: %s", exc)
+        return 503, "storage_unavailable", "object storage is unavailable; try again shortly", None, {}
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return 500, "internal_error", "internal error; the server log has the details", None, {}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(TuneforgeError)
-    async def _domain(_: Request, exc: TuneforgeError) -> JSONResponse:
-        response = _error(exc.status_code, exc.code, exc.message, exc.param)
-        if isinstance(exc, Unauthorized):
-            response.headers["WWW-Authenticate"] = "Bearer"
+    async def _native(request: Request, exc: Exception) -> JSONResponse:
+        status, code, message, param, headers = describe(exc, request)
+        response = _error(status, code, message, param)
+        response.headers.update(headers)
         return response
+
+    for kind in (TuneforgeError, StarletteHTTPException, ObjectNotFound, StorageError, Exception):
+        app.add_exception_handler(kind, _native)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -46,25 +71,3 @@ def install_error_handlers(app: FastAPI) -> None:
         first = details[0] if details else {"param": "body", "message": "invalid request"}
         message = "; ".join(f"{d['param']}: {d['message']}" for d in details[:5])
         return _error(422, "validation_error", message or first["message"], first["param"], details=details)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        response = _error(exc.status_code, code, str(exc.detail), None)
-        response.headers.update(exc.headers or {})  # e.g. the `Allow` header a 405 must carry
-        return response
-
-    @app.exception_handler(ObjectNotFound)
-    async def _missing_object(_: Request, exc: ObjectNotFound) -> JSONResponse:
-        log.error("object missing from storage: %s", exc)
-        return _error(404, "object_missing", f"the stored object is missing: {exc}", None)
-
-    @app.exception_handler(StorageError)
-    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
-        log.error("object storage failed: %s", exc)
-        return _error(503, "storage_unavailable", "object storage is unavailable; try again shortly", None)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", "internal error; the server log has the details", None)

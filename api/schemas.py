@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,8 +15,7 @@ from shared.schemas import (
     Hyperparameters,
     JobSpec,
     MergeSpec,
-    MetadataKey,
-    MetadataValue,
+    Metadata,
     Priority,
     QuantizationSpec,
     Resources,
@@ -259,7 +258,7 @@ class ExportRequest(BaseModel):
     max_shard_size: str = Field("2GB", pattern=r"^[0-9]+(KB|MB|GB)$")
     priority: Priority = Priority.normal
     # The export job's metadata: the same limits as a job's (checked here, so a bad key is a 422, not a 500).
-    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class FileOut(BaseModel):

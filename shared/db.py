@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import ColumnElement, Engine, create_engine, event, tuple_
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -83,3 +83,10 @@ def retry_transient(action: Callable[[], T], *, retry_for: float = 60.0, what: s
             log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def beyond(model: Any, created_at: Any, row_id: str, *, descending: bool = True) -> ColumnElement[bool]:
+    """Keyset pagination over (created_at, id): the rows of `model` that come after the anchor row in that
+    order, newest first unless `descending` is False. One row-value comparison (PostgreSQL and SQLite)."""
+    key = tuple_(model.created_at, model.id)
+    return key < (created_at, row_id) if descending else key > (created_at, row_id)

@@ -250,6 +250,9 @@ def _field_error(field: str, message: str) -> ValidationError:
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+MAX_METADATA_KEYS = 16
+# A job's metadata: at most 16 short keys with string values.
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)]
 
 
 class JobSpec(BaseModel):
@@ -295,7 +298,7 @@ class JobSpec(BaseModel):
     )
     resources: Resources = Field(default_factory=Resources)
     priority: Priority = Priority.normal
-    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _fields_of_the_method(self) -> JobSpec:

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
 from fastapi.responses import Response, StreamingResponse
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import delete, or_, select
 
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
 from api.idempotency import IdempotencyKeyHeader, IdempotentRequest
@@ -22,6 +22,7 @@ from api.openai_schemas import FileDeleted
 from api.routers.jobs import primed
 from api.routers.openai_compat import find_results_file, refuse_results_file_delete
 from api.schemas import FileList, FileOut
+from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.models import Job, UploadedFile
 from shared.services import files as file_service
@@ -100,20 +101,7 @@ def list_files(
         )
         if anchor is None:
             raise InvalidRequest(f"after: no file {after!r} in your team", param="after")
-        if newest_first:
-            query = query.where(
-                or_(
-                    UploadedFile.created_at < anchor.created_at,
-                    and_(UploadedFile.created_at == anchor.created_at, UploadedFile.id < anchor.id),
-                )
-            )
-        else:
-            query = query.where(
-                or_(
-                    UploadedFile.created_at > anchor.created_at,
-                    and_(UploadedFile.created_at == anchor.created_at, UploadedFile.id > anchor.id),
-                )
-            )
+        query = query.where(beyond(UploadedFile, anchor.created_at, anchor.id, descending=newest_first))
     ordering = (
         (UploadedFile.created_at.desc(), UploadedFile.id.desc())
         if newest_first
@@ -170,8 +158,7 @@ def delete_file(file_id: str, session: SessionDep, store: StoreDep, team: Caller
     new jobs cannot use the id. A job submitted at the very moment of the deletion fails its validation
     with `dataset_not_found`.
     """
-    if find_results_file(session, team, file_id) is not None:  # 404 unless it is the team's own job's
-        refuse_results_file_delete(file_id)
+    refuse_results_file_delete(session, team, file_id)
     record = file_service.get_file(session=session, team_id=team, file_id=file_id)
     readers = session.scalars(
         select(Job.id)

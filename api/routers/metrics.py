@@ -16,11 +16,10 @@ from shared.errors import NotFound, Unauthorized
 from shared.models import Job, utcnow
 from shared.queue import queue_depths
 from shared.settings import Settings
-from shared.states import JobStatus
+from shared.states import TERMINAL, JobStatus
 
 router = APIRouter(tags=["operations"])
 DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0, 24 * 3600.0)
-TERMINAL = [JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value]
 
 
 class TuneforgeCollector:
@@ -46,7 +45,7 @@ class TuneforgeCollector:
                     ],
                     func.count(),
                     func.coalesce(func.sum(Job.runtime_seconds), 0.0),
-                ).where(Job.status.in_(TERMINAL), Job.started_at.is_not(None))
+                ).where(Job.status.in_([s.value for s in TERMINAL]), Job.started_at.is_not(None))
             ).one()
             heartbeats = session.execute(
                 select(Job.id, Job.heartbeat_at).where(

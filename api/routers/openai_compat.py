@@ -36,7 +36,6 @@ import csv
 import hashlib
 import io
 import json
-import logging
 import re
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Annotated, Any
@@ -46,11 +45,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
+from api.errors import describe
 from api.idempotency import IdempotencyKeyHeader
 from api.openai_schemas import (
     BASE_LEARNING_RATE,
@@ -71,20 +70,17 @@ from api.openai_schemas import (
 )
 from api.routers.jobs import submit_job
 from api.schemas import FileOut
-from shared.errors import Conflict, InvalidRequest, NotFound, TuneforgeError, Unauthorized
-from shared.models import Checkpoint, Job, JobEvent, Team
-from shared.schemas import LORA_METHODS, JobSpec
+from shared.db import beyond
+from shared.errors import Conflict, InvalidRequest, NotFound, TuneforgeError
+from shared.models import Checkpoint, Job, JobEvent, JobMetric, Team
+from shared.schemas import LORA_METHODS, MAX_METADATA_KEYS, JobSpec
 from shared.services import jobs as job_service
 from shared.services.idempotency import PARAM as IDEMPOTENCY_PARAM
 from shared.states import JobStatus
-from shared.storage import ObjectNotFound, StorageError
 from shared.tenancy import TeamID
-
-log = logging.getLogger(__name__)
 
 # The methods this surface shows: those that train an adapter on a dataset.
 TRAINING_METHODS = tuple(sorted(m.value for m in LORA_METHODS))
-MAX_METADATA_KEYS = 16
 
 # --------------------------------------------------------------------------------------- OpenAI's errors
 
@@ -141,31 +137,16 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 
 def render_error(exc: Exception, request: Request) -> JSONResponse:
     """An error on this surface, in OpenAI's shape."""
+    if isinstance(exc, RequestValidationError):
+        return _validation_error(exc)
+    status, code, message, param, headers = describe(exc, request)
     if isinstance(exc, TuneforgeError):
-        status = 400 if exc.status_code == 422 else exc.status_code
-        headers: dict[str, str] = {}
-        if isinstance(exc, Unauthorized):
-            headers["WWW-Authenticate"] = "Bearer"
+        status = 400 if status == 422 else status
         if status == 409 and exc.param != IDEMPOTENCY_PARAM:
             # A state conflict (cancelling a finished job) does not go away on retry; the client would
             # otherwise retry every 409. A busy Idempotency-Key does: the client may retry that.
             headers["x-should-retry"] = "false"
-        return openai_error(status, exc.code, exc.message, exc.param, headers)
-    if isinstance(exc, RequestValidationError):
-        return _validation_error(exc)
-    if isinstance(exc, StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return openai_error(exc.status_code, code, str(exc.detail), None)
-    if isinstance(exc, ObjectNotFound):
-        log.error("object missing from storage: %s", exc)
-        return openai_error(404, "object_missing", f"the stored object is missing: {exc}", None)
-    if isinstance(exc, StorageError):
-        log.error("object storage failed: %s", exc)
-        return openai_error(
-            503, "storage_unavailable", "object storage is unavailable; try again shortly", None
-        )
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return openai_error(500, "internal_error", "internal error; the server log has the details", None)
+    return openai_error(status, code, message, param, headers)
 
 
 class OpenAIRoute(APIRoute):
@@ -394,12 +375,7 @@ def list_fine_tuning_jobs(
         ).one_or_none()
         if anchor is None:
             raise InvalidRequest(f"after: no fine-tuning job {after!r} in your team", param="after")
-        query = query.where(
-            or_(
-                Job.created_at < anchor.created_at,
-                and_(Job.created_at == anchor.created_at, Job.id < anchor.id),
-            )
-        )
+        query = query.where(beyond(Job, anchor.created_at, anchor.id))
     jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     label = team_label(session, team)
     return FineTuningJobList(
@@ -475,8 +451,16 @@ def list_fine_tuning_checkpoints(
         query = query.where(Checkpoint.step < anchor)
     checkpoints = list(session.scalars(query.order_by(Checkpoint.step.desc()).limit(limit + 1)))
     page = checkpoints[:limit]
-    curves = job_service.get_metrics(session=session, team_id=team, job_id=job.id)
-    valid = {m.step: m.loss for m in curves["eval"]}
+    # The eval loss at these checkpoints' steps only (a long job has many thousand metric rows).
+    valid = dict(
+        session.execute(
+            select(JobMetric.step, JobMetric.loss).where(
+                JobMetric.job_id == job.id,
+                JobMetric.split == "eval",
+                JobMetric.step.in_([c.step for c in page]),
+            )
+        ).all()
+    )
     label = team_label(session, team)
     return FineTuningJobCheckpointList(
         data=[FineTuningJobCheckpointOut.of(c, job, label, valid.get(c.step)) for c in page],
@@ -529,12 +513,9 @@ def results_csv(session: Session, job: Job) -> tuple[bytes, int]:
 def find_results_file(session: Session, team: TeamID, file_id: str) -> tuple[FileOut, bytes] | None:
     """A succeeded job's results file (made from its metrics when asked, never stored), or None when
     `file_id` is not a results file id. /v1/files serves it; it is not listed there and cannot be deleted."""
-    job_id = results_job_id(file_id)
-    if job_id is None:
+    job = results_job(session, team, file_id)
+    if job is None:
         return None
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team))
-    if job is None or job.method not in TRAINING_METHODS or job.status != JobStatus.succeeded:
-        raise NotFound(f"file {file_id} not found", param="file_id")
     content, num_rows = results_csv(session, job)
     record = FileOut(
         id=file_id,
@@ -549,8 +530,22 @@ def find_results_file(session: Session, team: TeamID, file_id: str) -> tuple[Fil
     return record, content
 
 
-def refuse_results_file_delete(file_id: str) -> None:
-    if results_job_id(file_id) is not None:
+def results_job(session: Session, team: TeamID, file_id: str) -> Job | None:
+    """The succeeded job whose results file `file_id` names, or None when it is no results file id; 404 when
+    it names no such job of the team."""
+    job_id = results_job_id(file_id)
+    if job_id is None:
+        return None
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team))
+    if job is None or job.method not in TRAINING_METHODS or job.status != JobStatus.succeeded:
+        raise NotFound(f"file {file_id} not found", param="file_id")
+    return job
+
+
+def refuse_results_file_delete(session: Session, team: TeamID, file_id: str) -> None:
+    """A results file is made from its job's metrics, never stored: it cannot be deleted (404 if the team
+    has no such job)."""
+    if results_job(session, team, file_id) is not None:
         raise Conflict(
             f"{file_id} is a job's results file; it is made from the job's metrics and cannot be deleted",
             param="file_id",

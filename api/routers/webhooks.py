@@ -93,14 +93,10 @@ def create_webhook(
     body: WebhookCreate, session: SessionDep, settings: SettingsDep, team: CallerTeam
 ) -> WebhookCreated:
     """Registers a webhook; the answer shows its signing secret, once."""
-    try:
-        webhook, secret = webhook_service.create_webhook(
-            session=session, settings=settings, team_id=team, url=body.url, events=body.events
-        )
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+    webhook, secret = webhook_service.create_webhook(
+        session=session, settings=settings, team_id=team, url=body.url, events=body.events
+    )
+    session.commit()  # on an error the session closes uncommitted (api/deps.py)
     return WebhookCreated(**WebhookOut.of(webhook).model_dump(), secret=secret)
 
 
@@ -122,10 +118,6 @@ def list_deliveries(webhook_id: str, session: SessionDep, team: CallerTeam) -> D
 @router.delete("/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
 def delete_webhook(webhook_id: str, session: SessionDep, team: CallerTeam) -> Response:
     """Deletes a webhook; its pending deliveries are given up."""
-    try:
-        webhook_service.delete_webhook(session=session, team_id=team, webhook_id=webhook_id)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+    webhook_service.delete_webhook(session=session, team_id=team, webhook_id=webhook_id)
+    session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
 from shared.planning import ModelConfigError, ModelShape, fit_to_model, static_refusals
@@ -253,7 +254,7 @@ def list_jobs(
         query = query.where(Job.status == status)
     if cursor:
         created, job_id = _decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+        query = query.where(beyond(Job, created, job_id))
     jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     next_cursor = (
         _encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].id) if len(jobs) > limit else None

@@ -89,6 +89,8 @@ def test_files_create_list_retrieve_content_delete(client):
     assert len(listed) == len(set(listed))
     oldest_first = [f.id for f in client.files.list(order="asc")]
     assert oldest_first.index(created.id) < oldest_first.index(others[0]) < oldest_first.index(others[1])
+    # Paged one by one, oldest first: `after` continues in the order asked for.
+    assert [f.id for f in client.files.list(order="asc", limit=1)] == oldest_first
 
     deleted = client.files.delete(created.id)
     assert deleted.id == created.id and deleted.deleted is True and deleted.object == "file"
