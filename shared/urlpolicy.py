@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-import logging
 import re
 import socket
 import ssl
@@ -40,8 +39,6 @@ import httpx
 
 from shared.settings import Environment, Settings
 
-log = logging.getLogger(__name__)
-
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
 
@@ -50,7 +47,6 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
     for a in ("169.254.169.254", "fd00:ec2::254", "169.254.170.2", "169.254.170.23", "100.100.100.200")
 )
-LOOPBACK_HATCH = "TUNEFORGE_OUTBOUND_ALLOW_LOOPBACK"
 USER_AGENT = "Tuneforge/0.1"
 
 
@@ -186,23 +182,18 @@ class OutboundPolicy:
     max_redirects: int = 3
     timeout: float = 30.0
     resolver: Resolver | None = field(default=None, compare=False)
-    loopback_hatch_ignored: bool = False
     # TLS verification as httpx takes it (tests pass a context trusting their own CA); never off.
     verify: ssl.SSLContext | bool = field(default=True, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, timeout: float | None = None) -> OutboundPolicy:
-        hatch = settings.outbound_allow_loopback
-        is_test = settings.environment == Environment.test
-        if hatch and not is_test:
-            log.warning("%s is a test hook and is ignored outside the test environment", LOOPBACK_HATCH)
         return cls(
             https_only=settings.outbound_https_only,
             allowed_hosts=tuple(p.lower().rstrip(".") for p in settings.outbound_allowed_hosts),
-            allow_loopback=hatch and is_test,
+            # The settings refuse the test hook outside tests; a copy made without validation still cannot.
+            allow_loopback=settings.outbound_allow_loopback and settings.environment == Environment.test,
             max_redirects=settings.outbound_max_redirects,
             timeout=timeout if timeout is not None else settings.outbound_timeout_seconds,
-            loopback_hatch_ignored=hatch and not is_test,
         )
 
     def check(self, url: str) -> CheckedURL:
@@ -240,12 +231,7 @@ class OutboundPolicy:
             problem = address_problem(address, allow_loopback=self.allow_loopback)
             if problem is not None:
                 subject = str(address) if host == str(address) else f"{host} resolves to {address}; {address}"
-                hint = (
-                    f" ({LOOPBACK_HATCH} is honoured only when TUNEFORGE_ENVIRONMENT=test)"
-                    if self.loopback_hatch_ignored and "loopback" in problem
-                    else ""
-                )
-                raise URLRefused(f"{subject} is {problem}{hint}")
+                raise URLRefused(f"{subject} is {problem}")
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from shared.datasets import DatasetFormat, DatasetSummary
 from shared.errors import JobErrorCode, JobFailure
@@ -28,6 +28,7 @@ from shared.planning import (
     static_checks,
 )
 from shared.schemas import LORA_METHODS, JobSpec
+from worker.training.adapters import load_tokenizer
 from worker.training.data import IGNORE, EncodedSample, encode_dataset
 from worker.training.recipes.lora import lora_config
 
@@ -249,9 +250,7 @@ def make_plan(
     datasets: dict[str, dict[str, Any]] = {}
     hp = spec.hyperparameters
     if hp is not None:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(model_dir)
         for param, data in (("dataset", train_data), ("validation_dataset", eval_data)):
             if data is None:
                 continue

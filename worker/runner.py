@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,9 +112,6 @@ def memory_event(metrics: dict[str, Any], plan: dict[str, Any] | None) -> dict[s
         "message": "peak memory of the training process: " + ", ".join(parts),
         "data": {"peak_gpu_bytes": gpu, "peak_host_bytes": host, "plan_estimate_bytes": estimate},
     }
-
-
-PARAM_URI = {"dataset": "dataset_uri", "validation_dataset": "validation_uri"}
 
 
 def check_pinned(param: str, uri: str, path: Path, digests: dict[str, str] | None) -> None:
@@ -240,29 +237,18 @@ class Attempt:
     def prepare(self, spec: JobSpec, job: Job) -> LaunchSpec:
         """Fetches the job's inputs into the worker's cache, and the latest checkpoint to resume from."""
         with session_scope(self.settings.database_url) as session:
-            paths = {
-                param: str(self.cache.dataset_file(uri, session=session, team_id=job.team_id, param=param))
-                for param, uri in (("dataset", job.dataset_uri), ("validation_dataset", job.validation_uri))
-                if uri
-            }
-            for param, path in paths.items():
-                check_pinned(param, getattr(job, PARAM_URI[param]), Path(path), job.input_digests)
+            paths = {}
+            for param, uri in (("dataset", job.dataset_uri), ("validation_dataset", job.validation_uri)):
+                if uri:
+                    path = self.cache.dataset_file(uri, session=session, team_id=job.team_id, param=param)
+                    check_pinned(param, uri, path, job.input_digests)
+                    paths[param] = str(path)
             sources = [
                 str(self.cache.adapter_dir(source, session=session, team_id=job.team_id))
                 for source in job_sources(spec)
             ]
-            latest = job_service.latest_checkpoint(session=session, job_id=self.job_id)
         assert spec.base_model is not None
         model_dir = self.cache.model_dir(spec.base_model)
-        resume_from = None
-        if latest is not None:
-            checkpoint, files = latest
-            folder = self.work_dir / "resume" / f"checkpoint-{checkpoint.step}"
-            shutil.rmtree(folder, ignore_errors=True)
-            for artifact in files:
-                relative = artifact.name.removeprefix(checkpoint.prefix + "/")
-                self.store.get_file(artifact.storage_key, folder / relative, expected_sha256=artifact.sha256)
-            resume_from = str(folder)
         return LaunchSpec(
             job_id=self.job_id,
             attempt=self.attempt,
@@ -272,8 +258,22 @@ class Attempt:
             train_path=paths.get("dataset"),
             eval_path=paths.get("validation_dataset"),
             sources=sources,
-            resume_from=resume_from,
+            resume_from=self.latest_checkpoint(),
         )
+
+    def latest_checkpoint(self) -> str | None:
+        """Downloads the job's latest complete checkpoint; returns its folder (None if there is none)."""
+        with session_scope(self.settings.database_url) as session:
+            latest = job_service.latest_checkpoint(session=session, job_id=self.job_id)
+        if latest is None:
+            return None
+        checkpoint, files = latest
+        folder = self.work_dir / "resume" / f"checkpoint-{checkpoint.step}"
+        shutil.rmtree(folder, ignore_errors=True)
+        for artifact in files:
+            relative = artifact.name.removeprefix(checkpoint.prefix + "/")
+            self.store.get_file(artifact.storage_key, folder / relative, expected_sha256=artifact.sha256)
+        return str(folder)
 
     def command(self, spec: JobSpec) -> list[str]:
         launch = [sys.executable, "-m", "worker.launch", str(self.work_dir)]
@@ -487,7 +487,12 @@ class Attempt:
                         "a ZeRO stage",
                     )
                 spec = smaller
-                launch = self.prepare(spec, job)
+                # The inputs are fetched already; only the spec and the checkpoint to resume from change.
+                try:
+                    resume_from = self.latest_checkpoint()
+                except StorageError as exc:
+                    return self.retry_or_fail(JobErrorCode.storage_error, f"object storage failed: {exc}")
+                launch = replace(launch, spec=spec.model_dump(mode="json"), resume_from=resume_from)
                 continue
             return self.retry_or_fail(
                 JobErrorCode.internal_error,

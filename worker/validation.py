@@ -41,7 +41,6 @@ class Inputs:
 
 
 def check_inputs(
-    settings: Settings,
     cache: AssetCache,
     session: Session,
     *,
@@ -112,7 +111,6 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
         spec = JobSpec.model_validate(job.spec)
         try:
             inputs = check_inputs(
-                settings,
                 cache,
                 session,
                 team_id=job.team_id,
@@ -187,12 +185,10 @@ def make_job_plan(settings: Settings, plan_id: str) -> str | None:
         row = session.get(Plan, plan_id)
         if row is None or row.status != "pending":
             return None
-        stored = dict(row.spec)
-        dataset, validation_dataset = stored.pop("dataset", None), stored.pop("validation_dataset", None)
-        spec = JobSpec.model_validate(stored | {"dataset": dataset, "validation_dataset": validation_dataset})
+        spec = JobSpec.model_validate(row.spec)
+        dataset, validation_dataset = row.spec.get("dataset"), row.spec.get("validation_dataset")
         try:
             inputs = check_inputs(
-                settings,
                 cache,
                 session,
                 team_id=row.team_id,

@@ -182,7 +182,13 @@ def save_adapter(model: PeftModel, output_dir: Path, base_model: str | None) -> 
     # No embedding layer is adapted, so none is saved; this also keeps peft from looking the base model's
     # name up on a model hub (the adapter's base is a registry name, not a path).
     model.save_pretrained(output_dir, selected_adapters=[OUTPUT_ADAPTER], save_embedding_layers=False)
-    config_path = output_dir / "adapter_config.json"
+    name_base_model(output_dir, base_model)
+
+
+def name_base_model(adapter_dir: Path, base_model: str | None) -> None:
+    """Makes a saved adapter name its base by registry name, not by this worker's cache path. (Done after
+    saving: peft looks the name up while saving, and there is no model hub to ask.)"""
+    config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base_model
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import time
@@ -17,7 +16,13 @@ from trl import SFTTrainer
 from shared.errors import JobErrorCode, JobFailure
 from shared.schemas import JobSpec, Method
 from worker.training import distributed
-from worker.training.adapters import load_tokenizer, sft_trainer, training_args, training_datasets
+from worker.training.adapters import (
+    load_tokenizer,
+    name_base_model,
+    sft_trainer,
+    training_args,
+    training_datasets,
+)
 from worker.training.model_card import write_model_card
 from worker.training.recipes.base import Recipe, TrainingContext, TrainingResult
 
@@ -263,12 +268,7 @@ class LoraRecipe(Recipe):
         else:
             self.model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
-        # The adapter names its base by registry name, not by this worker's cache path. (Set after saving:
-        # peft looks the name up while saving, and there is no model hub to ask.)
-        config_path = output_dir / "adapter_config.json"
-        adapter_config = json.loads(config_path.read_text())
-        adapter_config["base_model_name_or_path"] = spec.base_model
-        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+        name_base_model(output_dir, spec.base_model)
         state = self.trainer.state
         trained_tokens = int(getattr(self.trainer, "_total_train_tokens", 0) or 0)
         metrics: dict[str, Any] = {
