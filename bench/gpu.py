@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.service import Service, run_service_job  # noqa: E402
-from cli.sdk import TuneforgeError  # noqa: E402
+from tuneforge_sdk import TuneforgeError  # noqa: E402
 
 # name: hidden, layers, heads, kv heads, intermediate (the shapes of well-known Llama-architecture models;
 # the vocabulary is this script's small tokenizer's, so the embeddings are smaller than theirs)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from cli.main import stop_process
-from cli.sdk import Tuneforge
+from tuneforge_sdk import Tuneforge
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """The user commands of `tuneforge`: submit, list, status, events, cancel, download, files.
 
-Every call goes through the SDK (cli/sdk.py). The API's URL and key come from --url / --api-key, or
+Every call goes through the SDK (the tuneforge_sdk package). The API's URL and key come from --url / --api-key, or
 TUNEFORGE_URL / TUNEFORGE_API_KEY, or (the key) the embedded default's file $TUNEFORGE_HOME/api-key.
 Exit codes: 0 done (a followed job succeeded), 1 an API or download error, or a followed job that failed or was
 cancelled, 2 bad input, 130 interrupted (a followed job keeps running).
@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.sdk import DEFAULT_URL, TERMINAL_STATUSES, APIConnectionError, Tuneforge, TuneforgeError
+from tuneforge_sdk import DEFAULT_URL, TERMINAL_STATUSES, APIConnectionError, Tuneforge, TuneforgeError
 
 METHODS = ("lora", "dora", "rslora", "qlora", "merge", "fusion", "export")
 TRAINING_METHODS = frozenset({"lora", "dora", "rslora", "qlora"})

@@ -13,9 +13,9 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from cli.main import app
-from cli.sdk import Tuneforge, TuneforgeError
 from tests.conftest import TINY_MODEL
 from tests.helpers import color_messages, to_jsonl
+from tuneforge_sdk import Tuneforge, TuneforgeError
 
 pytestmark = pytest.mark.e2e
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import io
@@ -27,7 +28,7 @@ from cli.jobs_cli import (
     total_steps,
 )
 from cli.main import app
-from cli.sdk import APIConnectionError, ChecksumMismatch, Tuneforge, TuneforgeError
+from tuneforge_sdk import APIConnectionError, ChecksumMismatch, Tuneforge, TuneforgeError
 
 FILE_ID = "file-0123456789abcdef01234567"
 runner = CliRunner()
@@ -454,10 +455,48 @@ def test_the_sdk_imports_no_training_stack():
     import subprocess
 
     code = (
-        "import sys, cli.sdk; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+        "import sys, tuneforge_sdk; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _loaded_after(statement: str) -> dict[str, list[str]]:
+    """Runs `statement` in a fresh interpreter; returns the top-level modules it loaded, stdlib ones apart."""
+    import subprocess
+
+    code = (
+        f"import json, sys; {statement}; "
+        "tops = {name.partition('.')[0] for name in sys.modules}; "
+        "print(json.dumps({'all': sorted(tops), "
+        "'third_party': sorted(t for t in tops if t not in sys.stdlib_module_names)}))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    return json.loads(out.stdout)
+
+
+def test_the_sdk_package_needs_only_httpx_and_the_standard_library():
+    loaded = _loaded_after("import tuneforge_sdk")
+    with_httpx = _loaded_after("import httpx")
+    assert "tuneforge_sdk" in loaded["all"]
+    internal = {"shared", "api", "worker", "cli", "bench"}
+    assert sorted(internal & set(loaded["all"])) == []
+    # httpx loads its own optional command line (click, rich) when installed; nothing else may come in.
+    heavy = {"torch", "fastapi", "sqlalchemy", "celery", "typer", "rich"}
+    assert sorted(heavy & (set(loaded["all"]) - set(with_httpx["all"]))) == []
+    assert sorted(set(loaded["third_party"]) - set(with_httpx["third_party"])) == ["tuneforge_sdk"]
+    # And in the source: the SDK's own imports are the standard library, httpx and itself.
+    package = Path(__file__).resolve().parents[2] / "tuneforge_sdk"
+    imported = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.partition(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                imported.add((node.module or "").partition(".")[0])
+    assert sorted(imported - set(sys.stdlib_module_names) - {"httpx", "tuneforge_sdk"}) == []
 
 
 # ------------------------------------------------------------------------------------------ downloads

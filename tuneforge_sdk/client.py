@@ -1,13 +1,4 @@
-"""A thin Python client of the Tuneforge HTTP API (httpx only: no torch, no server code).
-
-    from cli.sdk import Tuneforge
-
-    with Tuneforge() as tf:  # TUNEFORGE_URL / TUNEFORGE_API_KEY, or the embedded default's key file
-        file = tf.upload_file("train.jsonl")
-        job = tf.create_job({"base_model": "smollm2-135m-instruct", "dataset": file["id"]})
-        for event in tf.follow_events(job["id"]):
-            print(event["message"])
-        folder = tf.download_adapter(job["id"], "adapters/")  # every file checked against its sha256
+"""The client of one Tuneforge API: files, jobs, events, metrics, verified downloads, models.
 
 Reads (GET) and creates (POST with an `Idempotency-Key`, one fresh key per logical call, the same key on each
 of its retries) are retried on connection errors and 5xx answers; an error answer raises `TuneforgeError`
@@ -16,7 +7,6 @@ with the API's `code`, `message` and `param`.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -33,94 +23,16 @@ from typing import Any
 
 import httpx
 
-__all__ = [
-    "DEFAULT_URL",
-    "TERMINAL_STATUSES",
-    "APIConnectionError",
-    "ChecksumMismatch",
-    "Tuneforge",
-    "TuneforgeError",
-]
+from tuneforge_sdk.archive import ChunkReader, verify_folder
+from tuneforge_sdk.errors import APIConnectionError, ChecksumMismatch, TuneforgeError
+
+__all__ = ["DEFAULT_URL", "TERMINAL_STATUSES", "Tuneforge"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 USER_AGENT = "tuneforge-sdk/0.1"
-SUMS_FILE = "SHA256SUMS"
-
-
-class TuneforgeError(Exception):
-    """An error answer of the API (`{"error": {"code", "message", "param"}}`), or a client-side failure.
-
-    `status_code` is the HTTP status (None when no answer came back), `code` the machine-readable reason,
-    `param` the field to blame when there is one, `details` the per-field list of a validation error."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status_code: int | None = None,
-        code: str = "error",
-        param: str | None = None,
-        details: list[dict[str, Any]] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.code = code
-        self.param = param
-        self.details = details or []
-
-    def __str__(self) -> str:
-        where = f" [{self.param}]" if self.param else ""
-        status = f"HTTP {self.status_code} " if self.status_code is not None else ""
-        return f"{self.message}{where} ({status}{self.code})"
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(status_code={self.status_code!r}, code={self.code!r}, "
-            f"message={self.message!r}, param={self.param!r})"
-        )
-
-    @classmethod
-    def from_response(cls, response: httpx.Response) -> TuneforgeError:
-        """Builds the error from an answer's body; a body that is not the API's error shape is quoted."""
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        error = body.get("error") if isinstance(body, dict) else None
-        if isinstance(error, dict) and error.get("message"):
-            details = body.get("details") if isinstance(body.get("details"), list) else None
-            return cls(
-                str(error["message"]),
-                status_code=response.status_code,
-                code=str(error.get("code") or "error"),
-                param=error.get("param"),
-                details=details,
-            )
-        text = response.text.strip()[:500] or response.reason_phrase
-        return cls(
-            f"{response.request.method} {response.request.url.path} answered {response.status_code}: {text}",
-            status_code=response.status_code,
-            code="http_error",
-        )
-
-
-class APIConnectionError(TuneforgeError):
-    """No answer came back (connection refused, reset, timed out), after the retries."""
-
-    def __init__(self, message: str, *, code: str = "connection_error", **kwargs: Any) -> None:
-        super().__init__(message, code=code, **kwargs)
-
-
-class ChecksumMismatch(TuneforgeError):
-    """A downloaded archive is not what the API recorded: a file's size or sha256 differs, a file is missing
-    or extra, SHA256SUMS disagrees, or the tar itself is broken or unsafe."""
-
-    def __init__(self, message: str, *, code: str = "checksum_mismatch", **kwargs: Any) -> None:
-        super().__init__(message, code=code, **kwargs)
 
 
 def _env_api_key() -> str | None:
@@ -132,35 +44,6 @@ def _env_api_key() -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
-
-
-class _ChunkReader(io.RawIOBase):
-    """A read-only file over an iterator of byte chunks (tarfile reads a streamed archive through it)."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = iter(chunks)
-        self._pending = b""
-        self.received = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def drain(self) -> None:
-        """Reads the rest of the chunks (and so raises if the stream was cut)."""
-        for chunk in self._chunks:
-            self.received += len(chunk)
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            try:
-                self._pending = next(self._chunks)
-            except StopIteration:
-                return 0
-            self.received += len(self._pending)
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
 
 
 def _sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
@@ -182,56 +65,6 @@ def _sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
                 data.append(value)
     if data:
         yield kind, "\n".join(data)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_folder(folder: Path, recorded: dict[str, dict[str, Any]]) -> None:
-    """Checks that `folder` holds exactly the recorded files (name -> {size_bytes, sha256}) plus a
-    SHA256SUMS file that lists the same hashes; raises ChecksumMismatch otherwise."""
-    root = folder.resolve()
-    for name, artifact in recorded.items():
-        path = (folder / name).resolve()
-        if not path.is_relative_to(root) or name == SUMS_FILE:
-            raise ChecksumMismatch(
-                f"the API lists an artifact with an unsafe name {name!r}", code="bad_archive"
-            )
-        if not path.is_file():
-            raise ChecksumMismatch(f"{name}: missing from the downloaded archive")
-        size = path.stat().st_size
-        if artifact.get("size_bytes") is not None and size != artifact["size_bytes"]:
-            raise ChecksumMismatch(
-                f"{name}: {size} bytes downloaded, the API recorded {artifact['size_bytes']}"
-            )
-        actual = _sha256(path)
-        if actual != artifact["sha256"]:
-            raise ChecksumMismatch(
-                f"{name}: sha256 {actual} does not match the recorded {artifact['sha256']}"
-            )
-    sums_path = folder / SUMS_FILE
-    if not sums_path.is_file():
-        raise ChecksumMismatch(f"the archive has no {SUMS_FILE} file")
-    listed: dict[str, str] = {}
-    for line in sums_path.read_text().splitlines():
-        if line.strip():
-            sha, _, name = line.partition("  ")
-            listed[name] = sha
-    expected = {name: artifact["sha256"] for name, artifact in recorded.items()}
-    if listed != expected:
-        differ = sorted(set(listed.items()) ^ set(expected.items()))
-        raise ChecksumMismatch(
-            f"{SUMS_FILE} does not match the API's artifact list (differs on {differ[:3]})"
-        )
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
-    extra = sorted(present - set(recorded) - {SUMS_FILE})
-    if extra:
-        raise ChecksumMismatch(f"the archive holds files the API does not list: {', '.join(extra[:5])}")
 
 
 class Tuneforge:
@@ -271,6 +104,7 @@ class Tuneforge:
     # ------------------------------------------------------------------------------------------- plumbing
 
     def close(self) -> None:
+        """Closes the HTTP connections."""
         self._http.close()
 
     def __enter__(self) -> Tuneforge:
@@ -380,6 +214,7 @@ class Tuneforge:
             after = page["data"][-1]["id"]
 
     def get_file(self, file_id: str) -> dict[str, Any]:
+        """One uploaded file's record."""
         return self._get(f"/v1/files/{file_id}")
 
     # ------------------------------------------------------------------------------------------------ jobs
@@ -389,6 +224,7 @@ class Tuneforge:
         return self._create("/v1/jobs", idempotency_key, json=spec)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
+        """One job, as the API shows it now."""
         return self._get(f"/v1/jobs/{job_id}")
 
     def list_jobs(
@@ -597,7 +433,7 @@ class Tuneforge:
                 if response.status_code in RETRY_STATUSES:
                     raise _RetryableAnswer(error, response)
                 raise error
-            reader = _ChunkReader(response.iter_bytes())
+            reader = ChunkReader(response.iter_bytes())
             with tarfile.open(fileobj=io.BufferedReader(reader, 1024 * 1024), mode="r|") as tar:
                 for member in tar:
                     if not member.name.startswith(root + "/") or not (member.isfile() or member.isdir()):
