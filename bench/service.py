@@ -3,70 +3,36 @@ the caller's TUNEFORGE_* environment, an API key, and a job submitted and follow
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from cli.main import stop_process
+from cli.local_service import LocalService, start_cli_process
 from tuneforge_sdk import Tuneforge
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("service not ready")
-
-
-class Service:
+class Service(LocalService):
     """Migrates, then runs the API and one worker until `stop()`; their output goes to `log_path`."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log = log_path.open("ab")
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def _cli(self, *args: str, session: bool = True) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cli.main", *args],
-            env=self.env,
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=self.log,
-            start_new_session=session,
-        )
+        super().__init__(env=env, log_dir=log_path.parent, log_name=log_path.name, cwd=ROOT, stop_timeout=60)
 
     def start(self) -> Service:
-        if self._cli("migrate", session=False).wait() != 0:
-            raise RuntimeError(f"tuneforge migrate failed; see {self.log.name}")
-        self.procs = [
-            self._cli("api", "--port", str(self.port)),
-            self._cli("worker"),
-        ]
-        wait_ready(self.base_url)
+        """Migrates the database, starts the API and a worker, and waits until the API is ready."""
+        log_path = self.log_path("migrate")
+        if start_cli_process(["migrate"], env=self.env, log_path=log_path, cwd=ROOT).wait() != 0:
+            raise RuntimeError(f"tuneforge migrate failed; see {log_path}")
+        self.start_api(ready_timeout=None)
+        self.start_worker()
+        self.wait_ready()
         return self
 
     def api_key(self, name: str = "bench") -> str:
+        """A fresh key of the default team, made by `tuneforge keys create`."""
         out = subprocess.run(
             [sys.executable, "-m", "cli.main", "keys", "create", "default", "--name", name],
             env=self.env,
@@ -80,11 +46,6 @@ class Service:
     def client(self, timeout: float = 60) -> Tuneforge:
         """An SDK client of the service with a fresh API key."""
         return Tuneforge(self.base_url, self.api_key(), timeout=timeout)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            stop_process(proc, timeout=60)
-        self.log.close()
 
 
 def run_service_job(client: Tuneforge, spec: dict[str, Any], poll: float = 0.1) -> tuple[dict, float]:

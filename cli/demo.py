@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import tarfile
 import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from cli.local_service import LocalService, local_api_key, prepare_embedded
+from tuneforge_sdk import TERMINAL_STATUSES, Tuneforge
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "demo" / "forge_assistant.jsonl"
@@ -28,27 +28,7 @@ PROMPTS = [
 console = Console()
 
 
-def _wait_ready(client: httpx.Client, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the service did not become ready; see the service log")
-
-
-def _check(response: httpx.Response) -> dict:
-    if response.status_code >= 400:
-        raise RuntimeError(
-            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text}"
-        )
-    return response.json()
-
-
-def _follow(client: httpx.Client, job_id: str, steps: int) -> dict:
+def _follow(tf: Tuneforge, job_id: str, steps: int) -> dict:
     """Shows the job's progress until it ends; returns the final job."""
     after = None
     with Progress(
@@ -61,39 +41,25 @@ def _follow(client: httpx.Client, job_id: str, steps: int) -> dict:
     ) as progress:
         task = progress.add_task("training", total=steps, status="validating", loss="-")
         while True:
-            job = _check(client.get(f"/v1/jobs/{job_id}"))
-            params = {"after": after} if after is not None else {}
-            for event in _check(client.get(f"/v1/jobs/{job_id}/events", params=params))["data"]:
+            job = tf.get_job(job_id)
+            for event in tf.events(job_id, after=after):
                 after = event["id"]
                 progress.console.print(f"  [dim]{event['created_at'][11:19]}[/dim] {event['message']}")
-            train = _check(client.get(f"/v1/jobs/{job_id}/metrics"))["train"]
+            train = tf.metrics(job_id)["train"]
             if train:
                 progress.update(task, completed=train[-1]["step"], loss=f"{train[-1]['loss']:.3f}")
             progress.update(task, status=job["status"])
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in TERMINAL_STATUSES:
                 return job
             time.sleep(1.0)
 
 
-def _download_adapter(client: httpx.Client, job_id: str, target: Path) -> Path:
-    """Downloads the adapter archive, unpacks it and checks every file against the recorded sha256."""
-    recorded = {a["name"]: a["sha256"] for a in _check(client.get(f"/v1/jobs/{job_id}/artifacts"))["data"]}
-    archive = target / "adapter.tar"
-    with (
-        client.stream("GET", f"/v1/jobs/{job_id}/artifacts/adapter.tar") as response,
-        archive.open("wb") as out,
-    ):
-        response.raise_for_status()
-        for chunk in response.iter_bytes():
-            out.write(chunk)
-    with tarfile.open(archive) as tar:
-        tar.extractall(target, filter="data")
-    folder = target / f"{job_id}-adapter"
-    for name, sha in recorded.items():
-        actual = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        if actual != sha:
-            raise RuntimeError(f"{name}: downloaded sha256 {actual} != recorded {sha}")
-    console.print(f"downloaded {len(recorded)} files ({archive.stat().st_size:,} bytes), sha256 verified")
+def _download_adapter(tf: Tuneforge, job_id: str, target: Path) -> Path:
+    """Downloads and unpacks the adapter; the SDK checks every file against the recorded size and sha256."""
+    folder = tf.download_adapter(job_id, target)
+    files = [path for path in folder.rglob("*") if path.is_file() and path.name != "SHA256SUMS"]
+    size = sum(path.stat().st_size for path in files)
+    console.print(f"downloaded {len(files)} files ({size:,} bytes), sha256 verified")
     return folder
 
 
@@ -139,7 +105,6 @@ def run_demo(*, steps: int, port: int) -> int:
     """Runs the demo; returns a process exit code."""
     os.environ.setdefault("TUNEFORGE_HOME", str(ROOT / ".tuneforge" / "demo"))
     os.environ["TUNEFORGE_API_PORT"] = str(port)
-    from cli.main import local_api_key, prepare_embedded, start_worker_process, stop_process
     from shared.settings import get_settings
     from shared.storage import make_store
 
@@ -163,58 +128,40 @@ def run_demo(*, steps: int, port: int) -> int:
         bucket_key = settings.model_registry()[MODEL_NAME].location.removeprefix("s3://").split("/", 1)
         make_store(settings).get_tree(bucket_key[1], base_dir, bucket=bucket_key[0])
 
-    log_path = settings.home / "service.log"
-    import subprocess
-    import sys
-
-    api = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "api", "--port", str(port)],
-        stdout=log_path.open("ab"),
-        stderr=subprocess.STDOUT,
-        env=os.environ.copy(),
-        start_new_session=True,
-    )
-    worker = start_worker_process(log_path)
+    service = LocalService(port=port, log_dir=settings.home, log_name="service.log")
+    api = service.start_api(ready_timeout=None)
+    worker = service.start_worker()
     console.print(
-        f"service starting on http://127.0.0.1:{port} (API pid {api.pid}, worker pid {worker.pid}); "
-        f"log: {log_path}"
+        f"service starting on {service.base_url} (API pid {api.pid}, worker pid {worker.pid}); "
+        f"log: {service.log_path('api')}"
     )
     try:
-        headers = {"Authorization": f"Bearer {local_api_key()}"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=headers) as client:
-            _wait_ready(client)
-            with DATASET.open("rb") as handle:
-                upload = _check(
-                    client.post(
-                        "/v1/files", files={"file": (DATASET.name, handle)}, data={"purpose": "fine-tune"}
-                    )
-                )
+        with Tuneforge(service.base_url, local_api_key(), timeout=60) as tf:
+            service.wait_ready(timeout=180)
+            upload = tf.upload_file(DATASET)
             console.print(
                 f"uploaded {upload['filename']}: {upload['num_samples']} samples ({upload['format']}) "
                 f"as {upload['id']}"
             )
-            job = _check(
-                client.post(
-                    "/v1/jobs",
-                    json={
-                        "base_model": MODEL_NAME,
-                        "dataset": upload["id"],
-                        "method": "lora",
-                        "adapter": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-                        "hyperparameters": {
-                            "max_steps": steps,
-                            "learning_rate": 1e-3,
-                            "batch_size": 4,
-                            "max_seq_length": 256,
-                            "warmup_ratio": 0.05,
-                            "lr_scheduler": "cosine",
-                        },
-                        "metadata": {"source": "tuneforge demo"},
+            job = tf.create_job(
+                {
+                    "base_model": MODEL_NAME,
+                    "dataset": upload["id"],
+                    "method": "lora",
+                    "adapter": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+                    "hyperparameters": {
+                        "max_steps": steps,
+                        "learning_rate": 1e-3,
+                        "batch_size": 4,
+                        "max_seq_length": 256,
+                        "warmup_ratio": 0.05,
+                        "lr_scheduler": "cosine",
                     },
-                )
+                    "metadata": {"source": "tuneforge demo"},
+                }
             )
             console.print(f"submitted job {job['id']} (LoRA r=16 on all linear layers, {steps} steps)")
-            final = _follow(client, job["id"], steps)
+            final = _follow(tf, job["id"], steps)
             if final["status"] != "succeeded":
                 console.print(f"[red]job {final['status']}: {final.get('error')}[/red]")
                 return 1
@@ -228,10 +175,9 @@ def run_demo(*, steps: int, port: int) -> int:
             download_dir = client_dir / "downloads"
             shutil.rmtree(download_dir, ignore_errors=True)
             download_dir.mkdir(parents=True)
-            adapter_dir = _download_adapter(client, job["id"], download_dir)
+            adapter_dir = _download_adapter(tf, job["id"], download_dir)
     finally:
-        stop_process(worker)
-        stop_process(api)
+        service.stop()
     changed = _compare(base_dir, adapter_dir)
     console.print(f"the adapter changed {changed} of {len(PROMPTS)} answers")
     return 0 if changed else 1

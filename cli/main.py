@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from cli.local_service import LocalService, local_api_key, prepare_embedded
 
 app = typer.Typer(help="Tuneforge: fine-tune LLMs with LoRA and friends, self-hosted.", no_args_is_help=True)
 models_app = typer.Typer(help="The base models this deployment can train.", no_args_is_help=True)
@@ -114,39 +112,6 @@ def worker(
     celery_app.worker_main(worker_argv(role, gpus or settings.worker_gpus or detected_gpus()))
 
 
-def prepare_embedded() -> None:
-    """Migrates the database and creates the storage bucket, so a fresh machine can start at once."""
-    from shared.migrate import upgrade
-    from shared.storage import make_store
-
-    settings = _settings()
-    upgrade(settings.database_url)
-    make_store(settings).ensure_bucket()
-
-
-def start_worker_process(log_path: Path | None = None, role: str = "all") -> subprocess.Popen[bytes]:
-    """Starts `tuneforge worker --role ROLE` as a child process with this process's environment."""
-    out = log_path.open("ab") if log_path else None
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "worker", "--role", role],
-        stdout=out,
-        stderr=subprocess.STDOUT if out else None,
-        env=os.environ.copy(),
-        start_new_session=True,
-    )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @app.command()
 def up(
     host: Annotated[str | None, typer.Option()] = None,
@@ -158,8 +123,9 @@ def up(
     prepare_embedded()
     key = local_api_key()
     # Two workers: one trains, one checks new jobs and makes plans, so a dry run never waits for training.
-    trainer = start_worker_process(role="train")
-    checker = start_worker_process(role="validate")
+    service = LocalService(port=port or settings.api_port)
+    trainer = service.start_worker("trainer", role="train")
+    checker = service.start_worker("checker", role="validate")
     console.print(
         f"[green]workers started (pids {trainer.pid}, {checker.pid}); state in {settings.home}[/green]"
     )
@@ -167,8 +133,7 @@ def up(
     try:
         api(host=host, port=port, workers=1)
     finally:
-        stop_process(trainer)
-        stop_process(checker)
+        service.stop()
 
 
 @teams_app.command("create")
@@ -255,26 +220,6 @@ def keys_revoke(key_id: str) -> None:
     with session_scope(_settings().database_url) as session:
         record = revoke_api_key(session=session, key_id=key_id)
         console.print(f"key {record.id} revoked at {record.revoked_at}")
-
-
-def local_api_key() -> str:
-    """The embedded default's key for the default team: made on first use, kept in TUNEFORGE_HOME/api-key."""
-    from shared.db import session_scope
-    from shared.models import DEFAULT_TEAM_ID
-    from shared.services.auth import authenticate, create_api_key
-
-    settings = _settings()
-    path = settings.home / "api-key"
-    with session_scope(settings.database_url) as session:
-        if path.exists():
-            key = path.read_text().strip()
-            if authenticate(session=session, settings=settings, key=key) is not None:
-                return key
-        _, key = create_api_key(session=session, settings=settings, team_id=DEFAULT_TEAM_ID, name="local")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(key + "\n")
-    return key
 
 
 @models_app.command("list")

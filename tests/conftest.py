@@ -13,18 +13,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/tuneforge-tests/torch_extensions"))
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 import redis
 
+from cli.local_service import LocalService, free_port, wait_http
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +36,6 @@ S3_ACCESS_KEY = "tuneforge-test"
 S3_SECRET_KEY = secrets.token_hex(16)
 BUCKET = "tuneforge-test"
 TINY_MODEL = "tiny-llama"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_pair_free(port: int) -> bool:
@@ -61,20 +56,6 @@ def _seaweed_ports(count: int) -> list[int]:
         if port < 55000 and port not in ports and _port_pair_free(port):
             ports.append(port)
     return ports
-
-
-def wait_http(url: str, timeout: float = 60, ok: tuple[int, ...] = (200,)) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = httpx.get(url, timeout=2).status_code
-            if last in ok:
-                return
-        except httpx.TransportError as exc:
-            last = exc
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout}s (last: {last})")
 
 
 @pytest.fixture(scope="session")
@@ -267,41 +248,23 @@ def api_client(settings: Settings, tiny_model_dir: Path, api_key: str):
         yield client
 
 
-class ServiceProcesses:
-    """A real API server (uvicorn) and a real Celery worker, as subprocesses."""
+class ServiceProcesses(LocalService):
+    """A real API server (uvicorn) and real Celery workers, as subprocesses with the tests' settings, each
+    logging to log_dir/<name>.log."""
 
     def __init__(self, settings: Settings, log_dir: Path) -> None:
+        super().__init__(env=settings_env(settings), log_dir=log_dir, cwd=ROOT, stop_timeout=30)
         self.settings = settings
-        self.port = free_port()
-        self.env = settings_env(settings)
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def start_api(self, *, ready_timeout: float | None = 60) -> subprocess.Popen[bytes]:
+        return super().start_api(ready_timeout=ready_timeout)
 
-    def _spawn(
-        self, name: str, args: list[str], env: dict[str, str] | None = None
+    def start_worker(
+        self, name: str = "worker", *, role: str = "all", env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", *args],
-            cwd=ROOT,
-            env=self.env | (env or {}),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        return proc
-
-    def start_api(self) -> None:
-        self._spawn("api", ["api", "--port", str(self.port)])
-        wait_http(self.base_url + "/readyz", timeout=60)
-
-    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
-        proc = self._spawn(name, ["worker"], env={"TUNEFORGE_WORKER_ID": f"{name}-{RUN_ID}"})
+        """Starts a worker named after this run and waits until Celery says it is ready (consuming its queues)."""
+        worker_id = {"TUNEFORGE_WORKER_ID": f"{name}-{RUN_ID}"}
+        proc = super().start_worker(name, role=role, env=worker_id | dict(env or {}))
         deadline = time.monotonic() + 60
         log_path = self.log_dir / f"{name}.log"
         while time.monotonic() < deadline:
@@ -312,23 +275,8 @@ class ServiceProcesses:
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready: {log_path.read_text()[-2000:]}")
 
-    def stop(self, name: str | None = None, sig: int = 15) -> None:
-        import signal
-
-        for key in [name] if name else list(self.procs):
-            proc = self.procs.pop(key)
-            if proc.poll() is None:
-                os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-
     def kill_hard(self, name: str) -> None:
         """SIGKILL to the process itself (not its group): what an OOM killer or a lost node does."""
-        import signal
-
         proc = self.procs.pop(name)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
