@@ -1,14 +1,13 @@
-"""The Idempotency-Key header on creating endpoints (see shared/services/idempotency.py)."""
+"""The Idempotency-Key header on creating endpoints (the rules are in shared/services/idempotency.py)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Header, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy.orm import Session
 
-from shared.services import idempotency
+from shared.services.idempotency import IdempotentCall, Replay
 
 IdempotencyKeyHeader = Annotated[
     str | None,
@@ -19,50 +18,13 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
-class IdempotentRequest:
-    """One creating request, with or without an Idempotency-Key."""
+def idempotent_call(
+    request: Request, team_id: str, endpoint: str, key: str | None, fingerprint: str
+) -> IdempotentCall:
+    """The creating request as the idempotency service sees it."""
+    return IdempotentCall(request.app.state.session_factory, team_id, endpoint, key, fingerprint)
 
-    def __init__(
-        self, request: Request, team_id: str, endpoint: str, key: str | None, fingerprint: str
-    ) -> None:
-        self.factory = request.app.state.session_factory
-        self.team_id = team_id
-        self.endpoint = endpoint
-        self.key = key
-        self.fingerprint = fingerprint
 
-    def replay(self) -> JSONResponse | None:
-        """Claims the key, or returns the first request's answer to send again."""
-        if self.key is None:
-            return None
-        found = idempotency.begin(
-            factory=self.factory,
-            team_id=self.team_id,
-            endpoint=self.endpoint,
-            key=self.key,
-            fingerprint=self.fingerprint,
-        )
-        if found is None:
-            return None
-        return JSONResponse(
-            found.body, status_code=found.status_code, headers={"Idempotent-Replayed": "true"}
-        )
-
-    def record(self, session: Session, status_code: int, body: dict[str, Any]) -> None:
-        """Stores the answer in the transaction that made the resource."""
-        if self.key is not None:
-            idempotency.complete(
-                session=session,
-                team_id=self.team_id,
-                endpoint=self.endpoint,
-                key=self.key,
-                status_code=status_code,
-                body=body,
-            )
-
-    def abandon(self) -> None:
-        """Frees the key after a failure, so the client can retry with it."""
-        if self.key is not None:
-            idempotency.release(
-                factory=self.factory, team_id=self.team_id, endpoint=self.endpoint, key=self.key
-            )
+def replayed(replay: Replay) -> JSONResponse:
+    """The first request's answer, sent again."""
+    return JSONResponse(replay.body, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"})

@@ -6,7 +6,8 @@ from fastapi import Depends, FastAPI
 
 from api.deps import refuse_unstorable_text
 from api.errors import install_error_handlers
-from api.routers import files, health, jobs, metrics, models, openai_compat, plans, webhooks
+from api.openai import routes as openai_routes
+from api.routers import files, health, jobs, metrics, models, plans, webhooks
 from shared.db import session_factory
 from shared.settings import Settings, get_settings
 from shared.storage import make_store
@@ -31,6 +32,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = session_factory(settings.database_url)
     app.state.store = make_store(settings)
     install_error_handlers(app)
-    for module in (health, metrics, models, files, jobs, webhooks, openai_compat, plans):
+    for module in (health, metrics, models, files, jobs, webhooks, openai_routes, plans):
         app.include_router(module.router)
     return app

@@ -20,6 +20,7 @@ from shared.schemas import (
     QuantizationSpec,
     Resources,
 )
+from shared.services.fine_tuning import ResultsFile
 
 
 class ErrorBody(BaseModel):
@@ -280,7 +281,18 @@ class FileOut(BaseModel):
     num_samples: int
 
     @classmethod
-    def of(cls, record: UploadedFile) -> FileOut:
+    def of(cls, record: UploadedFile | ResultsFile) -> FileOut:
+        if isinstance(record, ResultsFile):
+            return cls(
+                id=record.id,
+                bytes=len(record.content),
+                created_at=int(record.created_at.timestamp()),
+                filename=record.filename,
+                purpose="fine-tune-results",
+                sha256=record.sha256,
+                format="csv",
+                num_samples=record.num_rows,
+            )
         return cls(
             id=record.id,
             bytes=record.size_bytes,

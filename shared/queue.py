@@ -1,6 +1,8 @@
-"""The Celery app both sides share: the API sends tasks by name, the worker runs them.
+"""The broker: the Celery app both sides share (the API sends tasks by name, the worker runs them), the
+queue names, and reading what waits in them.
 
-The broker only carries "run job X now". PostgreSQL holds the job; a lost message never loses a job.
+The broker only carries "look at job X". PostgreSQL holds the job; a lost message never loses a job.
+Services send only after the transaction that made a job ready commits: shared/services/dispatch.py.
 """
 
 from __future__ import annotations
@@ -9,11 +11,8 @@ import logging
 import threading
 
 from celery import Celery
-from sqlalchemy.orm import Session
 
-from shared.models import Job, utcnow
 from shared.settings import Settings
-from shared.states import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,8 @@ BROKER_PRIORITY = {"high": 0, "normal": 3, "low": 6}
 
 
 def enqueue(settings: Settings, task: str, job_id: str, queue: str, priority: str = "normal") -> bool:
-    """Sends `task(job_id)` to `queue`; returns False (and logs) if the broker could not take it."""
+    """Sends `task(job_id)` to `queue` now; returns False (and logs) if the broker could not take it. Services
+    do not call this directly: they use shared/services/dispatch.py, which sends after their commit."""
     app = _producer(settings)
     try:
         app.send_task(
@@ -108,22 +108,6 @@ def enqueue(settings: Settings, task: str, job_id: str, queue: str, priority: st
         log.exception("could not enqueue %s for job %s", task, job_id)
         return False
     return True
-
-
-def enqueue_job(settings: Settings, session: Session, job: Job) -> bool:
-    """Sends a job to the queue its status and size call for, and notes when (the caller commits)."""
-    if job.status == JobStatus.validating:
-        task, queue = VALIDATE_TASK, validate_queue(settings)
-    elif job.status == JobStatus.queued:
-        gpus = int(job.spec.get("resources", {}).get("gpus", 1))
-        task, queue = TRAIN_TASK, train_queue(settings, gpus)
-    else:
-        return False
-    sent = enqueue(settings, task, job.id, queue, job.priority)
-    if sent:
-        job.enqueued_at = utcnow()
-        session.flush()
-    return sent
 
 
 def queued_messages(settings: Settings) -> str | None:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 import json
-import time
-from collections.abc import Iterator, Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
-from sqlalchemy.orm import Session
 
-from api.archive import ArchiveMember, stream_tar
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
-from api.idempotency import IdempotencyKeyHeader, IdempotentRequest
+from api.downloads import stream_archive, stream_object
+from api.event_stream import job_event_stream
+from api.idempotency import IdempotencyKeyHeader, idempotent_call, replayed
 from api.schemas import (
     ArtifactList,
     ArtifactOut,
@@ -29,62 +26,15 @@ from api.schemas import (
     MetricsOut,
 )
 from shared.errors import NotFound
-from shared.models import Artifact, Job
-from shared.queue import enqueue_job
-from shared.schemas import AdapterSource, ExportSpec, JobSpec, Method
+from shared.models import Job
+from shared.schemas import JobSpec
+from shared.services import artifacts as artifact_service
 from shared.services import jobs as job_service
-from shared.services.idempotency import request_hash
-from shared.settings import Settings
-from shared.states import TERMINAL, JobStatus
-from shared.storage import ObjectStore
-from shared.tenancy import TeamID
+from shared.services import submission
+from shared.services.idempotency import Replay, request_hash
+from shared.states import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-
-def primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Starts a storage stream before the response does, so a missing object is a 404, not a cut download."""
-    first = next(chunks, b"")
-    return itertools.chain([first], chunks)
-
-
-def submit_job(
-    spec: JobSpec,
-    request: Request,
-    session: Session,
-    settings: Settings,
-    store: ObjectStore,
-    team: TeamID,
-    idempotency_key: str | None,
-    endpoint: str = "jobs.create",
-) -> Response | Job:
-    """Creates a job (or replays the answer to an earlier request with the same Idempotency-Key), commits,
-    and only then queues it."""
-    guard = IdempotentRequest(request, team, endpoint, idempotency_key, request_hash(spec.model_dump_json()))
-    replay = guard.replay()
-    if replay is not None:
-        return replay
-    try:
-        job = job_service.create_job(session=session, settings=settings, store=store, team_id=team, spec=spec)
-        guard.record(session, status.HTTP_201_CREATED, JobOut.of(job).model_dump(mode="json"))
-        session.commit()
-    except BaseException:
-        session.rollback()
-        guard.abandon()
-        raise
-    # Enqueue only after the commit: a worker must find the job it is told to run.
-    if enqueue_job(settings, session, job):
-        session.commit()
-    else:
-        job_service.add_event(
-            session=session,
-            job_id=job.id,
-            type="queue",
-            level="warning",
-            message="the broker did not take the job; it will be re-sent when the broker is back",
-        )
-        session.commit()
-    return job
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
@@ -98,8 +48,18 @@ def create_job(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response | JobOut:
     """Submits a job (training, merge, fusion or export). It is checked, stored, and only then queued."""
-    created = submit_job(spec, request, session, settings, store, team, idempotency_key)
-    return created if isinstance(created, Response) else JobOut.of(created)
+    submitted = submission.submit_job(
+        session=session,
+        settings=settings,
+        store=store,
+        team_id=team,
+        spec=spec,
+        idempotency=idempotent_call(
+            request, team, "jobs.create", idempotency_key, request_hash(spec.model_dump_json())
+        ),
+        answer=_answer,
+    )
+    return replayed(submitted) if isinstance(submitted, Replay) else JobOut.of(submitted)
 
 
 @router.post("/{job_id}/export", status_code=status.HTTP_201_CREATED, response_model=JobOut)
@@ -114,20 +74,28 @@ def export_job(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response | JobOut:
     """Starts an export job that merges this finished job's adapter into its base model."""
-    job_service.get_job(session=session, team_id=team, job_id=job_id)  # 404 unless it is the team's job
-    body = body or ExportRequest()
-    spec = JobSpec(
-        method=Method.export,
-        export=ExportSpec(
-            source=AdapterSource(job_id=job_id), dtype=body.dtype, max_shard_size=body.max_shard_size
+    options = (body or ExportRequest()).model_dump(mode="json")
+    submitted = submission.submit_export(
+        session=session,
+        settings=settings,
+        store=store,
+        team_id=team,
+        source_job_id=job_id,
+        options=options,
+        idempotency=idempotent_call(
+            request,
+            team,
+            "jobs.export",
+            idempotency_key,
+            request_hash(job_id, json.dumps(options, sort_keys=True)),
         ),
-        priority=body.priority,
-        metadata=body.metadata,
+        answer=_answer,
     )
-    created = submit_job(
-        spec, request, session, settings, store, team, idempotency_key, endpoint="jobs.export"
-    )
-    return created if isinstance(created, Response) else JobOut.of(created)
+    return replayed(submitted) if isinstance(submitted, Replay) else JobOut.of(submitted)
+
+
+def _answer(job: Job) -> dict:
+    return JobOut.of(job).model_dump(mode="json")
 
 
 @router.get("", response_model=JobPage)
@@ -183,33 +151,12 @@ def list_events(
 @router.get("/{job_id}/events/stream", response_class=StreamingResponse)
 def stream_events(job_id: str, request: Request, session: SessionDep, team: CallerTeam) -> StreamingResponse:
     """Streams a job's events as server-sent events until the job ends."""
-    job_service.get_job(session=session, team_id=team, job_id=job_id)
-    factory = request.app.state.session_factory
-
-    def events() -> Iterator[bytes]:
-        after: int | None = None
-        while True:
-            with factory() as poll:
-                page, _ = job_service.list_events(
-                    session=poll, team_id=team, job_id=job_id, after=after, limit=500
-                )
-                job = job_service.get_job(session=poll, team_id=team, job_id=job_id)
-                finished = JobStatus(job.status) in TERMINAL
-            for event in page:
-                after = event.id
-                payload = EventOut.of(event).model_dump_json()
-                yield f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n".encode()
-            if finished and not page:
-                yield f"event: end\ndata: {json.dumps({'status': job.status})}\n\n".encode()
-                return
-            if not page:
-                time.sleep(1.0)
-                # A comment (SSE clients skip it) between idle polls: without it this generator never
-                # returns to the server while the job is quiet, so a client that left is never noticed and
-                # its thread polls until the job ends (enough of them exhaust the threadpool).
-                yield b": keep-alive\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    job_service.get_job(session=session, team_id=team, job_id=job_id)  # 404 before the stream starts
+    return StreamingResponse(
+        job_event_stream(request.app.state.session_factory, team, job_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
@@ -226,7 +173,7 @@ def get_metrics(job_id: str, session: SessionDep, team: CallerTeam) -> MetricsOu
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
 def list_artifacts(job_id: str, session: SessionDep, team: CallerTeam) -> ArtifactList:
     """Lists the files a job produced, with size and sha256."""
-    artifacts = job_service.list_artifacts(session=session, team_id=team, job_id=job_id)
+    artifacts = artifact_service.list_artifacts(session=session, team_id=team, job_id=job_id)
     kinds = sorted({a.kind for a in artifacts})
     main = next((kind for kind in ("merged", "adapter") if kind in kinds), None)
     return ArtifactList(
@@ -239,7 +186,7 @@ def list_artifacts(job_id: str, session: SessionDep, team: CallerTeam) -> Artifa
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
 def list_checkpoints(job_id: str, session: SessionDep, team: CallerTeam) -> CheckpointList:
     """Lists the job's stored training states (each complete, resumable and downloadable)."""
-    checkpoints = job_service.list_checkpoints(session=session, team_id=team, job_id=job_id)
+    checkpoints = artifact_service.list_checkpoints(session=session, team_id=team, job_id=job_id)
     return CheckpointList(data=[CheckpointOut.of(c) for c in checkpoints])
 
 
@@ -248,41 +195,10 @@ def download_checkpoint(
     job_id: str, step: int, session: SessionDep, store: StoreDep, team: CallerTeam
 ) -> Response:
     """Downloads one checkpoint (adapter, optimizer, scheduler, RNG and trainer state) as a tar archive."""
-    checkpoint = next(
-        (
-            c
-            for c in job_service.list_checkpoints(session=session, team_id=team, job_id=job_id)
-            if c.step == step
-        ),
-        None,
+    checkpoint, files = artifact_service.get_checkpoint(
+        session=session, team_id=team, job_id=job_id, step=step
     )
-    if checkpoint is None:
-        raise NotFound(f"job {job_id} has no checkpoint at step {step}", param="step")
-    artifacts = [
-        a
-        for a in job_service.list_artifacts(session=session, team_id=team, job_id=job_id, kind="checkpoint")
-        if a.name.startswith(checkpoint.prefix + "/")
-    ]
-    return _archive(f"{job_id}-{checkpoint.prefix}", artifacts, store, strip=checkpoint.prefix + "/")
-
-
-def _archive(
-    root: str, artifacts: Sequence[Artifact], store: ObjectStore, strip: str = ""
-) -> StreamingResponse:
-    members = [
-        ArchiveMember(
-            name=a.name.removeprefix(strip),
-            size=a.size_bytes,
-            sha256=a.sha256,
-            chunks=lambda key=a.storage_key: store.iter_chunks(key),
-        )
-        for a in artifacts
-    ]
-    return StreamingResponse(
-        stream_tar(root, members),
-        media_type="application/x-tar",
-        headers={"Content-Disposition": f'attachment; filename="{root}.tar"'},
-    )
+    return stream_archive(f"{job_id}-{checkpoint.prefix}", files, store, strip=checkpoint.prefix + "/")
 
 
 @router.get("/{job_id}/artifacts/{kind}.tar", response_class=StreamingResponse)
@@ -290,10 +206,10 @@ def download_archive(
     job_id: str, kind: str, session: SessionDep, store: StoreDep, team: CallerTeam
 ) -> Response:
     """Downloads every file of one artifact kind (`adapter`) as a tar archive with a SHA256SUMS file."""
-    artifacts = job_service.list_artifacts(session=session, team_id=team, job_id=job_id, kind=kind)
+    artifacts = artifact_service.list_artifacts(session=session, team_id=team, job_id=job_id, kind=kind)
     if not artifacts:
         raise NotFound(f"job {job_id} has no {kind} artifacts", param="kind")
-    return _archive(f"{job_id}-{kind}", artifacts, store)
+    return stream_archive(f"{job_id}-{kind}", artifacts, store)
 
 
 @router.get("/{job_id}/artifacts/{kind}/{name:path}", response_class=StreamingResponse)
@@ -310,19 +226,19 @@ def download_artifact(
     ] = False,
 ) -> Response:
     """Downloads one artifact file (streamed, or a redirect to a presigned URL)."""
-    artifacts = job_service.list_artifacts(session=session, team_id=team, job_id=job_id, kind=kind)
-    artifact = next((a for a in artifacts if a.name == name), None)
-    if artifact is None:
-        raise NotFound(f"job {job_id} has no {kind} artifact named {name!r}", param="name")
+    artifact = artifact_service.get_artifact(
+        session=session, team_id=team, job_id=job_id, kind=kind, name=name
+    )
     if redirect:
         url = store.presigned_url(artifact.storage_key, settings.presigned_url_ttl_seconds)
         if url:
             return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
-    return StreamingResponse(
-        primed(store.iter_chunks(artifact.storage_key)),
+    return stream_object(
+        store,
+        artifact.storage_key,
+        size=artifact.size_bytes,
         media_type="application/octet-stream",
         headers={
-            "Content-Length": str(artifact.size_bytes),
             "ETag": f'"{artifact.sha256}"',
             "X-Checksum-Sha256": artifact.sha256,
             "Content-Disposition": f'attachment; filename="{name.rsplit("/", 1)[-1]}"',

@@ -10,16 +10,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from sqlalchemy import case, func, select
 
 from shared.errors import NotFound, Unauthorized
-from shared.models import Job, utcnow
+from shared.models import utcnow
 from shared.queue import queue_depths
+from shared.services import operations
+from shared.services.operations import DURATION_BUCKETS
 from shared.settings import Settings
-from shared.states import TERMINAL, JobStatus
+from shared.states import JobStatus
 
 router = APIRouter(tags=["operations"])
-DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0, 24 * 3600.0)
 
 
 class TuneforgeCollector:
@@ -31,34 +31,14 @@ class TuneforgeCollector:
 
     def collect(self) -> Iterator[Metric]:
         with self.session_factory() as session:
-            by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            failures = session.execute(
-                select(Job.error_code, func.count())
-                .where(Job.status == JobStatus.failed.value)
-                .group_by(Job.error_code)
-            ).all()
-            bucket_counts = session.execute(
-                select(
-                    *[
-                        func.sum(case((Job.runtime_seconds <= bound, 1), else_=0))
-                        for bound in DURATION_BUCKETS
-                    ],
-                    func.count(),
-                    func.coalesce(func.sum(Job.runtime_seconds), 0.0),
-                ).where(Job.status.in_([s.value for s in TERMINAL]), Job.started_at.is_not(None))
-            ).one()
-            heartbeats = session.execute(
-                select(Job.id, Job.heartbeat_at).where(
-                    Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value])
-                )
-            ).all()
-
+            stats = operations.job_statistics(session=session)
+        by_status = stats.by_status
         jobs = GaugeMetricFamily("tuneforge_jobs", "Jobs by status", labels=["status"])
         for status in JobStatus:
             jobs.add_metric([status.value], by_status.get(status.value, 0))
         yield jobs
         yield GaugeMetricFamily(
-            "tuneforge_running_jobs", "Jobs running or being cancelled", value=len(heartbeats)
+            "tuneforge_running_jobs", "Jobs running or being cancelled", value=len(stats.heartbeats)
         )
         depth = GaugeMetricFamily(
             "tuneforge_queue_depth", "Messages waiting in each broker queue", labels=["queue"]
@@ -67,17 +47,16 @@ class TuneforgeCollector:
             depth.add_metric([queue], count)
         yield depth
         failed = CounterMetricFamily("tuneforge_job_failures", "Failed jobs by error code", labels=["code"])
-        for code, count in failures:
+        for code, count in stats.failures:
             failed.add_metric([code or "unknown"], count)
         yield failed
-        *cumulative, total, total_seconds = bucket_counts
         histogram = HistogramMetricFamily(
             "tuneforge_job_run_seconds", "Run time of finished jobs, all attempts together"
         )
         buckets = [
-            (str(bound), int(count or 0)) for bound, count in zip(DURATION_BUCKETS, cumulative, strict=True)
+            (str(bound), count) for bound, count in zip(DURATION_BUCKETS, stats.runtime_buckets, strict=True)
         ]
-        histogram.add_metric([], [*buckets, ("+Inf", int(total))], float(total_seconds))
+        histogram.add_metric([], [*buckets, ("+Inf", stats.finished)], stats.finished_seconds)
         yield histogram
         now = utcnow()
         ages = GaugeMetricFamily(
@@ -85,7 +64,7 @@ class TuneforgeCollector:
             "Seconds since each running job's worker last checked in",
             labels=["job_id"],
         )
-        for job_id, beat in heartbeats:
+        for job_id, beat in stats.heartbeats:
             ages.add_metric([job_id], (now - beat).total_seconds() if beat else float("inf"))
         yield ages
 

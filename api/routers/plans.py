@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Request, status
 from fastapi.responses import JSONResponse, Response
 
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
 from api.schemas import PlanOut
-from shared.queue import PLAN_TASK, enqueue, validate_queue
 from shared.schemas import JobSpec
 from shared.services import plans as plan_service
 
@@ -35,14 +32,7 @@ def create_plan(
     """Plans a job without running it: dataset samples, token counts and truncation with the first sample
     rendered with its loss mask; trainable parameters (counted on the meta device, no weights loaded); the
     peak GPU memory estimate per GPU; and refusals of combinations known not to work (422)."""
-    plan = plan_service.create_plan(session=session, settings=settings, store=store, team_id=team, spec=spec)
-    session.commit()
-    enqueue(settings, PLAN_TASK, plan.id, validate_queue(settings), "high")
-    deadline = time.monotonic() + settings.plan_wait_seconds
-    while plan.status == "pending" and time.monotonic() < deadline:
-        time.sleep(0.25)
-        session.expire_all()
-        plan = plan_service.get_plan(session=session, team_id=team, plan_id=plan.id)
+    plan = plan_service.request_plan(session=session, settings=settings, store=store, team_id=team, spec=spec)
     out = PlanOut.of(plan)
     body = out.model_dump(mode="json")
     if plan.status == "pending":

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from shared.datasets import DatasetInvalid, scan_jsonl
-from shared.errors import InvalidRequest, NotFound, PayloadTooLarge
-from shared.models import UploadedFile, new_id
+from shared.db import beyond
+from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from shared.models import Job, UploadedFile, new_id
+from shared.services.fine_tuning import ResultsFile, find_results_file, refuse_results_file_delete
+from shared.services.idempotency import IdempotentCall, Replay
 from shared.settings import Settings
-from shared.storage import ObjectStore
+from shared.states import TERMINAL
+from shared.storage import ObjectStore, StorageError
 from shared.tenancy import TeamID
+
+log = logging.getLogger(__name__)
 
 PURPOSES = ("fine-tune",)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -107,7 +114,109 @@ def get_file(*, session: Session, team_id: TeamID, file_id: str) -> UploadedFile
     return record
 
 
-def list_files(*, session: Session, team_id: TeamID, limit: int = 100) -> Sequence[UploadedFile]:
-    """Returns a team's uploaded files, newest first."""
+def upload_file(
+    *,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    team_id: TeamID,
+    filename: str,
+    purpose: str,
+    source: BinaryIO,
+    idempotency: IdempotentCall,
+    answer: Callable[[UploadedFile], dict[str, Any]],
+) -> UploadedFile | Replay:
+    """Stores an upload (store_upload) and commits it with its answer, or returns the stored answer to an
+    earlier request with the same Idempotency-Key."""
+    replay = idempotency.begin()
+    if replay is not None:
+        return replay
+    try:
+        record = store_upload(
+            session=session,
+            settings=settings,
+            store=store,
+            team_id=team_id,
+            filename=filename,
+            purpose=purpose,
+            source=source,
+        )
+        idempotency.complete(session, 201, answer(record))
+        session.commit()
+    except BaseException:
+        session.rollback()
+        idempotency.release()
+        raise
+    return record
+
+
+def find_file(*, session: Session, team_id: TeamID, file_id: str) -> UploadedFile | ResultsFile:
+    """Returns a team's uploaded file, or a succeeded job's results file; raises NotFound."""
+    results = find_results_file(session=session, team_id=team_id, file_id=file_id)
+    return results if results is not None else get_file(session=session, team_id=team_id, file_id=file_id)
+
+
+def list_files(
+    *,
+    session: Session,
+    team_id: TeamID,
+    after: str | None = None,
+    limit: int = 100,
+    newest_first: bool = True,
+    purpose: str | None = None,
+) -> tuple[list[UploadedFile], bool]:
+    """A page of a team's uploaded files by creation time, after the file `after`; and whether more follow."""
     query = select(UploadedFile).where(UploadedFile.team_id == team_id)
-    return session.scalars(query.order_by(UploadedFile.created_at.desc()).limit(limit)).all()
+    if purpose is not None:
+        query = query.where(UploadedFile.purpose == purpose)
+    if after is not None:
+        anchor = session.scalar(
+            select(UploadedFile).where(UploadedFile.id == after, UploadedFile.team_id == team_id)
+        )
+        if anchor is None:
+            raise InvalidRequest(f"after: no file {after!r} in your team", param="after")
+        query = query.where(beyond(UploadedFile, anchor.created_at, anchor.id, descending=newest_first))
+    ordering = (
+        (UploadedFile.created_at.desc(), UploadedFile.id.desc())
+        if newest_first
+        else (UploadedFile.created_at.asc(), UploadedFile.id.asc())
+    )
+    records = list(session.scalars(query.order_by(*ordering).limit(limit + 1)))
+    return records[:limit], len(records) > limit
+
+
+def delete_file(*, session: Session, store: ObjectStore, team_id: TeamID, file_id: str) -> None:
+    """Deletes an uploaded file's record (committed) and then its stored bytes. Refused (409) while a job that
+    has not finished reads it, and for results files, which are never stored."""
+    refuse_results_file_delete(session=session, team_id=team_id, file_id=file_id)
+    record = get_file(session=session, team_id=team_id, file_id=file_id)
+    readers = session.scalars(
+        select(Job.id)
+        .where(
+            Job.team_id == team_id,
+            Job.status.not_in([s.value for s in TERMINAL]),
+            or_(Job.dataset_uri == file_id, Job.validation_uri == file_id),
+        )
+        .order_by(Job.created_at)
+        .limit(6)
+    ).all()
+    if readers:
+        listed = ", ".join(readers[:5]) + (", ..." if len(readers) > 5 else "")
+        raise Conflict(
+            f"file {file_id} is used by jobs that have not finished ({listed}); cancel them or wait for them "
+            "to end, then delete it",
+            param="file_id",
+        )
+    deleted = session.execute(
+        delete(UploadedFile).where(UploadedFile.id == file_id, UploadedFile.team_id == team_id)
+    ).rowcount
+    session.commit()
+    if not deleted:  # deleted by a concurrent request
+        raise NotFound(f"file {file_id} not found", param="file_id")
+    try:
+        store.delete(record.storage_key)
+    except StorageError as exc:
+        # The record is gone (nothing can read the file any more); only the bytes are left behind.
+        log.warning(
+            "file %s deleted, but its object %s stays in storage: %s", file_id, record.storage_key, exc
+        )

@@ -128,3 +128,44 @@ def release(*, factory: Callable[[], Session], team_id: str, endpoint: str, key:
             )
         )
         session.commit()
+
+
+@dataclass(frozen=True)
+class IdempotentCall:
+    """One creating request, with or without an Idempotency-Key: claim the key first, store the answer in the
+    transaction that makes the resource, free the key if that fails."""
+
+    factory: Callable[[], Session]
+    team_id: str
+    endpoint: str
+    key: str | None
+    fingerprint: str
+
+    def begin(self) -> Replay | None:
+        """Claims the key (None: go ahead), or returns the first request's answer to send again."""
+        if self.key is None:
+            return None
+        return begin(
+            factory=self.factory,
+            team_id=self.team_id,
+            endpoint=self.endpoint,
+            key=self.key,
+            fingerprint=self.fingerprint,
+        )
+
+    def complete(self, session: Session, status_code: int, body: dict[str, Any]) -> None:
+        """Stores the answer in the caller's transaction (the one that made the resource)."""
+        if self.key is not None:
+            complete(
+                session=session,
+                team_id=self.team_id,
+                endpoint=self.endpoint,
+                key=self.key,
+                status_code=status_code,
+                body=body,
+            )
+
+    def release(self) -> None:
+        """Frees the key after a failure, so the client can retry with it."""
+        if self.key is not None:
+            release(factory=self.factory, team_id=self.team_id, endpoint=self.endpoint, key=self.key)

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, text, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
-from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
+from shared.models import Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
 from shared.planning import ModelConfigError, ModelShape, fit_to_model, static_refusals
 from shared.schemas import AVAILABLE_METHODS, JobSpec, Method, job_sources
 from shared.services.models import model_config
 from shared.services.webhooks import record_job_finished
 from shared.settings import Settings
 from shared.states import TERMINAL, JobStatus, sources_of
-from shared.storage import ObjectStore, StoredObject
+from shared.storage import ObjectStore
 from shared.tenancy import TeamID
 from shared.uris import resolve_dataset_uri
 
@@ -87,7 +87,8 @@ def _check_sources(
     return base
 
 
-def _team_limits(session: Session, settings: Settings, team_id: str) -> tuple[int, int]:
+def team_limits(session: Session, settings: Settings, team_id: str) -> tuple[int, int]:
+    """The team's limits of running and of waiting jobs (its own, or the deployment's defaults)."""
     team = session.get(Team, team_id)
     running = (team.max_running_jobs if team else None) or settings.team_max_running_jobs
     queued = (team.max_queued_jobs if team else None) or settings.team_max_queued_jobs
@@ -95,7 +96,7 @@ def _team_limits(session: Session, settings: Settings, team_id: str) -> tuple[in
 
 
 def _check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) -> None:
-    _, limit = _team_limits(session, settings, team_id)
+    _, limit = team_limits(session, settings, team_id)
     waiting = session.scalar(
         select(func.count())
         .select_from(Job)
@@ -356,92 +357,6 @@ def cancel_job(*, session: Session, team_id: TeamID, job_id: str) -> Job:
     return job
 
 
-def claim_job(
-    *, session: Session, job_id: str, worker_id: str, lease_timeout: float, settings: Settings | None = None
-) -> int | None:
-    """Claims a queued job for this worker, or takes over one whose worker stopped heartbeating.
-    Returns the new attempt number, or None if the job is not this worker's to run. With `settings`, a
-    team at its running limit waits (the job is tried again later), so one team cannot take every worker."""
-    now = utcnow()
-    stale = now - timedelta(seconds=lease_timeout)
-    current = session.execute(
-        select(Job.attempt, Job.status, Job.started_at, Job.team_id).where(Job.id == job_id)
-    ).one_or_none()
-    if current is None:
-        return None
-    previous_attempt, previous_status, started_at, team_id = current
-    if settings is not None and previous_status == JobStatus.queued:
-        if session.bind is not None and session.bind.dialect.name == "postgresql":
-            # Claims of one team's jobs take turns, so two workers cannot both take its last free slot.
-            session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:team))"), {"team": team_id})
-        limit, _ = _team_limits(session, settings, team_id)
-        running = session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(
-                Job.team_id == team_id, Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value])
-            )
-        )
-        if running >= limit:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.queued.value)
-                .values(not_before=now + timedelta(seconds=settings.fairness_retry_seconds), enqueued_at=None)
-                .execution_options(synchronize_session=False)
-            )
-            return None
-    claimable = or_(
-        and_(Job.status == JobStatus.queued, or_(Job.not_before.is_(None), Job.not_before <= now)),
-        and_(Job.status == JobStatus.running, Job.heartbeat_at < stale),
-    )
-    # The attempt number in the WHERE clause makes this a compare-and-swap: of two workers racing for the
-    # same job, only one update matches.
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == previous_attempt, claimable)
-        .values(
-            status=JobStatus.running.value,
-            attempt=previous_attempt + 1,
-            worker_id=worker_id,
-            heartbeat_at=now,
-            started_at=started_at or now,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
-        return None
-    attempt = previous_attempt + 1
-    taken_over = previous_status == JobStatus.running
-    add_event(
-        session=session,
-        job_id=job_id,
-        type="status",
-        message=f"attempt {attempt} started on {worker_id}"
-        + (" (the previous worker stopped heartbeating)" if taken_over else ""),
-        attempt=attempt,
-        data={"status": JobStatus.running.value, "worker_id": worker_id},
-    )
-    return attempt
-
-
-def heartbeat(*, session: Session, job_id: str, attempt: int) -> JobStatus | None:
-    """Renews this attempt's lease; returns the job's status, or None if the attempt lost the job."""
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.attempt == attempt,
-            Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
-        )
-        .values(heartbeat_at=now)
-    )
-    if result.rowcount != 1:
-        return None
-    return JobStatus(session.scalar(select(Job.status).where(Job.id == job_id)))
-
-
 def record_metric(
     *,
     session: Session,
@@ -472,68 +387,3 @@ def get_metrics(*, session: Session, team_id: TeamID, job_id: str) -> dict[str, 
     for row in rows:
         curves.setdefault(row.split, []).append(row)
     return curves
-
-
-def record_artifacts(
-    *, session: Session, job: Job, kind: str, stored: Iterable[tuple[str, StoredObject]]
-) -> list[Artifact]:
-    """Records uploaded files (name inside the artifact, stored object) as a job's artifacts."""
-    rows = [
-        Artifact(
-            job_id=job.id,
-            team_id=job.team_id,
-            kind=kind,
-            name=name,
-            storage_key=obj.key,
-            size_bytes=obj.size,
-            sha256=obj.sha256,
-        )
-        for name, obj in stored
-    ]
-    session.add_all(rows)
-    session.flush()
-    return rows
-
-
-def list_artifacts(
-    *, session: Session, team_id: TeamID, job_id: str, kind: str | None = None
-) -> Sequence[Artifact]:
-    """Returns a job's artifacts, by name."""
-    get_job(session=session, team_id=team_id, job_id=job_id)
-    query = select(Artifact).where(Artifact.job_id == job_id)
-    if kind is not None:
-        query = query.where(Artifact.kind == kind)
-    return session.scalars(query.order_by(Artifact.kind, Artifact.name)).all()
-
-
-def delete_artifacts(*, session: Session, job_id: str, kind: str, prefix: str | None = None) -> int:
-    """Removes a job's artifact records of one kind (under a name prefix); returns how many."""
-    query = delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind)
-    if prefix is not None:
-        query = query.where(Artifact.name.startswith(prefix + "/"))
-    return session.execute(query).rowcount
-
-
-def latest_checkpoint(*, session: Session, job_id: str) -> tuple[Checkpoint, list[Artifact]] | None:
-    """Returns a job's most advanced complete checkpoint and its files, if it has one."""
-    checkpoint = session.scalar(
-        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
-    )
-    if checkpoint is None:
-        return None
-    files = session.scalars(
-        select(Artifact).where(
-            Artifact.job_id == job_id,
-            Artifact.kind == "checkpoint",
-            Artifact.name.startswith(checkpoint.prefix + "/"),
-        )
-    ).all()
-    return checkpoint, list(files)
-
-
-def list_checkpoints(*, session: Session, team_id: TeamID, job_id: str) -> Sequence[Checkpoint]:
-    """Returns a team's job's checkpoints, by step."""
-    get_job(session=session, team_id=team_id, job_id=job_id)
-    return session.scalars(
-        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
-    ).all()

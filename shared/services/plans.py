@@ -3,6 +3,7 @@ estimate, refusals), without the job."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import select, update
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 from shared.errors import NotFound
 from shared.models import Plan, new_id, utcnow
 from shared.schemas import JobSpec
+from shared.services.dispatch import send_plan_after_commit
 from shared.services.jobs import check_spec
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -34,6 +36,22 @@ def create_plan(
     )
     session.add(plan)
     session.flush()
+    return plan
+
+
+def request_plan(
+    *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
+) -> Plan:
+    """Records a plan, sends it to a worker once committed, and waits up to `plan_wait_seconds` for the
+    worker to complete it; returns the plan as it then is (still pending when the worker was slower)."""
+    plan = create_plan(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
+    send_plan_after_commit(session, settings, plan.id)
+    session.commit()
+    deadline = time.monotonic() + settings.plan_wait_seconds
+    while plan.status == "pending" and time.monotonic() < deadline:
+        time.sleep(0.25)
+        session.expire_all()
+        plan = get_plan(session=session, team_id=team_id, plan_id=plan.id)
     return plan
 
 

@@ -7,7 +7,7 @@ from sqlalchemy import update
 
 from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Job, Team
-from shared.services import jobs as job_service
+from shared.services import artifacts as artifact_service
 from shared.states import JobStatus
 from tests.conftest import BUCKET, TINY_MODEL
 from tests.helpers import color_messages, to_jsonl
@@ -42,7 +42,7 @@ def finished(api_client, dataset_id, settings, store):
         with session_scope(settings.database_url) as session:
             session.execute(update(Job).where(Job.id == job["id"]).values(status=status, base_model=base))
             row = session.get(Job, job["id"])
-            job_service.record_artifacts(
+            artifact_service.record_artifacts(
                 session=session, job=row, kind="adapter", stored=[("adapter_config.json", stored)]
             )
         return job["id"]

@@ -34,6 +34,7 @@ from api.main import create_app
 from shared.db import session_scope
 from shared.models import Checkpoint, Job, UploadedFile, Webhook, WebhookDelivery, new_id, utcnow
 from shared.schemas import JobSpec
+from shared.services import artifacts as artifact_service
 from shared.services import jobs as job_service
 from shared.services import plans as plan_service
 from shared.services import webhooks as webhook_service
@@ -165,10 +166,10 @@ def seed_team(
             )
         )
         row = session.get(Job, finished_id)
-        job_service.record_artifacts(
+        artifact_service.record_artifacts(
             session=session, job=row, kind="adapter", stored=[(n, stored[n]) for n in ADAPTER_FILES]
         )
-        job_service.record_artifacts(
+        artifact_service.record_artifacts(
             session=session, job=row, kind="checkpoint", stored=[(n, stored[n]) for n in CHECKPOINT_FILES]
         )
         session.add(

@@ -9,6 +9,7 @@ from sqlalchemy import update
 from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Job, utcnow
 from shared.schemas import JobSpec
+from shared.services import claims
 from shared.services import jobs as job_service
 from shared.states import JobStatus
 from shared.tenancy import TeamID
@@ -31,7 +32,7 @@ def queued_job(settings, store) -> str:
 
 def claim(settings, job_id, worker="w", lease=30.0):
     with session_scope(settings.database_url) as session:
-        return job_service.claim_job(session=session, job_id=job_id, worker_id=worker, lease_timeout=lease)
+        return claims.claim_job(session=session, job_id=job_id, worker_id=worker, lease_timeout=lease)
 
 
 def status_of(settings, job_id) -> Job:
@@ -72,11 +73,11 @@ def test_a_stale_lease_is_taken_over_and_the_old_attempt_fenced(settings, queued
     assert claim(settings, queued_job, worker="second", lease=60) == 2
     with session_scope(settings.database_url) as session:
         # The first worker comes back: its heartbeat and its finishing write are refused.
-        assert job_service.heartbeat(session=session, job_id=queued_job, attempt=1) is None
+        assert claims.heartbeat(session=session, job_id=queued_job, attempt=1) is None
         assert not job_service.transition(
             session=session, job_id=queued_job, to=JobStatus.succeeded, attempt=1
         )
-        assert job_service.heartbeat(session=session, job_id=queued_job, attempt=2) is JobStatus.running
+        assert claims.heartbeat(session=session, job_id=queued_job, attempt=2) is JobStatus.running
     assert status_of(settings, queued_job).status == "running"
 
 
@@ -85,7 +86,7 @@ def test_cancel_of_a_running_job_goes_through_cancelling(settings, queued_job):
     with session_scope(settings.database_url) as session:
         job = job_service.cancel_job(session=session, team_id=TEAM, job_id=queued_job)
         assert job.status == "cancelling"
-        assert job_service.heartbeat(session=session, job_id=queued_job, attempt=1) is JobStatus.cancelling
+        assert claims.heartbeat(session=session, job_id=queued_job, attempt=1) is JobStatus.cancelling
         assert job_service.transition(session=session, job_id=queued_job, to=JobStatus.cancelled, attempt=1)
     assert status_of(settings, queued_job).finished_at is not None
 

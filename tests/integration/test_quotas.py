@@ -7,7 +7,7 @@ from sqlalchemy import update
 from shared.db import session_scope
 from shared.models import Job
 from shared.queue import BROKER_PRIORITY, train_queue
-from shared.services import jobs as job_service
+from shared.services import claims
 from shared.states import JobStatus
 from tests.conftest import TINY_MODEL
 from tests.helpers import color_messages, to_jsonl
@@ -48,7 +48,7 @@ def test_a_team_at_its_running_limit_waits_and_others_go_first(api_client, make_
 
     def claim(job_id):
         with session_scope(settings.database_url) as session:
-            return job_service.claim_job(
+            return claims.claim_job(
                 session=session, job_id=job_id, worker_id="w", lease_timeout=30, settings=settings
             )
 
@@ -67,7 +67,7 @@ def test_a_team_at_its_running_limit_waits_and_others_go_first(api_client, make_
 
 
 def test_high_priority_jobs_are_served_before_low_ones(api_client, settings):
-    from shared.queue import enqueue_job
+    from shared.services.dispatch import send_after_commit
 
     low = submit(api_client, {}, priority="low", hyperparameters={"max_steps": 1}).json()["id"]
     high = submit(api_client, {}, priority="high", hyperparameters={"max_steps": 1}).json()["id"]
@@ -76,10 +76,11 @@ def test_high_priority_jobs_are_served_before_low_ones(api_client, settings):
     for key in client.scan_iter(f"{queue}*"):
         client.delete(key)
     with session_scope(settings.database_url) as session:
+        dispatches = []
         for job_id in (low, high):  # the low one is sent first
-            job = session.get(Job, job_id)
-            job.status = JobStatus.queued.value
-            assert enqueue_job(settings, session, job)
+            session.get(Job, job_id).status = JobStatus.queued.value
+            dispatches.append(send_after_commit(session, settings, job_id))
+    assert all(dispatch.sent for dispatch in dispatches)
     # A worker pops the lists in kombu's priority order (step 0 first), as BRPOP does with these keys.
     keys = [queue if step == 0 else f"{queue}\x06\x16{step}" for step in (0, 3, 6, 9)]
     first = client.brpop(keys, timeout=1)

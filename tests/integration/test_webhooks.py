@@ -26,6 +26,7 @@ from shared import urlpolicy
 from shared.db import session_scope
 from shared.models import Job, Webhook, WebhookDelivery, utcnow
 from shared.schemas import JobSpec
+from shared.services import claims
 from shared.services import jobs as job_service
 from shared.services import webhooks as webhook_service
 from shared.settings import Settings
@@ -106,7 +107,7 @@ def finish(settings: Settings, job_id: str, to: JobStatus) -> None:
     with session_scope(settings.database_url) as session:
         if to is JobStatus.succeeded:
             assert job_service.transition(session=session, job_id=job_id, to=JobStatus.queued)
-            attempt = job_service.claim_job(session=session, job_id=job_id, worker_id="t", lease_timeout=30)
+            attempt = claims.claim_job(session=session, job_id=job_id, worker_id="t", lease_timeout=30)
             assert job_service.transition(
                 session=session, job_id=job_id, to=JobStatus.succeeded, attempt=attempt, result={"loss": 0.5}
             )

@@ -7,7 +7,6 @@ the official `openai` client parses them. Tuneforge's own settings travel in one
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -22,6 +21,7 @@ from shared.schemas import (
     QuantizationSpec,
     Resources,
 )
+from shared.services.fine_tuning import CHECKPOINT_PREFIX, EVENT_PREFIX, results_file_id
 from shared.states import JobStatus
 
 # learning_rate_multiplier 1 (or "auto") is this learning rate, JobSpec's default for adapter training.
@@ -46,26 +46,9 @@ STATUS: dict[JobStatus, OpenAIStatus] = {
     JobStatus.cancelled: "cancelled",
 }
 
-EVENT_PREFIX = "ftevent-"
-CHECKPOINT_PREFIX = "ftckpt-"
-RESULTS_FILE_PREFIX = "file-results-"
-RESULTS_FILE = re.compile(r"^file-results-([0-9a-f]{24})$")
-RESULTS_FILENAME = "step_metrics.csv"
-
 
 def unix(moment: datetime | None) -> int | None:
     return int(moment.timestamp()) if moment is not None else None
-
-
-def results_file_id(job_id: str) -> str:
-    """The id of a finished job's results file (a CSV of its metrics, made on request, never stored)."""
-    return RESULTS_FILE_PREFIX + job_id.removeprefix("ftjob-")
-
-
-def results_job_id(file_id: str) -> str | None:
-    """The job whose results file `file_id` is, or None when it is not a results file id."""
-    match = RESULTS_FILE.match(file_id)
-    return f"ftjob-{match.group(1)}" if match else None
 
 
 # ---------------------------------------------------------------------------------------------- requests

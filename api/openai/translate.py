@@ -1,0 +1,128 @@
+"""An OpenAI create request as a Tuneforge JobSpec, remembering where each field came from so that errors name
+what the caller sent (see api/openai/__init__.py for the mapping)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.openai.errors import first_error
+from api.openai.schemas import BASE_LEARNING_RATE, SUFFIX_KEY, FineTuningJobCreate, TuneforgeOptions
+from shared.errors import InvalidRequest
+from shared.schemas import MAX_METADATA_KEYS, JobSpec
+
+# JobSpec fields that the OpenAI body names differently; the rest come from the `tuneforge` field.
+_OPENAI_NAMES = {"base_model": "model", "dataset": "training_file", "validation_dataset": "validation_file"}
+
+
+class Origins:
+    """Where each JobSpec field came from in the OpenAI request, so that errors name what the caller sent."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, str] = {}
+
+    def name(self, param: str | None) -> str | None:
+        if param is None:
+            return None
+        if param in self.exact:
+            return self.exact[param]
+        head, dot, rest = param.partition(".")
+        if head in _OPENAI_NAMES:
+            return _OPENAI_NAMES[head] + dot + rest
+        if head in TuneforgeOptions.model_fields:
+            return f"tuneforge.{param}"
+        return param
+
+
+def to_job_spec(body: FineTuningJobCreate) -> tuple[JobSpec, Origins]:
+    """Maps an OpenAI create request onto a JobSpec (see the module's docstring)."""
+    origins = Origins()
+    options = body.tuneforge or TuneforgeOptions()
+    if body.integrations:
+        raise InvalidRequest(
+            "integrations are not supported by Tuneforge; leave them out", param="integrations"
+        )
+    openai_hp, prefix = body.hyperparameters, "hyperparameters"
+    if body.method is not None:
+        kind = body.method.type
+        if kind in ("dpo", "reinforcement"):
+            raise InvalidRequest(
+                f"method type {kind!r} is not available on Tuneforge; use 'supervised' (choose the PEFT method "
+                "with extra_body tuneforge.method: lora, dora, rslora or qlora)",
+                param="method.type",
+                code="unsupported_method",
+            )
+        if kind != "supervised":
+            raise InvalidRequest(f"unknown method type {kind!r}; use 'supervised'", param="method.type")
+        for other in ("dpo", "reinforcement"):
+            if getattr(body.method, other) is not None:
+                raise InvalidRequest(
+                    f"method.{other} applies only to method type {other}", param=f"method.{other}"
+                )
+        supervised = body.method.supervised.hyperparameters if body.method.supervised else None
+        if supervised is not None:
+            if openai_hp is not None:
+                raise InvalidRequest(
+                    "give hyperparameters in method.supervised.hyperparameters or in hyperparameters, not both",
+                    param="hyperparameters",
+                )
+            openai_hp, prefix = supervised, "method.supervised.hyperparameters"
+
+    hp: dict[str, Any] = dict(options.hyperparameters or {})
+    for key in hp:
+        origins.exact[f"hyperparameters.{key}"] = f"tuneforge.hyperparameters.{key}"
+
+    def take(field: str, value: Any, openai_param: str, clashes: tuple[str, ...]) -> None:
+        for clash in clashes:
+            if clash in hp:
+                raise InvalidRequest(
+                    f"{openai_param} and tuneforge.hyperparameters.{clash} both set the {field}; give one",
+                    param=f"tuneforge.hyperparameters.{clash}",
+                )
+        hp[field] = value
+        origins.exact[f"hyperparameters.{field}"] = openai_param
+
+    if openai_hp is not None:
+        if openai_hp.n_epochs not in (None, "auto"):
+            take("epochs", openai_hp.n_epochs, f"{prefix}.n_epochs", ("epochs", "max_steps"))
+        if openai_hp.batch_size not in (None, "auto"):
+            take("batch_size", openai_hp.batch_size, f"{prefix}.batch_size", ("batch_size",))
+        multiplier = openai_hp.learning_rate_multiplier
+        if multiplier not in (None, "auto"):
+            learning_rate = BASE_LEARNING_RATE * float(multiplier)
+            take("learning_rate", learning_rate, f"{prefix}.learning_rate_multiplier", ("learning_rate",))
+    if body.seed is not None:
+        take("seed", body.seed, "seed", ("seed",))
+
+    metadata = dict(body.metadata or {})
+    if SUFFIX_KEY in metadata:
+        raise InvalidRequest(f"the metadata key {SUFFIX_KEY!r} is reserved for the suffix", param="metadata")
+    if body.suffix is not None:
+        if len(metadata) >= MAX_METADATA_KEYS:
+            raise InvalidRequest(
+                f"with a suffix, metadata takes at most {MAX_METADATA_KEYS - 1} keys (Tuneforge keeps the "
+                "suffix in the job's metadata)",
+                param="metadata",
+            )
+        metadata[SUFFIX_KEY] = body.suffix
+
+    values: dict[str, Any] = {
+        "base_model": body.model,
+        "dataset": body.training_file,
+        "validation_dataset": body.validation_file,
+        "method": options.method,
+        "adapter": options.adapter.model_dump() if options.adapter else None,
+        "quantization": options.quantization.model_dump() if options.quantization else None,
+        "hyperparameters": hp,
+        "resources": options.resources.model_dump() if options.resources else None,
+        "priority": options.priority,
+        "metadata": metadata,
+    }
+    try:
+        spec = JobSpec.model_validate({k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        param, message, _ = first_error(list(exc.errors()))
+        named = origins.name(param)
+        raise InvalidRequest(f"{named}: {message}" if named else message, param=named) from exc
+    return spec, origins

@@ -1,0 +1,159 @@
+"""A job's stored outputs: artifacts (adapter, merged model, checkpoint files) and checkpoints. Object storage
+holds the bytes; these rows hold keys, sizes and sha256, written only once every byte is stored."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from shared.errors import NotFound
+from shared.models import Artifact, Checkpoint, Job
+from shared.services.jobs import add_event, get_job
+from shared.storage import StoredObject
+from shared.tenancy import TeamID
+
+CHECKPOINT_KIND = "checkpoint"
+
+
+def checkpoint_prefix(step: int) -> str:
+    """The name prefix of a checkpoint's files among the job's artifacts."""
+    return f"step-{step:08d}"
+
+
+def record_artifacts(
+    *, session: Session, job: Job, kind: str, stored: Iterable[tuple[str, StoredObject]]
+) -> list[Artifact]:
+    """Records uploaded files (name inside the artifact, stored object) as a job's artifacts."""
+    rows = [
+        Artifact(
+            job_id=job.id,
+            team_id=job.team_id,
+            kind=kind,
+            name=name,
+            storage_key=obj.key,
+            size_bytes=obj.size,
+            sha256=obj.sha256,
+        )
+        for name, obj in stored
+    ]
+    session.add_all(rows)
+    session.flush()
+    return rows
+
+
+def list_artifacts(
+    *, session: Session, team_id: TeamID, job_id: str, kind: str | None = None
+) -> Sequence[Artifact]:
+    """Returns a job's artifacts, by name."""
+    get_job(session=session, team_id=team_id, job_id=job_id)
+    query = select(Artifact).where(Artifact.job_id == job_id)
+    if kind is not None:
+        query = query.where(Artifact.kind == kind)
+    return session.scalars(query.order_by(Artifact.kind, Artifact.name)).all()
+
+
+def delete_artifacts(*, session: Session, job_id: str, kind: str, prefix: str | None = None) -> int:
+    """Removes a job's artifact records of one kind (under a name prefix); returns how many."""
+    query = delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind)
+    if prefix is not None:
+        query = query.where(Artifact.name.startswith(prefix + "/"))
+    return session.execute(query).rowcount
+
+
+def latest_checkpoint(*, session: Session, job_id: str) -> tuple[Checkpoint, list[Artifact]] | None:
+    """Returns a job's most advanced complete checkpoint and its files, if it has one."""
+    checkpoint = session.scalar(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
+    )
+    if checkpoint is None:
+        return None
+    return checkpoint, _checkpoint_files(session, checkpoint)
+
+
+def list_checkpoints(*, session: Session, team_id: TeamID, job_id: str) -> Sequence[Checkpoint]:
+    """Returns a team's job's checkpoints, by step."""
+    get_job(session=session, team_id=team_id, job_id=job_id)
+    return session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+    ).all()
+
+
+def get_artifact(*, session: Session, team_id: TeamID, job_id: str, kind: str, name: str) -> Artifact:
+    """Returns one of a team's job's artifacts, or raises NotFound."""
+    get_job(session=session, team_id=team_id, job_id=job_id)
+    artifact = session.scalar(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind, Artifact.name == name)
+    )
+    if artifact is None:
+        raise NotFound(f"job {job_id} has no {kind} artifact named {name!r}", param="name")
+    return artifact
+
+
+def get_checkpoint(
+    *, session: Session, team_id: TeamID, job_id: str, step: int
+) -> tuple[Checkpoint, list[Artifact]]:
+    """Returns a team's job's checkpoint at `step` and its files, or raises NotFound."""
+    get_job(session=session, team_id=team_id, job_id=job_id)
+    checkpoint = session.scalar(
+        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step)
+    )
+    if checkpoint is None:
+        raise NotFound(f"job {job_id} has no checkpoint at step {step}", param="step")
+    return checkpoint, _checkpoint_files(session, checkpoint)
+
+
+def _checkpoint_files(session: Session, checkpoint: Checkpoint) -> list[Artifact]:
+    return list(
+        session.scalars(
+            select(Artifact)
+            .where(
+                Artifact.job_id == checkpoint.job_id,
+                Artifact.kind == CHECKPOINT_KIND,
+                Artifact.name.startswith(checkpoint.prefix + "/"),
+            )
+            .order_by(Artifact.name)
+        )
+    )
+
+
+def record_checkpoint(
+    *,
+    session: Session,
+    job: Job,
+    attempt: int,
+    step: int,
+    stored: Sequence[tuple[str, StoredObject]],
+    metrics: dict[str, Any],
+) -> Checkpoint:
+    """Records a checkpoint whose files (names under its prefix, stored objects) are all in storage. A resumed
+    attempt that saves a step again replaces the older record of that step."""
+    prefix = checkpoint_prefix(step)
+    old = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
+    if old is not None:
+        delete_artifacts(session=session, job_id=job.id, kind=CHECKPOINT_KIND, prefix=old.prefix)
+        session.delete(old)
+        session.flush()
+    record_artifacts(session=session, job=job, kind=CHECKPOINT_KIND, stored=stored)
+    checkpoint = Checkpoint(
+        job_id=job.id,
+        attempt=attempt,
+        step=step,
+        prefix=prefix,
+        num_files=len(stored),
+        size_bytes=sum(obj.size for _, obj in stored),
+        metrics=metrics,
+    )
+    session.add(checkpoint)
+    add_event(
+        session=session,
+        job_id=job.id,
+        type="checkpoint",
+        message=f"checkpoint at step {step} stored ({len(stored)} files)",
+        attempt=attempt,
+        data={"step": step},
+    )
+    session.flush()
+    return checkpoint
