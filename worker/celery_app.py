@@ -10,7 +10,7 @@ from celery.signals import worker_ready, worker_shutting_down
 from shared.logs import configure_logging
 from shared.queue import make_celery
 from shared.settings import get_settings
-from worker import runner
+from worker import supervisor
 from worker.maintenance import start_maintenance
 
 settings = get_settings()
@@ -29,4 +29,4 @@ def _start_maintenance(**_: Any) -> None:
 def _checkpoint_on_shutdown(sig: str | None = None, how: str | None = None, **_: Any) -> None:
     # A warm shutdown (SIGTERM) waits for the running task: make it checkpoint and hand the job back.
     log.warning("worker shutting down (%s, %s): running jobs checkpoint and return to the queue", sig, how)
-    runner.SHUTDOWN.set()
+    supervisor.SHUTDOWN.set()

@@ -81,7 +81,8 @@ def run(work_dir: Path) -> int:
     from shared.schemas import JobSpec
     from shared.settings import get_settings
     from shared.storage import make_store
-    from worker.reporting import AttemptWriter, CheckpointStore
+    from worker.checkpoints import CheckpointUploader
+    from worker.reporting import AttemptWriter
     from worker.training.recipes import recipe_for
     from worker.training.recipes.base import JobStopped, TrainingContext
 
@@ -121,7 +122,7 @@ def run(work_dir: Path) -> int:
             train_data=train,
             eval_data=evaluation,
             sources=[Path(s) for s in launch.sources],
-            checkpoints=CheckpointStore(settings, make_store(settings), writer, launch.team_id),
+            checkpoints=CheckpointUploader(make_store(settings), writer, launch.team_id),
             checkpoint_steps=settings.checkpoint_steps,
             resume_from=Path(launch.resume_from) if launch.resume_from else None,
         )

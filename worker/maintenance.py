@@ -12,8 +12,9 @@ from sqlalchemy import and_, or_, select
 from shared.db import session_scope
 from shared.errors import JobErrorCode
 from shared.models import Job, utcnow
-from shared.queue import enqueue_job, queued_messages
+from shared.queue import queued_messages
 from shared.services import jobs as job_service
+from shared.services.dispatch import send_after_commit
 from shared.settings import Settings
 from shared.states import JobStatus
 from worker.webhooks import deliver_due_webhooks
@@ -88,7 +89,6 @@ def resend_lost_jobs(settings: Settings) -> list[str]:
         return []
     now = utcnow()
     grace = now - timedelta(seconds=settings.resend_grace_seconds)
-    sent = []
     with session_scope(settings.database_url) as session:
         jobs = session.scalars(
             select(Job).where(
@@ -98,6 +98,7 @@ def resend_lost_jobs(settings: Settings) -> list[str]:
                 or_(Job.enqueued_at.is_(None), and_(Job.enqueued_at < grace)),
             )
         ).all()
+        dispatches = []
         for job in jobs:
             if job.id in waiting:
                 continue
@@ -106,15 +107,13 @@ def resend_lost_jobs(settings: Settings) -> list[str]:
                 if job.enqueued_at is not None
                 else "it was not in the queue yet"
             )
-            if enqueue_job(settings, session, job):
-                job_service.add_event(
-                    session=session,
-                    job_id=job.id,
-                    type="queue",
-                    message=f"sent to the queue ({why})",
-                    attempt=job.attempt,
+            dispatches.append(
+                send_after_commit(
+                    session, settings, job.id, note=f"sent to the queue ({why})", warn_unsent=False
                 )
-                sent.append(job.id)
+            )
+    # Sent as the transaction above committed.
+    sent = [dispatch.target_id for dispatch in dispatches if dispatch.sent]
     return sent
 
 

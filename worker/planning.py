@@ -30,7 +30,7 @@ from shared.planning import (
 from shared.schemas import LORA_METHODS, JobSpec
 from worker.training.adapters import load_tokenizer
 from worker.training.data import IGNORE, EncodedSample, encode_dataset
-from worker.training.recipes.lora import lora_config
+from worker.training.lora_config import lora_config
 
 # How the rendered first sample marks the tokens that carry the loss.
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"

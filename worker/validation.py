@@ -17,9 +17,9 @@ from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job, Plan
 from shared.planning import fit_to_model
-from shared.queue import enqueue_job
 from shared.schemas import JobSpec, job_sources
 from shared.services import jobs as job_service
+from shared.services.dispatch import send_after_commit
 from shared.services.plans import finish_plan
 from shared.settings import Settings
 from shared.states import JobStatus
@@ -170,11 +170,8 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
             enqueued_at=None,
         ):
             return JobStatus(session.get(Job, job_id).status)
-    # Enqueue only after the commit that queued it; if the broker is away, the sweeper sends it later.
-    with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        if job is not None:
-            enqueue_job(settings, session, job)
+        # Sent when this transaction commits; if the broker is away, the sweeper sends it later.
+        send_after_commit(session, settings, job_id)
     return JobStatus.queued
 
 

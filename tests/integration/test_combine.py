@@ -18,6 +18,7 @@ from shared.datasets import DatasetFormat, DatasetSummary
 from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Job
 from shared.schemas import JobSpec
+from shared.services import artifacts as artifact_service
 from shared.services import jobs as job_service
 from shared.settings import ModelEntry, Settings
 from shared.states import JobStatus
@@ -76,7 +77,7 @@ def run(settings, store, **spec) -> Job:
 
 def download(settings, store, job_id: str, dest: Path, kind: str = "adapter") -> Path:
     with session_scope(settings.database_url) as session:
-        artifacts = job_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id, kind=kind)
+        artifacts = artifact_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id, kind=kind)
     assert artifacts
     for artifact in artifacts:
         store.get_file(artifact.storage_key, dest / artifact.name, expected_sha256=artifact.sha256)

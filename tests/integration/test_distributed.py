@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Job, JobEvent
 from shared.schemas import JobSpec
+from shared.services import artifacts as artifact_service
 from shared.services import jobs as job_service
 from shared.states import JobStatus
 from shared.tenancy import TeamID
@@ -85,7 +86,7 @@ def losses(settings, job_id) -> list[float]:
 
 def download_adapter(settings, store, job_id, folder):
     with session_scope(settings.database_url) as session:
-        for artifact in job_service.list_artifacts(
+        for artifact in artifact_service.list_artifacts(
             session=session, team_id=TEAM, job_id=job_id, kind="adapter"
         ):
             store.get_file(artifact.storage_key, folder / artifact.name, expected_sha256=artifact.sha256)

@@ -382,6 +382,7 @@ def test_the_gradient_check_catches_bitsandbytes_cpu_repacking(model_dir, datase
 
 
 def test_qlora_job_runs_end_to_end(settings, store, tiny_model_dir, tmp_path):
+    from shared.services import artifacts as artifact_service
     from shared.services import jobs as job_service
     from tests.conftest import TINY_MODEL
     from tests.integration.test_worker import TEAM, job, submit
@@ -415,8 +416,10 @@ def test_qlora_job_runs_end_to_end(settings, store, tiny_model_dir, tmp_path):
     assert done.result["final_train_loss"] < done.result["first_train_loss"]
     assert done.result["eval_loss"] is not None
     with session_scope(settings.database_url) as session:
-        artifacts = job_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id, kind="adapter")
-        checkpoints = job_service.list_checkpoints(session=session, team_id=TEAM, job_id=job_id)
+        artifacts = artifact_service.list_artifacts(
+            session=session, team_id=TEAM, job_id=job_id, kind="adapter"
+        )
+        checkpoints = artifact_service.list_checkpoints(session=session, team_id=TEAM, job_id=job_id)
         events, _ = job_service.list_events(session=session, team_id=TEAM, job_id=job_id, limit=100)
     quantization = [e for e in events if e.type == "quantization"]
     assert quantization and quantization[-1].data["quant_type"] == "nf4"

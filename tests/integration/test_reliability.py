@@ -19,6 +19,8 @@ from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Checkpoint, Job, JobEvent, JobMetric, utcnow
 from shared.queue import queued_messages, train_queue
 from shared.schemas import JobSpec
+from shared.services import artifacts as artifact_service
+from shared.services import claims
 from shared.services import jobs as job_service
 from shared.states import JobStatus
 from shared.tenancy import TeamID
@@ -84,7 +86,9 @@ def adapter_weights(settings, store, job_id, tmp_path) -> dict[str, torch.Tensor
     with session_scope(settings.database_url) as session:
         artifact = next(
             a
-            for a in job_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id, kind="adapter")
+            for a in artifact_service.list_artifacts(
+                session=session, team_id=TEAM, job_id=job_id, kind="adapter"
+            )
             if a.name == "adapter_model.safetensors"
         )
         key, sha = artifact.storage_key, artifact.sha256
@@ -157,7 +161,7 @@ def test_a_warm_shutdown_checkpoints_and_the_next_attempt_resumes(tuned, store, 
     assert outcome == [JobStatus.queued]
     with session_scope(settings.database_url) as session:
         stopped_at = max(
-            c.step for c in job_service.list_checkpoints(session=session, team_id=TEAM, job_id=job_id)
+            c.step for c in artifact_service.list_checkpoints(session=session, team_id=TEAM, job_id=job_id)
         )
     assert 5 <= stopped_at < RESUME_HP["max_steps"]
     assert any(e.type == "shutdown" for e in events(settings, job_id))
@@ -278,7 +282,7 @@ def test_reaper_requeues_a_silent_job_and_sweeper_resends_it(tuned, store, redis
     job_id = submit(settings, store)
     drop_queued_messages(settings)
     with session_scope(settings.database_url) as session:
-        attempt = job_service.claim_job(session=session, job_id=job_id, worker_id="ghost", lease_timeout=5)
+        attempt = claims.claim_job(session=session, job_id=job_id, worker_id="ghost", lease_timeout=5)
         session.execute(
             update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=60))
         )
@@ -298,7 +302,7 @@ def test_reaper_fails_a_silent_job_out_of_attempts(tuned, store):
     settings = tuned(lease_timeout_seconds=5, max_attempts=1)
     job_id = submit(settings, store)
     with session_scope(settings.database_url) as session:
-        job_service.claim_job(session=session, job_id=job_id, worker_id="ghost", lease_timeout=5)
+        claims.claim_job(session=session, job_id=job_id, worker_id="ghost", lease_timeout=5)
         session.execute(
             update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=60))
         )

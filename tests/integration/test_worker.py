@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from shared.db import session_scope
 from shared.models import DEFAULT_TEAM_ID, Job
 from shared.schemas import JobSpec
+from shared.services import artifacts as artifact_service
 from shared.services import jobs as job_service
 from shared.states import JobStatus
 from shared.tenancy import TeamID
@@ -104,7 +105,7 @@ def test_lora_trains_and_uploads_a_loadable_adapter(settings, store, tiny_model_
     assert ("peak_gpu_memory_bytes" in done.result) == torch.cuda.is_available()
     with session_scope(settings.database_url) as session:
         curves = job_service.get_metrics(session=session, team_id=TEAM, job_id=job_id)
-        artifacts = job_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id)
+        artifacts = artifact_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id)
     assert [m.step for m in curves["train"]] == list(range(1, 25))
     assert [m.step for m in curves["eval"]] == [12, 24]
     assert all(m.tokens_per_second and m.tokens_per_second > 0 for m in curves["train"][1:])
@@ -174,7 +175,7 @@ def test_cancelling_a_running_job_stops_training_within_seconds(settings, store,
     cancelled = job(settings, job_id)
     assert cancelled.status == "cancelled"
     with session_scope(settings.database_url) as session:
-        assert job_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id) == []
+        assert artifact_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id) == []
 
 
 def test_a_second_delivery_of_a_finished_job_does_nothing(settings, store, tiny_model_dir):

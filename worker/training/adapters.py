@@ -1,28 +1,20 @@
-"""Helpers the recipes share: the tokenizer and training data, the SFTTrainer setup, loading finished
-adapters onto a base model, saving one adapter as a plain folder, and a fixed probe input."""
+"""Adapter helpers the recipes share: the tokenizer, loading finished adapters onto a base model, saving one
+adapter as a plain folder that names its base, the model card's extra sections, and a fixed probe input to
+compare two models' logits on. (The trainer setup is worker/training/trainer.py.)"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from datasets import Dataset
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
-from trl import SFTConfig, SFTTrainer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.errors import JobErrorCode, JobFailure
-from shared.schemas import Hyperparameters
-from worker.training import distributed
-from worker.training.data import encode_dataset
-from worker.training.recipes.base import TrainingContext
-
-if TYPE_CHECKING:
-    from worker.training.recipes.lora import LoraRecipe
 
 # The name the combined adapter gets: peft saves the adapter called "default" at the top of the folder (others
 # go to a subfolder named after them), so the folder loads with PeftModel.from_pretrained(base, folder).
@@ -45,96 +37,6 @@ def load_tokenizer(model_dir: Path) -> Any:
 def load_full_precision_base(model_dir: Path) -> torch.nn.Module:
     """The base model in float32 on the CPU: what merging adapters into weights (or into each other) needs."""
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-
-
-def training_datasets(
-    ctx: TrainingContext, tokenizer: Any, hp: Hyperparameters
-) -> tuple[Dataset, Dataset | None]:
-    """Encodes the job's dataset (and validation dataset) as LoraRecipe does, reporting what it found."""
-    assert ctx.train_data is not None
-    train = encode_dataset(ctx.train_data.records, ctx.train_data.format, tokenizer, hp.seq_length)
-    ctx.reporter.event(
-        "dataset",
-        f"{len(train.samples)} training samples, {train.total_tokens} tokens, "
-        f"{train.truncated} longer than max_seq_length {hp.seq_length}",
-        data={"samples": len(train.samples), "tokens": train.total_tokens, "truncated": train.truncated},
-    )
-    columns = train.columns(hp.seq_length)
-    if not columns["input_ids"]:
-        raise JobFailure(
-            JobErrorCode.invalid_dataset,
-            f"no sample has a token to learn within max_seq_length {hp.seq_length}; raise it",
-        )
-    eval_dataset = None
-    if ctx.eval_data is not None:
-        encoded = encode_dataset(ctx.eval_data.records, ctx.eval_data.format, tokenizer, hp.seq_length)
-        eval_dataset = Dataset.from_dict(encoded.columns(hp.seq_length))
-    return Dataset.from_dict(columns), eval_dataset
-
-
-def training_args(recipe: LoraRecipe, hp: Hyperparameters, *, has_eval: bool) -> SFTConfig:
-    """trl's SFTConfig for a recipe: the job's hyperparameters, checkpoints when the recipe keeps them, and
-    DeepSpeed or data parallelism for multi-GPU jobs. Build it before loading the model: under ZeRO-3 the
-    model is partitioned while it loads."""
-    from worker.training.recipes.lora import training_dtype
-
-    spec = recipe.ctx.spec
-    args = SFTConfig(
-        output_dir=str(recipe.ctx.work_dir / "trainer"),
-        num_train_epochs=hp.epochs or 1,
-        max_steps=hp.max_steps or -1,
-        per_device_train_batch_size=hp.batch_size,
-        per_device_eval_batch_size=hp.batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
-        learning_rate=hp.learning_rate,
-        lr_scheduler_type=hp.lr_scheduler,
-        warmup_steps=hp.warmup_ratio,
-        weight_decay=hp.weight_decay,
-        logging_steps=hp.logging_steps,
-        eval_strategy=("steps" if hp.eval_steps else "epoch") if has_eval else "no",
-        eval_steps=hp.eval_steps,
-        save_strategy="steps" if recipe.ctx.checkpoints is not None else "no",
-        save_steps=hp.checkpoint_steps or recipe.ctx.checkpoint_steps or 100,
-        # The local copy is only a staging area: stored checkpoints are in object storage.
-        save_total_limit=1,
-        report_to="none",
-        seed=hp.seed,
-        data_seed=hp.seed,
-        max_length=hp.seq_length,
-        packing=hp.packing,
-        gradient_checkpointing=bool(hp.gradient_checkpointing),
-        bf16=training_dtype() is torch.bfloat16,
-        use_cpu=distributed.on_cpu(),
-        ddp_backend=distributed.ddp_backend(),
-        deepspeed=distributed.deepspeed_config(spec),
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    distributed.init_process_group(spec)
-    return args
-
-
-def sft_trainer(
-    recipe: LoraRecipe,
-    model: torch.nn.Module,
-    train_dataset: Dataset,
-    eval_dataset: Dataset | None,
-    args: SFTConfig,
-) -> SFTTrainer:
-    """trl's SFTTrainer reporting through LoraRecipe's ProgressCallback."""
-    from worker.training.recipes.lora import ProgressCallback
-
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=recipe.tokenizer,
-        callbacks=[ProgressCallback(recipe)],
-    )
-    # Progress goes to the database; the trainer's own printing would only flood the worker log.
-    trainer.remove_callback(PrinterCallback)
-    return trainer
 
 
 def load_sources(base: torch.nn.Module, folders: Sequence[Path], names: Sequence[str]) -> PeftModel:

@@ -26,6 +26,21 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def agreed(flag: bool) -> bool:
+    """True on every rank if it is true on any (a no-op without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier() -> None:
+    """Waits for every rank (a no-op without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def deepspeed_config(spec: JobSpec) -> dict[str, Any] | None:
     """The DeepSpeed config for a job (None for ZeRO stage 0). Batch sizes, accumulation, clipping and
     precision stay "auto": the Trainer fills them from the job's hyperparameters."""

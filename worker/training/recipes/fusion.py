@@ -23,14 +23,18 @@ from worker.training.adapters import (
     probe_logits,
     refuse_dora,
     save_adapter,
-    sft_trainer,
     source_names,
-    training_args,
-    training_datasets,
 )
 from worker.training.model_card import write_model_card
 from worker.training.recipes.base import TrainingResult
 from worker.training.recipes.lora import LoraRecipe
+from worker.training.trainer import (
+    sft_trainer,
+    trained_tokens,
+    training_args,
+    training_datasets,
+    training_metrics,
+)
 
 # How closely the saved adapter must reproduce the fused model on a probe input, relative to the largest
 # logit: float32 sums in another order only; a bfloat16 base rounds each layer's output once more.
@@ -132,9 +136,9 @@ class FusionRecipe(LoraRecipe):
         ctx.checkpoints = None
         ctx.resume_from = None
         torch.manual_seed(hp.seed)
-        args = training_args(self, hp, has_eval=ctx.eval_data is not None)
+        args = training_args(ctx, hp, has_eval=ctx.eval_data is not None)
         self.tokenizer = load_tokenizer(ctx.model_dir)
-        train_dataset, eval_dataset = training_datasets(ctx, self.tokenizer, hp)
+        datasets = training_datasets(ctx, self.tokenizer, hp)
         ctx.check_stop()
 
         self.names = source_names(len(ctx.sources))
@@ -153,7 +157,7 @@ class FusionRecipe(LoraRecipe):
             f"({'per module' if fusion.per_layer else 'one per adapter'}), starting at {1 / len(self.names):.4g}",
             data={"trainable_params": self.trainable, "total_params": self.total},
         )
-        self.trainer = sft_trainer(self, model, train_dataset, eval_dataset, args)
+        self.trainer = sft_trainer(ctx, model, self.tokenizer, datasets, args, self.progress)
 
     def fused_adapter(self) -> int:
         """Adds OUTPUT_ADAPTER, the fused model as one LoRA adapter; returns its rank."""
@@ -219,20 +223,14 @@ class FusionRecipe(LoraRecipe):
             )
         save_adapter(model, output_dir, spec.base_model)
         self.tokenizer.save_pretrained(output_dir)
-        state = self.trainer.state
-        trained_tokens = int(getattr(self.trainer, "_total_train_tokens", 0) or 0)
+        tokens = trained_tokens(self.trainer)
         metrics: dict[str, Any] = {
             **self.mixer.report(),
             "initial_weight": round(1.0 / len(self.names), 6),
             "rank": rank,
             "adapter_params": adapter_param_count(model, OUTPUT_ADAPTER),
             "reproduction_max_logit_diff": difference,
-            "steps": int(state.global_step),
-            "epochs": round(float(state.epoch or 0), 4),
-            "first_train_loss": self.losses[0] if self.losses else None,
-            "final_train_loss": self.losses[-1] if self.losses else None,
-            "eval_loss": self.last_eval_loss,
-            "train_runtime_seconds": round(self.runtime, 3),
+            **training_metrics(self.trainer, self.progress),
         }
         write_model_card(
             output_dir,
@@ -240,7 +238,7 @@ class FusionRecipe(LoraRecipe):
             spec=spec,
             trainable_params=self.trainable,
             total_params=self.total,
-            trained_tokens=trained_tokens,
+            trained_tokens=tokens,
             # Each module's weights get their own table below.
             metrics={k: v for k, v in metrics.items() if k != "fusion_weights_per_module"},
         )
@@ -249,9 +247,9 @@ class FusionRecipe(LoraRecipe):
             output_dir=output_dir,
             trainable_params=self.trainable,
             total_params=self.total,
-            trained_tokens=trained_tokens,
+            trained_tokens=tokens,
             metrics=metrics,
-            stopped=self.stopped,
+            stopped=self.progress.stopped,
         )
 
     def _card_lines(self, rank: int) -> list[str]:

@@ -1,0 +1,77 @@
+"""A successful attempt's result: the artifact folder the recipe wrote is uploaded under the attempt's own
+prefix, then recorded with the job's final metrics and its move to `succeeded`, in one fenced transaction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from shared.models import Job
+from shared.services import artifacts as artifact_service
+from shared.services import jobs as job_service
+from shared.states import JobStatus
+from shared.storage import ObjectStore
+from worker.reporting import AttemptWriter
+from worker.supervisor import RESULT_FILE
+
+
+def memory_event(metrics: dict[str, Any], plan: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The measured peak memory of a finished attempt next to the plan's per-GPU estimate, as an event's
+    message and data; None when the recipe measured nothing."""
+    gpu = metrics.get("peak_gpu_memory_bytes")
+    host = metrics.get("peak_host_memory_bytes")
+    if gpu is None and host is None:
+        return None
+    estimate = ((plan or {}).get("memory") or {}).get("total")
+    parts = []
+    if gpu is not None:
+        parts.append(f"GPU {gpu / 2**30:.2f} GiB")
+        if estimate:
+            parts[-1] += f" (the plan estimated {estimate / 2**30:.2f} GiB, {gpu / estimate:.0%} of it)"
+    if host is not None:
+        parts.append(f"host {host / 2**30:.2f} GiB")
+    return {
+        "message": "peak memory of the training process: " + ", ".join(parts),
+        "data": {"peak_gpu_bytes": gpu, "peak_host_bytes": host, "plan_estimate_bytes": estimate},
+    }
+
+
+def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_dir: Path) -> JobStatus | None:
+    """Uploads the training process's result folder and marks the job succeeded; None when the attempt no
+    longer holds the job. Raises StorageError when the upload fails."""
+    result = json.loads((work_dir / RESULT_FILE).read_text())
+    output = Path(result["output_dir"])
+    kind = result["kind"]
+    job_id, attempt = writer.job_id, writer.attempt
+    stored = store.put_tree(f"artifacts/{team_id}/{job_id}/attempt-{attempt}/{kind}", output)
+    names = [p.relative_to(output).as_posix() for p in sorted(output.rglob("*")) if p.is_file()]
+    metrics = result["metrics"]
+
+    def succeed(session: Session) -> JobStatus | None:
+        job = session.get(Job, job_id)
+        assert job is not None
+        if job.status != JobStatus.running:
+            return None
+        artifact_service.record_artifacts(
+            session=session, job=job, kind=kind, stored=zip(names, stored, strict=True)
+        )
+        memory = memory_event(metrics, job.plan)
+        if memory is not None:
+            job_service.add_event(session=session, job_id=job_id, type="memory", attempt=attempt, **memory)
+        job_service.transition(
+            session=session,
+            job_id=job_id,
+            to=JobStatus.succeeded,
+            attempt=attempt,
+            message="job succeeded" + (f" after {metrics['steps']} steps" if metrics.get("steps") else ""),
+            trainable_params=result["trainable_params"],
+            total_params=result["total_params"],
+            trained_tokens=result["trained_tokens"],
+            result=metrics,
+        )
+        return JobStatus.succeeded
+
+    return writer.write(succeed, "the result")

@@ -1,0 +1,142 @@
+"""Supervising an attempt's training process group: start it (one process, or torchrun for multi-GPU and
+ZeRO jobs), watch it, and stop all of it at once when the job is cancelled, the attempt loses its lease, the
+run-time limit passes or the worker shuts down (then it is asked to checkpoint first). What it ended with
+is an Outcome; worker/outcomes.py decides what that means for the job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.schemas import JobSpec
+from shared.settings import Settings
+from worker.launch import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
+from worker.lease import Lease
+from worker.reporting import AttemptWriter
+from worker.training.distributed import child_environment
+
+# Set when the worker is asked to shut down warm (SIGTERM): running jobs checkpoint and go back to the queue.
+SHUTDOWN = threading.Event()
+POLL_SECONDS = 0.25
+# Files in the work folder through which the training process answers (worker/launch.py).
+RESULT_FILE = "result.json"
+FAILURE_FILE = "failure.json"
+STOP_FILE = "STOP"
+LOG_FILE = "training.log"
+
+
+@dataclass
+class Outcome:
+    """How a training process ended."""
+
+    kind: str  # ok | failed | oom | stopped | cancelled | lost | timeout | crashed
+    code: int | None = None
+    detail: str = ""
+
+
+def training_command(spec: JobSpec, work_dir: Path) -> list[str]:
+    """The command line of the training process group."""
+    launch = [sys.executable, "-m", "worker.launch", str(work_dir)]
+    processes = spec.resources.gpus
+    # DeepSpeed needs the process-group environment torchrun sets, even for one process (without it, it goes
+    # looking for MPI).
+    if processes == 1 and spec.resources.zero_stage == 0:
+        return launch
+    # --standalone: torchrun's rendezvous binds a free port itself (no race for a port picked here).
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        *launch[1:],
+    ]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace_seconds: float) -> None:
+    """Stops a whole process group: SIGTERM, then SIGKILL after the grace period."""
+    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def supervise(
+    *,
+    settings: Settings,
+    spec: JobSpec,
+    work_dir: Path,
+    lease: Lease,
+    writer: AttemptWriter,
+    seconds_left: float,
+) -> Outcome:
+    """Runs the training process group until it ends, is cancelled, runs past `seconds_left` or must stop."""
+    for name in (RESULT_FILE, FAILURE_FILE, STOP_FILE):
+        (work_dir / name).unlink(missing_ok=True)
+    env = (
+        os.environ
+        | child_environment(str(settings.cache_dir))
+        | settings.to_env()
+        | {"TUNEFORGE_JOB_ID": writer.job_id, "TUNEFORGE_ATTEMPT": str(writer.attempt)}
+    )
+    log_path = work_dir / LOG_FILE
+    deadline = time.monotonic() + seconds_left
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            training_command(spec, work_dir),
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    stop_asked_at: float | None = None
+    while proc.poll() is None:
+        time.sleep(POLL_SECONDS)
+        if lease.cancel_requested.is_set():
+            stop_group(proc, settings.kill_grace_seconds)
+            return Outcome("cancelled")
+        if lease.lost.is_set():
+            stop_group(proc, settings.kill_grace_seconds)
+            return Outcome("lost")
+        if time.monotonic() > deadline:
+            stop_group(proc, settings.kill_grace_seconds)
+            return Outcome("timeout")
+        if SHUTDOWN.is_set() and stop_asked_at is None:
+            (work_dir / STOP_FILE).touch()
+            stop_asked_at = time.monotonic()
+            writer.event("shutdown", "the worker is shutting down; checkpointing to resume elsewhere")
+        if stop_asked_at is not None and time.monotonic() - stop_asked_at > settings.shutdown_grace_seconds:
+            stop_group(proc, settings.kill_grace_seconds)
+            return Outcome("stopped", detail="no checkpoint in time; resuming from the last one")
+    code = proc.returncode
+    if code == EXIT_OK:
+        return Outcome("ok", code)
+    if code == EXIT_STOPPED:
+        return Outcome("stopped", code)
+    if code == EXIT_OUT_OF_MEMORY:
+        return Outcome("oom", code)
+    if code == EXIT_FAILED:
+        return Outcome("failed", code, (work_dir / FAILURE_FILE).read_text())
+    if stop_asked_at is not None:
+        return Outcome("stopped", code, "the training process ended while checkpointing")
+    return Outcome("crashed", code, _tail(log_path))
