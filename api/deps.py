@@ -17,6 +17,7 @@ from shared.services.auth import authenticate
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from shared.tenancy import TeamID
+from shared.text import find_unstorable
 
 
 async def get_settings(request: Request) -> Settings:
@@ -53,52 +54,28 @@ def get_caller_team(
     return team
 
 
-def _unstorable(value: object, where: str) -> str | None:
-    """Where in `value` a string holds NUL or an unpaired surrogate (text PostgreSQL can neither store nor
-    compare, and UTF-8 cannot encode), or None."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return where
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where
-        return None
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = ((str(i), v) for i, v in enumerate(value))
-    else:
-        return None
-    for key, item in items:
-        inner = f"{where}.{key}" if where else str(key)
-        found = _unstorable(key, inner) or _unstorable(item, inner)
-        if found:
-            return found
-    return None
-
-
 async def refuse_unstorable_text(request: Request) -> None:
     """Refuses (4xx) path, query and JSON body values with NUL or unpaired surrogates, before they reach the
     database (whose errors on them would otherwise be 500s). Runs for every route."""
     found = next(
         (
-            param
+            place
             for name, value in [*request.path_params.items(), *request.query_params.multi_items()]
-            if (param := _unstorable(name, name) or _unstorable(value, name))
+            if (place := find_unstorable(name, name) or find_unstorable(value, name))
         ),
         None,
     )
     if found is None and request.headers.get("content-type", "").startswith("application/json"):
         try:
             body = await request.json()
-        except ValueError:
-            body = None  # not JSON: the route's own parsing says so
-        found = _unstorable(body, "")
+        except (ValueError, RecursionError):
+            body = None  # not JSON (or nested too deeply): the route's own parsing says so
+        found = find_unstorable(body, "")
     if found is not None:
+        where, _ = found
         raise InvalidRequest(
-            f"{found or 'body'}: text may not contain NUL characters or unpaired surrogates",
-            param=found or None,
+            f"{where or 'body'}: text may not contain NUL characters or unpaired surrogates",
+            param=where or None,
         )
 
 

@@ -1,15 +1,51 @@
-"""Answers that stream stored bytes: one object, or several as a tar archive."""
+"""Answers that stream stored bytes, one object or several as a tar archive, never handing out bytes that do
+not match the sha256 recorded when they were stored.
+
+- Bytes already found damaged are refused before anything is read: 500 `artifact_corrupted`.
+- An object up to VERIFY_FIRST_BYTES is read and checked whole before the first byte is sent, so a damaged
+  one is a clean 500 `artifact_corrupted` answer.
+- A larger object is checked as it streams, its last chunk held back until the whole digest is known: on a
+  mismatch the stream ends short of its Content-Length, so every HTTP client reports an incomplete body
+  (curl exits 18, httpx raises) instead of saving the bytes. The object is marked damaged at once, so the
+  next request for it (the SDK's retry) gets the plain `artifact_corrupted` answer.
+- Tar archives check each member as it passes and end the archive early on a mismatch, the same way.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from sqlalchemy.orm import Session
 
 from api.archive import ArchiveMember, stream_tar
-from shared.models import Artifact
+from shared.errors import StoredDataDamaged
+from shared.models import Artifact, UploadedFile
+from shared.services import artifacts as artifact_service
+from shared.services import files as file_service
 from shared.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+VERIFY_FIRST_BYTES = 16 * 2**20
+
+# Records that a stored object was found damaged (opens its own transaction: the request's may be closed).
+DamageRecorder = Callable[[str], None]
+
+
+def _recorder(factory: Callable[[], Session], mark: Callable[..., None], row_id: object) -> DamageRecorder:
+    def record(actual: str) -> None:
+        try:
+            with factory() as session:
+                mark(session=session, row_id=row_id)
+                session.commit()
+        except Exception:  # the answer is refused anyway; the next read finds the damage again
+            log.exception("could not mark %s as damaged", row_id)
+
+    return record
 
 
 def primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -18,27 +54,122 @@ def primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
     return itertools.chain([first], chunks)
 
 
-def stream_object(
-    store: ObjectStore, key: str, *, size: int, media_type: str, headers: dict[str, str]
-) -> StreamingResponse:
-    """One stored object, streamed with its length."""
-    return StreamingResponse(
-        primed(store.iter_chunks(key)),
-        media_type=media_type,
-        headers={"Content-Length": str(size), **headers},
+def damaged(what: str, expected: str, actual: str | None = None) -> StoredDataDamaged:
+    found = f" (sha256 {actual} now)" if actual else ""
+    return StoredDataDamaged(
+        f"{what}: the stored bytes no longer match the sha256 {expected} recorded when they were stored{found}; "
+        "the copy in object storage is damaged and will not be served. Restore the object from a backup, or run "
+        "the job again",
+        param="name",
     )
 
 
+def _verified(
+    chunks: Iterator[bytes], *, what: str, size: int, sha256: str, on_damage: DamageRecorder
+) -> Iterator[bytes]:
+    digest = hashlib.sha256()
+    count = 0
+    held: bytes | None = None
+    for chunk in chunks:
+        if held is not None:
+            yield held
+        digest.update(chunk)
+        count += len(chunk)
+        held = chunk
+    actual = digest.hexdigest()
+    if count != size or actual != sha256:
+        on_damage(actual)
+        log.error(
+            "%s: stored bytes (%d, sha256 %s) do not match the record (%d, %s)",
+            what,
+            count,
+            actual,
+            size,
+            sha256,
+        )
+        raise damaged(what, sha256, actual)
+    if held is not None:
+        yield held
+
+
+def stream_object(
+    store: ObjectStore,
+    key: str,
+    *,
+    what: str,
+    size: int,
+    sha256: str,
+    damaged_at: datetime | None,
+    on_damage: DamageRecorder,
+    media_type: str,
+    headers: dict[str, str],
+) -> Response:
+    """One stored object with its length, checked against its recorded size and sha256 (see above)."""
+    if damaged_at is not None:
+        raise damaged(what, sha256)
+    chunks = _verified(store.iter_chunks(key), what=what, size=size, sha256=sha256, on_damage=on_damage)
+    headers = {"Content-Length": str(size), **headers}
+    if size <= VERIFY_FIRST_BYTES:
+        return Response(b"".join(chunks), media_type=media_type, headers=headers)
+    return StreamingResponse(primed(chunks), media_type=media_type, headers=headers)
+
+
+def artifact_response(
+    factory: Callable[[], Session], store: ObjectStore, artifact: Artifact, headers: dict[str, str]
+) -> Response:
+    """One artifact file, checked (see above)."""
+    return stream_object(
+        store,
+        artifact.storage_key,
+        what=f"{artifact.kind} file {artifact.name} of job {artifact.job_id}",
+        size=artifact.size_bytes,
+        sha256=artifact.sha256,
+        damaged_at=artifact.damaged_at,
+        on_damage=_recorder(factory, artifact_service.mark_damaged, artifact.id),
+        media_type="application/octet-stream",
+        headers={"ETag": f'"{artifact.sha256}"', "X-Checksum-Sha256": artifact.sha256, **headers},
+    )
+
+
+def file_response(factory: Callable[[], Session], store: ObjectStore, record: UploadedFile) -> Response:
+    """An uploaded file's bytes, checked (see above)."""
+    return stream_object(
+        store,
+        record.storage_key,
+        what=f"file {record.id}",
+        size=record.size_bytes,
+        sha256=record.sha256,
+        damaged_at=record.damaged_at,
+        on_damage=_recorder(factory, file_service.mark_damaged, record.id),
+        media_type="application/jsonl",
+        headers={"X-Checksum-Sha256": record.sha256},
+    )
+
+
+def refuse_damaged(artifact: Artifact) -> None:
+    """Raises artifact_corrupted for an artifact already found damaged (before handing out a presigned URL)."""
+    if artifact.damaged_at is not None:
+        raise damaged(f"{artifact.kind} file {artifact.name} of job {artifact.job_id}", artifact.sha256)
+
+
 def stream_archive(
-    root: str, artifacts: Sequence[Artifact], store: ObjectStore, strip: str = ""
+    factory: Callable[[], Session],
+    store: ObjectStore,
+    root: str,
+    artifacts: Sequence[Artifact],
+    *,
+    strip: str = "",
 ) -> StreamingResponse:
     """Artifacts as one tar archive under `root/` with a SHA256SUMS file (names without `strip`)."""
+    for artifact in artifacts:
+        refuse_damaged(artifact)
     members = [
         ArchiveMember(
             name=a.name.removeprefix(strip),
             size=a.size_bytes,
             sha256=a.sha256,
             chunks=lambda key=a.storage_key: store.iter_chunks(key),
+            on_damage=_recorder(factory, artifact_service.mark_damaged, a.id),
         )
         for a in artifacts
     ]

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import TuneforgeError, Unauthorized
+from shared.errors import StoredDataDamaged, TuneforgeError, Unauthorized
 from shared.storage import ObjectNotFound, StorageError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,14 @@ def describe(exc: Exception, request: Request) -> ErrorParts:
     operator must see. Both API surfaces word their answers from this (validation errors aside)."""
     if isinstance(exc, TuneforgeError):
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        if isinstance(exc, StoredDataDamaged):
+            log.error("refused to serve damaged stored bytes: %s", exc.message)
+            headers["x-should-retry"] = "false"
         return exc.status_code, exc.code, exc.message, exc.param, headers
+    if isinstance(exc, StarletteHTTPException) and isinstance(exc.__cause__, RecursionError):
+        # FastAPI's "There was an error parsing the body": the JSON is nested deeper than the parser goes.
+        message = "the JSON body is nested too deeply to read; arrays and objects may nest at most about 1,000 levels"
+        return 400, "invalid_json", message, "body", {}
     if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         # e.g. the `Allow` header a 405 must carry

@@ -145,10 +145,16 @@ class MetricPoint(BaseModel):
     grad_norm: float | None = None
     tokens_per_second: float | None = None
     num_tokens: int | None = None
+    attempt: int = Field(
+        description="the attempt that wrote this point (a resumed one rewrites what it repeats)"
+    )
+    recorded_at: datetime = Field(description="when that attempt wrote it")
 
     @classmethod
     def of(cls, row: JobMetric) -> MetricPoint:
         return cls(
+            attempt=row.attempt,
+            recorded_at=row.created_at,
             step=row.step,
             epoch=row.epoch,
             loss=row.loss,

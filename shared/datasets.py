@@ -9,6 +9,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from shared.text import find_unstorable
+
 MAX_PROBLEMS_REPORTED = 10
 ROLES = ("system", "user", "assistant")
 
@@ -78,6 +80,11 @@ def detect_format(record: Any) -> DatasetFormat:
 
 def check_record(record: dict[str, Any], fmt: DatasetFormat) -> None:
     """Raises ValueError with what is wrong if `record` is not a valid sample of `fmt`."""
+    unstorable = find_unstorable(record)
+    if unstorable is not None:
+        where, problem = unstorable
+        # Neither the tokenizer nor the database can take it; say where, so the line can be fixed.
+        raise ValueError(f"'{where}' {problem}")
     if fmt is DatasetFormat.text:
         if not isinstance(record["text"], str):
             raise ValueError(f"'text' must be a string, got {_type_name(record['text'])}")

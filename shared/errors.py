@@ -52,6 +52,14 @@ class PayloadTooLarge(TuneforgeError):
     code = "payload_too_large"
 
 
+class StoredDataDamaged(TuneforgeError):
+    """Stored bytes no longer match the sha256 recorded when they were stored: they are never served. Retrying
+    cannot help (answers carry `x-should-retry: false`)."""
+
+    status_code = 500
+    code = "artifact_corrupted"
+
+
 class ServiceUnavailable(TuneforgeError):
     status_code = 503
     code = "service_unavailable"
@@ -67,6 +75,7 @@ class JobErrorCode(StrEnum):
     out_of_memory = "out_of_memory"
     training_diverged = "training_diverged"
     storage_error = "storage_error"
+    storage_unavailable = "storage_unavailable"
     timeout = "timeout"
     worker_lost = "worker_lost"
     internal_error = "internal_error"

@@ -85,6 +85,8 @@ class UploadedFile(Base):
     format: Mapped[str] = mapped_column(String(32))
     num_samples: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When a read found the stored bytes no longer match sha256: they are never served again.
+    damaged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Job(Base):
@@ -116,6 +118,8 @@ class Job(Base):
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Seconds spent running over all finished attempts (the run-time limit counts them all).
     runtime_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # Validation runs that broke unexpectedly; past the limit the job fails instead of being re-sent.
+    validation_tries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -157,6 +161,7 @@ class JobMetric(Base):
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # The attempt that wrote this point, and when (a resumed attempt rewrites the steps it repeats).
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     split: Mapped[str] = mapped_column(String(8))  # train | eval
     step: Mapped[int] = mapped_column(Integer)
@@ -182,6 +187,8 @@ class Artifact(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When a read found the stored bytes no longer match sha256: they are never served again.
+    damaged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
 

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
         30.0, ge=0, description="how long POST /v1/plans waits for a worker's plan before answering 202"
     )
     retry_backoff_seconds: float = Field(30.0, ge=0, description="wait before attempt 2; doubles each retry")
+    max_validation_tries: int = Field(
+        3, ge=1, description="validation runs a job gets when they break unexpectedly, before it fails"
+    )
+    validation_lease_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="while a validation run holds a job, nothing sends the job again for this long",
+    )
     default_max_runtime_minutes: int = Field(
         24 * 60, ge=1, description="run-time limit of a job, all attempts"
     )
@@ -107,6 +115,12 @@ class Settings(BaseSettings):
     )
     shutdown_grace_seconds: float = Field(120.0, ge=0, description="time to checkpoint on a warm shutdown")
     kill_grace_seconds: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL when a job is stopped")
+    storage_patience_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="how long a worker retries unreachable object storage (reporting each retry as a job event) "
+        "before the attempt fails with storage_unavailable",
+    )
     # Test hook: a micro-batch above this raises a (simulated) out-of-memory error. Only in the test environment.
     test_oom_above_micro_batch: int | None = None
 

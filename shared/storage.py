@@ -11,15 +11,17 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.settings import Settings
 
 CHUNK = 1024 * 1024
+T = TypeVar("T")
 
 
 class StorageError(Exception):
@@ -32,6 +34,10 @@ class ObjectNotFound(StorageError):
 
 class IntegrityError(StorageError):
     """Downloaded bytes do not match the recorded sha256."""
+
+
+class StorageUnavailable(StorageError):
+    """Object storage stayed unreachable for longer than the caller's patience."""
 
 
 @dataclass(frozen=True)
@@ -254,9 +260,10 @@ class S3ObjectStore(ObjectStore):
                 config=Config(
                     signature_version="s3v4",
                     s3={"addressing_style": "path"},
-                    retries={"max_attempts": 5, "mode": "standard"},
+                    # A few quick retries here; longer outages are ridden out (and reported) by PatientStore.
+                    retries={"max_attempts": 3, "mode": "standard"},
                     connect_timeout=5,
-                    read_timeout=60,
+                    read_timeout=30,
                 ),
             )
 
@@ -278,7 +285,7 @@ class S3ObjectStore(ObjectStore):
             raise self._client_error(exc) from exc
 
     def head(self, key: str, *, bucket: str | None = None) -> StoredObject | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket = bucket or self.bucket
         try:
@@ -287,12 +294,14 @@ class S3ObjectStore(ObjectStore):
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                 return None
             raise self._client_error(exc) from exc
+        except BotoCoreError as exc:  # unreachable, timed out
+            raise self._client_error(exc) from exc
         return StoredObject(
             bucket, key, response["ContentLength"], response.get("Metadata", {}).get("sha256", "")
         )
 
     def iter_chunks(self, key: str, *, bucket: str | None = None, chunk_size: int = CHUNK) -> Iterator[bytes]:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             body = self.client.get_object(Bucket=bucket or self.bucket, Key=check_key(key))["Body"]
@@ -300,20 +309,34 @@ class S3ObjectStore(ObjectStore):
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                 raise ObjectNotFound(f"{key} does not exist") from exc
             raise self._client_error(exc) from exc
+        except BotoCoreError as exc:
+            raise self._client_error(exc) from exc
         try:
             yield from body.iter_chunks(chunk_size)
+        except BotoCoreError as exc:  # the connection broke mid-object
+            raise self._client_error(exc) from exc
         finally:
             body.close()
 
     def list_keys(self, prefix: str, *, bucket: str | None = None) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         paginator = self.client.get_paginator("list_objects_v2")
         keys: list[str] = []
-        for page in paginator.paginate(Bucket=bucket or self.bucket, Prefix=prefix):
-            keys.extend(item["Key"] for item in page.get("Contents", []))
+        try:
+            for page in paginator.paginate(Bucket=bucket or self.bucket, Prefix=prefix):
+                keys.extend(item["Key"] for item in page.get("Contents", []))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._client_error(exc) from exc
         return sorted(keys)
 
     def delete(self, key: str, *, bucket: str | None = None) -> None:
-        self.client.delete_object(Bucket=bucket or self.bucket, Key=check_key(key))
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=bucket or self.bucket, Key=check_key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._client_error(exc) from exc
 
     def ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError
@@ -337,6 +360,86 @@ class S3ObjectStore(ObjectStore):
             Params={"Bucket": bucket or self.bucket, "Key": check_key(key)},
             ExpiresIn=ttl_seconds,
         )
+
+
+class PatientStore(ObjectStore):
+    """Another store whose operations are retried through an outage, with a growing wait, for up to
+    `patience_seconds` in all; each retry is told to `on_retry` (the worker turns it into a job event), and
+    past the patience the operation fails with StorageUnavailable. A missing object or bytes that fail their
+    sha256 are answers, not outages: they are not retried. Streams (iter_chunks) are not retried."""
+
+    def __init__(
+        self,
+        inner: ObjectStore,
+        *,
+        patience_seconds: float,
+        on_retry: Callable[[str, int, int, StorageError, float], None] = lambda *args: None,
+    ) -> None:
+        super().__init__(inner.bucket)
+        self.inner = inner
+        self.patience_seconds = patience_seconds
+        self.on_retry = on_retry
+
+    def expected_retries(self) -> int:
+        """How many retries the patience allows (the waits are 1, 2, 4 ... 30 seconds)."""
+        count, waited, delay = 0, 0.0, 1.0
+        while waited < self.patience_seconds:
+            count += 1
+            waited += delay
+            delay = min(delay * 2, 30.0)
+        return count
+
+    def _patiently(self, what: str, action: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.patience_seconds
+        delay, tries = 1.0, 0
+        while True:
+            try:
+                return action()
+            except (ObjectNotFound, IntegrityError):
+                raise
+            except StorageError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StorageUnavailable(
+                        f"object storage was unreachable for {self.patience_seconds:g}s while {what}: {exc}"
+                    ) from exc
+                tries += 1
+                wait = min(delay, left)
+                self.on_retry(what, tries, self.expected_retries(), exc, wait)
+                time.sleep(wait)
+                delay = min(delay * 2, 30.0)
+
+    def _put(self, bucket: str, key: str, path: Path, sha256: str) -> None:
+        self._patiently(f"storing {key}", lambda: self.inner._put(bucket, key, path, sha256))
+
+    def head(self, key: str, *, bucket: str | None = None) -> StoredObject | None:
+        return self._patiently(f"looking up {key}", lambda: self.inner.head(key, bucket=bucket))
+
+    def get_file(
+        self, key: str, dest: Path, *, bucket: str | None = None, expected_sha256: str | None = None
+    ) -> StoredObject:
+        return self._patiently(
+            f"fetching {key}",
+            lambda: self.inner.get_file(key, dest, bucket=bucket, expected_sha256=expected_sha256),
+        )
+
+    def iter_chunks(self, key: str, *, bucket: str | None = None, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        return self.inner.iter_chunks(key, bucket=bucket, chunk_size=chunk_size)
+
+    def list_keys(self, prefix: str, *, bucket: str | None = None) -> list[str]:
+        return self._patiently(f"listing {prefix}", lambda: self.inner.list_keys(prefix, bucket=bucket))
+
+    def delete(self, key: str, *, bucket: str | None = None) -> None:
+        self._patiently(f"deleting {key}", lambda: self.inner.delete(key, bucket=bucket))
+
+    def check(self) -> None:
+        self.inner.check()
+
+    def ensure_bucket(self) -> None:
+        self.inner.ensure_bucket()
+
+    def presigned_url(self, key: str, ttl_seconds: int, *, bucket: str | None = None) -> str | None:
+        return self.inner.presigned_url(key, ttl_seconds, bucket=bucket)
 
 
 def make_store(settings: Settings) -> ObjectStore:

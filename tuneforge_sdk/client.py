@@ -35,6 +35,12 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 USER_AGENT = "tuneforge-sdk/0.1"
 
 
+def _retryable(response: httpx.Response) -> bool:
+    """A server error that may go away: not one the server marked final (`x-should-retry: false`, as for
+    stored bytes found damaged)."""
+    return response.status_code in RETRY_STATUSES and response.headers.get("x-should-retry") != "false"
+
+
 def _env_api_key() -> str | None:
     key = os.environ.get("TUNEFORGE_API_KEY", "").strip()
     if key:
@@ -156,7 +162,7 @@ class Tuneforge:
             in_flight = (
                 idempotent_create and response.status_code == 409 and error.param == IDEMPOTENCY_HEADER
             )
-            if last or not (response.status_code in RETRY_STATUSES or in_flight):
+            if last or not (_retryable(response) or in_flight):
                 raise error
             self._pause(attempt, response)
         raise AssertionError("unreachable")
@@ -430,7 +436,7 @@ class Tuneforge:
             if response.status_code >= 400:
                 response.read()
                 error = TuneforgeError.from_response(response)
-                if response.status_code in RETRY_STATUSES:
+                if _retryable(response):
                     raise _RetryableAnswer(error, response)
                 raise error
             reader = ChunkReader(response.iter_bytes())

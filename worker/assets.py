@@ -19,11 +19,20 @@ from shared.errors import InvalidRequest, JobErrorCode, JobFailure
 from shared.models import Artifact, Job, UploadedFile
 from shared.schemas import AdapterSource
 from shared.settings import Settings
-from shared.storage import ObjectNotFound, ObjectStore, StorageError, parse_s3_uri
+from shared.storage import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable, parse_s3_uri
 from shared.uris import check_own_objects, resolve_dataset_uri
 from shared.urlpolicy import OutboundError, OutboundPolicy, URLRefused, open_url
 
 COMPLETE = ".tuneforge-complete"
+
+
+def storage_code(exc: StorageError) -> JobErrorCode:
+    """storage_unavailable when storage stayed unreachable, storage_error for its other refusals."""
+    return (
+        JobErrorCode.storage_unavailable
+        if isinstance(exc, StorageUnavailable)
+        else JobErrorCode.storage_error
+    )
 
 
 @contextmanager
@@ -76,9 +85,7 @@ class AssetCache:
                 ) from exc
             except StorageError as exc:
                 shutil.rmtree(staging, ignore_errors=True)
-                raise JobFailure(
-                    JobErrorCode.storage_error, f"could not fetch base model {name!r}: {exc}"
-                ) from exc
+                raise JobFailure(storage_code(exc), f"could not fetch base model {name!r}: {exc}") from exc
             if not (staging / "config.json").is_file():
                 shutil.rmtree(staging, ignore_errors=True)
                 raise JobFailure(
@@ -170,7 +177,7 @@ class AssetCache:
                 JobErrorCode.dataset_not_found, f"{param}: {uri} is missing from storage"
             ) from exc
         except StorageError as exc:
-            raise JobFailure(JobErrorCode.storage_error, f"{param}: could not fetch {uri}: {exc}") from exc
+            raise JobFailure(storage_code(exc), f"{param}: could not fetch {uri}: {exc}") from exc
         return target
 
     def _download_dataset(self, url: str, *, param: str) -> Path:

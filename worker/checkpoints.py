@@ -4,6 +4,7 @@ latest recorded one and resumes from it."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,13 @@ class CheckpointUploader:
     def save(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
         """Uploads `folder`, then records it as the checkpoint of `step`."""
         prefix = artifact_service.checkpoint_prefix(step)
-        job_id = self.writer.job_id
-        stored = self.store.put_tree(f"artifacts/{self.team_id}/{job_id}/checkpoints/{prefix}", folder)
+        job_id, attempt = self.writer.job_id, self.writer.attempt
+        # Keys of this save alone: an upload that outlives its attempt (its worker was killed mid-upload, the
+        # job resumed elsewhere and saved the same step) lands beside the recorded files, never on them.
+        unique = f"attempt-{attempt}-{secrets.token_hex(4)}"
+        stored = self.store.put_tree(
+            f"artifacts/{self.team_id}/{job_id}/checkpoints/{prefix}/{unique}", folder
+        )
         names = [
             f"{prefix}/{p.relative_to(folder).as_posix()}" for p in sorted(folder.rglob("*")) if p.is_file()
         ]

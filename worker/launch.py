@@ -80,9 +80,10 @@ def run(work_dir: Path) -> int:
     from shared.errors import JobErrorCode, JobFailure
     from shared.schemas import JobSpec
     from shared.settings import get_settings
-    from shared.storage import make_store
+    from shared.storage import StorageError
+    from worker.assets import storage_code
     from worker.checkpoints import CheckpointUploader
-    from worker.reporting import AttemptWriter
+    from worker.reporting import AttemptWriter, patient_store
     from worker.training.recipes import recipe_for
     from worker.training.recipes.base import JobStopped, TrainingContext
 
@@ -122,7 +123,7 @@ def run(work_dir: Path) -> int:
             train_data=train,
             eval_data=evaluation,
             sources=[Path(s) for s in launch.sources],
-            checkpoints=CheckpointUploader(make_store(settings), writer, launch.team_id),
+            checkpoints=CheckpointUploader(patient_store(settings, writer), writer, launch.team_id),
             checkpoint_steps=settings.checkpoint_steps,
             resume_from=Path(launch.resume_from) if launch.resume_from else None,
         )
@@ -153,6 +154,10 @@ def run(work_dir: Path) -> int:
         log.warning("out of memory: %s", exc)
         writer.flush()
         return EXIT_OUT_OF_MEMORY
+    except StorageError as exc:  # a checkpoint could not be stored; another attempt resumes from the last one
+        log.warning("object storage failed: %s", exc)
+        writer.flush()
+        return fail(storage_code(exc), f"a checkpoint could not be stored: {exc}")
 
 
 def main() -> None:

@@ -20,12 +20,22 @@ from shared.states import ACTIVE, JobStatus
 from worker.reporting import AttemptWriter
 from worker.supervisor import Outcome
 
+# Failures that another attempt may not meet: they use the retry budget instead of failing the job.
+RETRYABLE = frozenset({JobErrorCode.storage_error, JobErrorCode.storage_unavailable})
+
 
 @dataclass(frozen=True)
 class TryAgain:
     """Run the same attempt again with this spec (out of memory: half the micro-batch)."""
 
     spec: JobSpec
+
+
+def fail_or_retry(writer: AttemptWriter, code: JobErrorCode, message: str) -> JobStatus:
+    """Fails the job with `code`, unless that failure is worth another attempt (RETRYABLE)."""
+    if code in RETRYABLE:
+        return retry_or_fail(writer, code, message)
+    return fail(writer, code, message)
 
 
 def fail(writer: AttemptWriter, code: JobErrorCode, message: str) -> JobStatus:
@@ -124,7 +134,7 @@ def settle(
         return finish()
     if kind == "failed":
         failure = json.loads(outcome.detail)
-        return fail(writer, JobErrorCode(failure["code"]), failure["message"])
+        return fail_or_retry(writer, JobErrorCode(failure["code"]), failure["message"])
     if kind == "cancelled":
         writer.move(JobStatus.cancelled, "training stopped; job cancelled")
         return JobStatus.cancelled

@@ -23,11 +23,34 @@ from shared.models import Job
 from shared.services import jobs as job_service
 from shared.settings import Settings
 from shared.states import ACTIVE, JobStatus
+from shared.storage import PatientStore, StorageError, make_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How long a write waits for a restarting database before it gives up.
 RETRY_SECONDS = 60.0
+
+
+def patient_store(settings: Settings, writer: AttemptWriter) -> PatientStore:
+    """The deployment's object storage for one attempt: an outage is retried for `storage_patience_seconds`,
+    each retry an event on the job, then the operation fails with StorageUnavailable."""
+
+    def told(what: str, retry: int, retries: int, error: StorageError, wait: float) -> None:
+        log.warning("object storage unreachable while %s (%s); retry %d of %d", what, error, retry, retries)
+        try:
+            writer.event(
+                "storage",
+                f"object storage unreachable, retrying ({retry} of {retries}): {what} failed ({error}); "
+                f"next try in {wait:.0f}s",
+                level="warning",
+                data={"retry": retry, "retries": retries, "operation": what},
+            )
+        except Exception:  # the database may be away too; the retries go on regardless
+            log.warning("could not record the storage retry of job %s", writer.job_id, exc_info=True)
+
+    return PatientStore(
+        make_store(settings), patience_seconds=settings.storage_patience_seconds, on_retry=told
+    )
 
 
 class AttemptWriter:

@@ -27,12 +27,13 @@ from shared.services import claims
 from shared.services import jobs as job_service
 from shared.settings import Settings
 from shared.states import ACTIVE, JobStatus
-from shared.storage import StorageError, make_store
+from shared.storage import StorageError
 from worker import outcomes
+from worker.assets import storage_code
 from worker.checkpoints import fetch_latest_checkpoint
 from worker.inputs import fetch_inputs
 from worker.lease import Lease
-from worker.reporting import AttemptWriter
+from worker.reporting import AttemptWriter, patient_store
 from worker.results import store_result
 from worker.supervisor import SHUTDOWN, supervise
 
@@ -83,13 +84,13 @@ def _run_attempt(
         assert job is not None
         session.expunge(job)
     spec = JobSpec.model_validate(job.spec)
-    store = make_store(settings)
+    store = patient_store(settings, writer)
     try:
         launch = fetch_inputs(settings, store, job, spec, writer.attempt, work_dir)
     except JobFailure as failure:
-        return outcomes.fail(writer, failure.code, failure.message)
+        return outcomes.fail_or_retry(writer, failure.code, failure.message)
     except StorageError as exc:
-        return outcomes.retry_or_fail(writer, JobErrorCode.storage_error, f"object storage failed: {exc}")
+        return outcomes.retry_or_fail(writer, storage_code(exc), f"object storage failed: {exc}")
     writer.event(
         "worker", f"running {spec.method.value} on {settings.worker_id}", data={"worker": settings.worker_id}
     )
@@ -99,9 +100,7 @@ def _run_attempt(
         try:
             return store_result(writer, store, job.team_id, work_dir)
         except StorageError as exc:
-            return outcomes.retry_or_fail(
-                writer, JobErrorCode.storage_error, f"could not store the result: {exc}"
-            )
+            return outcomes.retry_or_fail(writer, storage_code(exc), f"could not store the result: {exc}")
 
     while True:
         launch.write(work_dir)
@@ -128,7 +127,7 @@ def _run_attempt(
         try:
             resume_from = fetch_latest_checkpoint(settings, store, writer.job_id, work_dir)
         except StorageError as exc:
-            return outcomes.retry_or_fail(writer, JobErrorCode.storage_error, f"object storage failed: {exc}")
+            return outcomes.retry_or_fail(writer, storage_code(exc), f"object storage failed: {exc}")
         launch.spec = spec.model_dump(mode="json")
         launch.resume_from = str(resume_from) if resume_from else None
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.datasets import DatasetInvalid, DatasetSummary, read_dataset
@@ -18,8 +17,7 @@ from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job, Plan
 from shared.planning import fit_to_model
 from shared.schemas import JobSpec, job_sources
-from shared.services import jobs as job_service
-from shared.services.dispatch import send_after_commit
+from shared.services import validation as validation_service
 from shared.services.plans import finish_plan
 from shared.settings import Settings
 from shared.states import JobStatus
@@ -27,7 +25,7 @@ from shared.storage import make_store, sha256_file
 from worker.assets import AssetCache
 
 log = logging.getLogger(__name__)
-VALIDATING = frozenset({JobStatus.validating})
+STORAGE_CODES = frozenset({JobErrorCode.storage_error, JobErrorCode.storage_unavailable})
 
 
 @dataclass
@@ -100,79 +98,60 @@ def refusal_message(plan: dict[str, Any]) -> str:
 
 def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
     """Checks a `validating` job; queues it or fails it with what is at fault. Returns the job's new status
-    (None if it was not validating)."""
-    cache = AssetCache(settings, make_store(settings))
+    (None if it was not this run's to check; `validating` when the check broke and will be tried again)."""
     with session_scope(settings.database_url) as session:
-        # Locked for the whole check: a second delivery of the same message waits, then finds it done.
-        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        if job is None or job.status != JobStatus.validating:
-            log.info("job %s is not validating (%s); nothing to do", job_id, job and job.status)
-            return None
-        spec = JobSpec.model_validate(job.spec)
-        try:
+        attempt = validation_service.begin_validation(session=session, settings=settings, job_id=job_id)
+    if attempt is None:
+        log.info("job %s is not waiting for validation; nothing to do", job_id)
+        return None
+    cache = AssetCache(settings, make_store(settings))
+    try:
+        with session_scope(settings.database_url) as session:
             inputs = check_inputs(
                 cache,
                 session,
-                team_id=job.team_id,
-                spec=spec,
-                dataset=job.dataset_uri,
-                validation_dataset=job.validation_uri,
+                team_id=attempt.team_id,
+                spec=attempt.spec,
+                dataset=attempt.dataset,
+                validation_dataset=attempt.validation_dataset,
             )
-            spec = fitted(spec, inputs)
-            job.spec = spec.model_dump(mode="json")
-            job.input_digests = inputs.digests
-            plan = plan_for(settings, spec, inputs)
-            if plan is not None and plan["status"] == "refused":
-                raise JobFailure(
-                    JobErrorCode.invalid_config, f"the plan refused this job: {refusal_message(plan)}"
+        spec = fitted(attempt.spec, inputs)
+        plan = plan_for(settings, spec, inputs)
+        if plan is not None and plan["status"] == "refused":
+            raise JobFailure(
+                JobErrorCode.invalid_config, f"the plan refused this job: {refusal_message(plan)}"
+            )
+    except JobFailure as failure:
+        with session_scope(settings.database_url) as session:
+            if failure.code in STORAGE_CODES:  # an outage, not the job's fault: try again after a back-off
+                validation_service.broke(
+                    session=session, settings=settings, attempt=attempt, error=failure.message
                 )
-        except JobFailure as failure:
-            job_service.transition(
-                session=session,
-                job_id=job_id,
-                to=JobStatus.failed,
-                from_=VALIDATING,
-                message=f"validation failed: {failure.message}",
-                error_code=failure.code.value,
-                error_message=failure.message,
+                return JobStatus(session.get(Job, job_id).status)
+            validation_service.reject(
+                session=session, job_id=job_id, code=failure.code, message=failure.message
             )
-            return JobStatus.failed
-        for param, summary in inputs.datasets.items():
-            job_service.add_event(
+        return JobStatus.failed
+    except Exception as exc:
+        log.exception("validation of job %s broke (try %d)", job_id, attempt.try_number)
+        with session_scope(settings.database_url) as session:
+            validation_service.broke(
                 session=session,
-                job_id=job_id,
-                type="dataset",
-                message=f"{param}: {summary.num_samples} valid samples in {summary.format.value} format",
-                data={"param": param, "format": summary.format.value, "samples": summary.num_samples},
+                settings=settings,
+                attempt=attempt,
+                error=f"{type(exc).__name__}: {exc}"[:1000],
             )
-        if plan is not None:
-            job.plan = plan
-            memory = (plan.get("memory") or {}).get("total")
-            job_service.add_event(
-                session=session,
-                job_id=job_id,
-                type="plan",
-                message="plan: "
-                + (
-                    f"{plan['params']['trainable']:,} trainable parameters"
-                    if plan.get("params")
-                    else "no parameters"
-                )
-                + (f", about {memory / 2**30:.2f} GiB per GPU" if memory else ""),
-                data={"notes": [n["message"] for n in plan.get("notes", [])]},
-            )
-        if not job_service.transition(
-            session=session,
-            job_id=job_id,
-            to=JobStatus.queued,
-            from_=VALIDATING,
-            message="job is queued",
-            enqueued_at=None,
-        ):
             return JobStatus(session.get(Job, job_id).status)
-        # Sent when this transaction commits; if the broker is away, the sweeper sends it later.
-        send_after_commit(session, settings, job_id)
-    return JobStatus.queued
+    with session_scope(settings.database_url) as session:
+        return validation_service.accept(
+            session=session,
+            settings=settings,
+            job_id=job_id,
+            spec=spec,
+            digests=inputs.digests,
+            datasets=inputs.datasets,
+            plan=plan,
+        )
 
 
 def make_job_plan(settings: Settings, plan_id: str) -> str | None:
@@ -205,6 +184,18 @@ def make_job_plan(settings: Settings, plan_id: str) -> str | None:
                 result=None,
                 error_code=failure.code.value,
                 error_message=failure.message,
+            )
+            return "failed"
+        except Exception as exc:  # a dry run is not retried: say what broke instead of staying pending
+            log.exception("plan %s broke", plan_id)
+            session.rollback()
+            finish_plan(
+                session=session,
+                plan_id=plan_id,
+                result=None,
+                error_code=JobErrorCode.internal_error.value,
+                error_message=f"making the plan broke ({type(exc).__name__}: {exc}); try again, and tell the "
+                "operators if it happens again",
             )
             return "failed"
         finish_plan(session=session, plan_id=plan_id, result=plan)

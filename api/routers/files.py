@@ -15,7 +15,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
 from fastapi.responses import Response, StreamingResponse
 
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
-from api.downloads import stream_object
+from api.downloads import file_response
 from api.idempotency import IdempotencyKeyHeader, idempotent_call, replayed
 from api.openai.schemas import FileDeleted
 from api.schemas import FileList, FileOut
@@ -91,7 +91,9 @@ def get_file(file_id: str, session: SessionDep, team: CallerTeam) -> FileOut:
 
 
 @router.get("/{file_id}/content", response_class=StreamingResponse)
-def download_file(file_id: str, session: SessionDep, store: StoreDep, team: CallerTeam) -> Response:
+def download_file(
+    file_id: str, request: Request, session: SessionDep, store: StoreDep, team: CallerTeam
+) -> Response:
     """Downloads an uploaded file's bytes (or a results file's CSV)."""
     found = file_service.find_file(session=session, team_id=team, file_id=file_id)
     if isinstance(found, ResultsFile):
@@ -103,13 +105,7 @@ def download_file(file_id: str, session: SessionDep, store: StoreDep, team: Call
                 "Content-Disposition": f'attachment; filename="{found.filename}"',
             },
         )
-    return stream_object(
-        store,
-        found.storage_key,
-        size=found.size_bytes,
-        media_type="application/jsonl",
-        headers={"X-Checksum-Sha256": found.sha256},
-    )
+    return file_response(request.app.state.session_factory, store, found)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

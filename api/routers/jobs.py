@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
-from api.downloads import stream_archive, stream_object
+from api.downloads import artifact_response, refuse_damaged, stream_archive
 from api.event_stream import job_event_stream
 from api.idempotency import IdempotencyKeyHeader, idempotent_call, replayed
 from api.schemas import (
@@ -192,24 +192,30 @@ def list_checkpoints(job_id: str, session: SessionDep, team: CallerTeam) -> Chec
 
 @router.get("/{job_id}/checkpoints/{step}.tar", response_class=StreamingResponse)
 def download_checkpoint(
-    job_id: str, step: int, session: SessionDep, store: StoreDep, team: CallerTeam
+    job_id: str, step: int, request: Request, session: SessionDep, store: StoreDep, team: CallerTeam
 ) -> Response:
     """Downloads one checkpoint (adapter, optimizer, scheduler, RNG and trainer state) as a tar archive."""
     checkpoint, files = artifact_service.get_checkpoint(
         session=session, team_id=team, job_id=job_id, step=step
     )
-    return stream_archive(f"{job_id}-{checkpoint.prefix}", files, store, strip=checkpoint.prefix + "/")
+    return stream_archive(
+        request.app.state.session_factory,
+        store,
+        f"{job_id}-{checkpoint.prefix}",
+        files,
+        strip=checkpoint.prefix + "/",
+    )
 
 
 @router.get("/{job_id}/artifacts/{kind}.tar", response_class=StreamingResponse)
 def download_archive(
-    job_id: str, kind: str, session: SessionDep, store: StoreDep, team: CallerTeam
+    job_id: str, kind: str, request: Request, session: SessionDep, store: StoreDep, team: CallerTeam
 ) -> Response:
     """Downloads every file of one artifact kind (`adapter`) as a tar archive with a SHA256SUMS file."""
     artifacts = artifact_service.list_artifacts(session=session, team_id=team, job_id=job_id, kind=kind)
     if not artifacts:
         raise NotFound(f"job {job_id} has no {kind} artifacts", param="kind")
-    return stream_archive(f"{job_id}-{kind}", artifacts, store)
+    return stream_archive(request.app.state.session_factory, store, f"{job_id}-{kind}", artifacts)
 
 
 @router.get("/{job_id}/artifacts/{kind}/{name:path}", response_class=StreamingResponse)
@@ -217,6 +223,7 @@ def download_artifact(
     job_id: str,
     kind: str,
     name: str,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
@@ -230,17 +237,18 @@ def download_artifact(
         session=session, team_id=team, job_id=job_id, kind=kind, name=name
     )
     if redirect:
+        refuse_damaged(artifact)
         url = store.presigned_url(artifact.storage_key, settings.presigned_url_ttl_seconds)
         if url:
-            return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
-    return stream_object(
+            # The client downloads from storage directly: it must check the bytes against X-Checksum-Sha256.
+            return RedirectResponse(
+                url,
+                status_code=status.HTTP_307_TEMPORARY_REDIRECT,
+                headers={"X-Checksum-Sha256": artifact.sha256},
+            )
+    return artifact_response(
+        request.app.state.session_factory,
         store,
-        artifact.storage_key,
-        size=artifact.size_bytes,
-        media_type="application/octet-stream",
-        headers={
-            "ETag": f'"{artifact.sha256}"',
-            "X-Checksum-Sha256": artifact.sha256,
-            "Content-Disposition": f'attachment; filename="{name.rsplit("/", 1)[-1]}"',
-        },
+        artifact,
+        {"Content-Disposition": f'attachment; filename="{name.rsplit("/", 1)[-1]}"'},
     )

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from shared.errors import NotFound
-from shared.models import Artifact, Checkpoint, Job
+from shared.models import Artifact, Checkpoint, Job, utcnow
 from shared.services.jobs import add_event, get_job
 from shared.storage import StoredObject
 from shared.tenancy import TeamID
@@ -90,6 +90,15 @@ def get_artifact(*, session: Session, team_id: TeamID, job_id: str, kind: str, n
     if artifact is None:
         raise NotFound(f"job {job_id} has no {kind} artifact named {name!r}", param="name")
     return artifact
+
+
+def mark_damaged(*, session: Session, row_id: int) -> None:
+    """Records that an artifact's stored bytes no longer match its sha256: it is never served again."""
+    session.execute(
+        update(Artifact)
+        .where(Artifact.id == row_id, Artifact.damaged_at.is_(None))
+        .values(damaged_at=utcnow())
+    )
 
 
 def get_checkpoint(

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.datasets import DatasetInvalid, scan_jsonl
 from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from shared.models import Job, UploadedFile, new_id
+from shared.models import Job, UploadedFile, new_id, utcnow
 from shared.services.fine_tuning import ResultsFile, find_results_file, refuse_results_file_delete
 from shared.services.idempotency import IdempotentCall, Replay
 from shared.settings import Settings
@@ -148,6 +148,15 @@ def upload_file(
         idempotency.release()
         raise
     return record
+
+
+def mark_damaged(*, session: Session, row_id: str) -> None:
+    """Records that an uploaded file's stored bytes no longer match its sha256: it is never served again."""
+    session.execute(
+        update(UploadedFile)
+        .where(UploadedFile.id == row_id, UploadedFile.damaged_at.is_(None))
+        .values(damaged_at=utcnow())
+    )
 
 
 def find_file(*, session: Session, team_id: TeamID, file_id: str) -> UploadedFile | ResultsFile:

@@ -373,7 +373,9 @@ def record_metric(
     if existing is None:
         existing = JobMetric(job_id=job_id, split=split, step=step)
         session.add(existing)
+    # Which attempt wrote the point, and when: a resumed attempt rewrites the steps it repeats.
     existing.attempt = attempt
+    existing.created_at = utcnow()
     for name, value in values.items():
         setattr(existing, name, value)
     session.flush()
