@@ -63,36 +63,6 @@ def api(
     )
 
 
-def detected_gpus() -> int:
-    """GPUs this machine shows (1 on a CPU-only machine, where a 'GPU' is one training process)."""
-    try:
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    except ImportError:
-        return 1
-
-
-def worker_argv(role: str, gpus: int) -> list[str]:
-    from shared.queue import worker_queues
-
-    settings = _settings()
-    queues = worker_queues(
-        settings, gpus, validate=role in ("all", "validate"), train=role in ("all", "train")
-    )
-    return [
-        "worker",
-        "--concurrency=1",
-        # The task itself only supervises: training runs in its own process group (worker/launch.py).
-        "--pool=solo",
-        f"--queues={','.join(queues)}",
-        f"--hostname={settings.worker_id}@%h",
-        f"--loglevel={settings.log_level}",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-
-
 @app.command()
 def worker(
     role: Annotated[
@@ -100,16 +70,20 @@ def worker(
     ] = "all",
     gpus: Annotated[
         int | None,
-        typer.Option(help="GPUs this worker drives; default TUNEFORGE_WORKER_GPUS, else all visible"),
+        typer.Option(
+            help="GPUs this worker drives, one job or several at once; default TUNEFORGE_WORKER_GPUS, else all "
+            "visible (on a machine without GPUs: that many slots, one training process each)"
+        ),
     ] = None,
 ) -> None:
     """Runs a Celery worker: it checks submitted jobs and trains queued ones that fit its GPUs."""
     if role not in ("all", "train", "validate"):
         raise typer.BadParameter("role must be all, train or validate")
-    from worker.celery_app import app as celery_app
+    from worker.celery_app import serve
+    from worker.gpus import visible_devices
 
     settings = _settings()
-    celery_app.worker_main(worker_argv(role, gpus or settings.worker_gpus or detected_gpus()))
+    serve(role, visible_devices(gpus or settings.worker_gpus))
 
 
 @app.command()

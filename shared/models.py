@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -18,6 +19,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -89,11 +92,36 @@ class UploadedFile(Base):
     damaged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+QUEUED_ONLY = text("status = 'queued'")
+HELD_ONLY = text("ended_at IS NULL")
+PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_team_created", "team_id", "created_at", "id"),
         Index("ix_jobs_status", "status"),
+        # A team's jobs of one status, newest first: the filtered list and the count of waiting jobs.
+        Index("ix_jobs_team_status_created", "team_id", "status", "created_at", "id"),
+        # The claim's candidates: each team's queued jobs in priority, then age order.
+        Index(
+            "ix_jobs_queued_team_rank",
+            "team_id",
+            "priority_rank",
+            "created_at",
+            "id",
+            postgresql_where=QUEUED_ONLY,
+            sqlite_where=QUEUED_ONLY,
+        ),
+        # A queued job's position: the queued jobs before it by priority, then age.
+        Index(
+            "ix_jobs_queued_rank",
+            "priority_rank",
+            "created_at",
+            postgresql_where=QUEUED_ONLY,
+            sqlite_where=QUEUED_ONLY,
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -106,6 +134,15 @@ class Job(Base):
     # The full validated JobSpec, defaults filled in; the columns above are copies for filtering.
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
     priority: Mapped[str] = mapped_column(String(8), default="normal")
+    # What the claim ranks and filters on (copies of the spec): 0 high, 1 normal, 2 low; GPUs in all; nodes.
+    priority_rank: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # A job that waited too long for more GPUs than were free: the node holding them back for it, and since.
+    reserved_for: Mapped[str | None] = mapped_column(String(255))
+    reserved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set when a higher-priority job needs this one's GPUs: it checkpoints and goes back to the queue.
+    preempt_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     user_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
 
     # Attempt number of the current (or last) claim; writes from any other attempt are refused.
@@ -139,6 +176,57 @@ class Job(Base):
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="job", order_by="Artifact.name")
+
+
+class Attempt(Base):
+    """One run of a job: where it ran (host, GPU indices), with which launcher, how it ended, and the
+    GPU-seconds charged to its team so far. An attempt holds its GPUs until `ended_at` is set."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (
+        UniqueConstraint("job_id", "number", name="uq_attempts_job_number"),
+        Index("ix_attempts_held_team", "team_id", postgresql_where=HELD_ONLY, sqlite_where=HELD_ONLY),
+        Index("ix_attempts_held_worker", "worker_id", postgresql_where=HELD_ONLY, sqlite_where=HELD_ONLY),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(String(255))
+    gpu_indices: Mapped[list[int]] = mapped_column(JSONType)
+    gpus: Mapped[int] = mapped_column(Integer)
+    launcher: Mapped[str] = mapped_column(String(16))  # process | torchrun | ray
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(String(16))  # the job's status when the attempt ended
+    charged_gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+
+
+class Node(Base):
+    """A node worker: its GPUs, which of them are busy, and when it last checked in."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # the worker id
+    host: Mapped[str] = mapped_column(String(255))
+    total_gpus: Mapped[int] = mapped_column(Integer)
+    busy_gpus: Mapped[list[int]] = mapped_column(JSONType)
+    ray_driver: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class GpuUsage(Base):
+    """GPU-seconds a team used in one minute: the fair share ranks teams by their sum over a sliding window."""
+
+    __tablename__ = "gpu_usage"
+    __table_args__ = (Index("ix_gpu_usage_minute", "minute"),)
+
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"), primary_key=True)
+    minute: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class JobEvent(Base):

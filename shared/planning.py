@@ -6,6 +6,7 @@ docs/PLANNING.md."""
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +42,50 @@ FUSED_HEAD_TOKEN_TILE = 4096
 FUSED_HEAD_VOCAB_TILE = 32768
 # fp32 per-token statistics the fused head keeps (running max, sums, target logit, log_z, entropy, ...).
 FUSED_HEAD_STATS_PER_TOKEN = 10 * 4
+
+# Architectures whose attention keeps packed samples apart: their transformers code builds the attention mask
+# from position ids that restart per sample (and FlashAttention-2 reads the same boundaries), so samples
+# concatenated without padding do not attend to each other. tests/integration/test_packing.py checks each.
+PADDING_FREE_MODEL_TYPES = frozenset(
+    {
+        "cohere",
+        "gemma",
+        "gemma3_text",
+        "granite",
+        "llama",
+        "mistral",
+        "mixtral",
+        "olmo",
+        "olmo2",
+        "phi",
+        "phi3",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "smollm3",
+        "stablelm",
+        "starcoder2",
+    }
+)
+# Llama-style architectures Liger (0.8) patches with its RMSNorm, SwiGLU and RoPE kernels.
+LIGER_MODEL_TYPES = frozenset(
+    {
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "granite",
+        "llama",
+        "mistral",
+        "mixtral",
+        "olmo2",
+        "phi3",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "smollm3",
+    }
+)
 
 REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 # Architectures whose q/k/v projections carry a bias although their config says nothing about it.
@@ -388,6 +433,30 @@ def static_checks(
                 "resources.zero_stage",
             )
         )
+    if (
+        hp is not None
+        and (hp.packing or hp.padding_free)
+        and shape.model_type not in PADDING_FREE_MODEL_TYPES
+    ):
+        param = "hyperparameters.packing" if hp.packing else "hyperparameters.padding_free"
+        refusals.append(
+            Refusal(
+                "padding_free_unsupported",
+                param,
+                f"{param.rsplit('.', 1)[1]} concatenates samples without padding, and the attention of model type "
+                f"{shape.model_type!r} is not known to keep them apart (samples would attend to each other); "
+                f"remove {param.rsplit('.', 1)[1]}",
+            )
+        )
+    if hp is not None and hp.liger_kernel and shape.model_type not in LIGER_MODEL_TYPES:
+        refusals.append(
+            Refusal(
+                "liger_unsupported",
+                "hyperparameters.liger_kernel",
+                f"Liger has no kernels for model type {shape.model_type!r} (it patches "
+                f"{', '.join(sorted(LIGER_MODEL_TYPES))}); remove liger_kernel",
+            )
+        )
     if hp is not None and hp.packing:
         notes.append(
             Note(
@@ -399,6 +468,50 @@ def static_checks(
             )
         )
     return refusals, notes
+
+
+def feature_refusals(spec: JobSpec, features: Collection[str]) -> list[Refusal]:
+    """The job options that need what this deployment's training workers do not offer (`features`, the
+    TUNEFORGE_WORKER_FEATURES setting), each naming its field."""
+    hp = spec.hyperparameters
+    if hp is None:
+        return []
+    offered = ", ".join(sorted(features)) or "none"
+    refusals = []
+
+    def lacks(code: str, param: str, message: str) -> None:
+        refusals.append(
+            Refusal(
+                code, f"hyperparameters.{param}", f"{message} (this deployment's workers offer: {offered})"
+            )
+        )
+
+    if hp.bf16 and "bf16" not in features:
+        lacks(
+            "bf16_unavailable",
+            "bf16",
+            "bf16 needs workers with bfloat16 (a GPU since Ampere, AVX512-BF16 or AMX)",
+        )
+    if hp.attn_implementation == "flash_attention_2":
+        if "cuda" not in features or "flash_attention_2" not in features:
+            lacks(
+                "flash_attention_unavailable",
+                "attn_implementation",
+                "flash_attention_2 needs GPU workers with flash-attn installed; choose sdpa",
+            )
+        elif hp.bf16 is None and "bf16" not in features:
+            lacks(
+                "flash_attention_unavailable",
+                "attn_implementation",
+                "flash_attention_2 computes in bfloat16, which these workers lack; choose sdpa",
+            )
+    if hp.liger_kernel and ("cuda" not in features or "liger_kernel" not in features):
+        lacks(
+            "liger_unavailable",
+            "liger_kernel",
+            "Liger's Triton kernels need GPU workers with the liger extra",
+        )
+    return refusals
 
 
 def static_refusals(
@@ -586,7 +699,9 @@ def estimate_memory(
     without_ckpt = n_layers * layer_total + final_norm
     with_ckpt = n_layers * residual * t * h + layer_total + final_norm
     # The attention mask: (b, 1, s, s) booleans for padded batches, (1, 1, b*s, b*s) for a packed row.
-    mask = t * t if hp.packing else b * s * s
+    # padding_free=true flattens the micro-batch like a packed row; left to the worker, it is chosen only where
+    # the flattened mask stays within the padded one.
+    mask = t * t if hp.packing or hp.padding_free else b * s * s
     # Fused LM head and loss: the final hidden states it keeps, its fp32 per-token statistics, the logits tile
     # (allocated 32768 entries wide whatever the vocabulary), and in the backward pass the fp32 gradient of the
     # hidden states plus its copy in their dtype. qlora's fp32 head is cast to bf16 one tile at a time.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -90,7 +90,40 @@ class Hyperparameters(BaseModel):
         le=131072,
         description="longer samples are truncated; default: the base model's context length, at most 1024",
     )
-    packing: bool = Field(False, description="pack several samples into each sequence")
+    packing: bool = Field(
+        False,
+        description="pack samples into rows of max_seq_length tokens (best-fit, padding-free); batch_size then "
+        "counts rows, not samples",
+    )
+    padding_free: bool | None = Field(
+        None,
+        description="concatenate each micro-batch's samples into one sequence without padding (position ids "
+        "restart per sample, no attention across samples); default: on where the model supports it and the "
+        "data's lengths make it cheaper than padding (decided when training starts)",
+    )
+    bf16: bool | None = Field(
+        None,
+        description="train under bfloat16 autocast; default: on GPUs that have it, and on CPUs with AVX512-BF16 "
+        "or AMX where it measured faster",
+    )
+    fused_adamw: bool | None = Field(
+        None,
+        description="torch's fused AdamW kernel; default on (off with resources.cpu_offload, where DeepSpeed's "
+        "CPU Adam updates the offloaded states)",
+    )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = Field(
+        None,
+        description="the attention kernel; default: flash_attention_2 on GPU workers that have it installed "
+        "(bf16), sdpa otherwise",
+    )
+    liger_kernel: bool = Field(
+        False,
+        description="Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (GPU workers with the liger extra)",
+    )
+    torch_compile: bool = Field(
+        False,
+        description="compile the model with torch.compile (opt-in: the first steps pay the compilation)",
+    )
     gradient_checkpointing: bool | None = Field(
         None,
         description="recompute activations in the backward pass: less memory, about 20-30% slower; "
@@ -119,13 +152,35 @@ class Hyperparameters(BaseModel):
             self.epochs = 3
         return self
 
+    @model_validator(mode="after")
+    def _kernels(self) -> Hyperparameters:
+        if self.packing and self.padding_free is False:
+            raise _field_error(
+                "padding_free", "packed rows are always padding-free; remove padding_free or packing"
+            )
+        if self.attn_implementation == "flash_attention_2" and self.bf16 is False:
+            raise _field_error(
+                "attn_implementation",
+                "FlashAttention-2 computes in bfloat16 or float16 only; leave bf16 on or choose sdpa",
+            )
+        return self
+
 
 class Resources(BaseModel):
     """Hardware a job asks for."""
 
     model_config = ConfigDict(extra="forbid")
 
-    gpus: int = Field(1, ge=1, le=64, description="GPUs for this job")
+    gpus: int = Field(1, ge=1, le=512, description="GPUs for this job, in all (nodes x gpus_per_node)")
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="nodes the job spans; above 1 it runs as a Ray Train job on the deployment's Ray cluster",
+    )
+    gpus_per_node: int | None = Field(
+        None, ge=1, le=64, description="GPUs on each node (default: gpus / nodes); gpus is then nodes x this"
+    )
     zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0 = plain data parallel)")
     cpu_offload: bool = Field(
         False, description="DeepSpeed: keep optimizer states (and ZeRO-3 weights) in CPU memory"
@@ -137,10 +192,36 @@ class Resources(BaseModel):
         description="fail the job (code timeout) after this much run time, all attempts",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _spread_over_nodes(cls, values: Any) -> Any:
+        # gpus is the total; gpus_per_node, when given, sets it (and must agree with a gpus also given).
+        if not isinstance(values, dict):
+            return values
+        nodes, per_node, gpus = values.get("nodes", 1), values.get("gpus_per_node"), values.get("gpus")
+        if not (isinstance(nodes, int) and nodes >= 1):
+            return values
+        if isinstance(per_node, int) and per_node >= 1:
+            if gpus is not None and gpus != nodes * per_node:
+                raise ValueError(
+                    f"gpus {gpus} is not nodes {nodes} x gpus_per_node {per_node}; give one of them"
+                )
+            return {**values, "gpus": nodes * per_node}
+        if nodes > 1:
+            total = gpus if gpus is not None else nodes
+            if not isinstance(total, int) or total % nodes:
+                raise ValueError(
+                    f"gpus {total} cannot be spread evenly over {nodes} nodes; set gpus_per_node"
+                )
+            return {**values, "gpus": total, "gpus_per_node": total // nodes}
+        return values
+
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> Resources:
         if self.cpu_offload and self.zero_stage == 0:
             raise ValueError("cpu_offload needs zero_stage 2 or 3")
+        if self.gpus_per_node is None:
+            self.gpus_per_node = self.gpus // self.nodes
         return self
 
 
@@ -332,6 +413,15 @@ class JobSpec(BaseModel):
             self.hyperparameters = self.hyperparameters or Hyperparameters()
             if self.hyperparameters.gradient_checkpointing is None:
                 self.hyperparameters.gradient_checkpointing = method is Method.qlora
+            offload = self.resources.cpu_offload
+            if self.hyperparameters.fused_adamw and offload:
+                raise _field_error(
+                    "hyperparameters.fused_adamw",
+                    "with resources.cpu_offload DeepSpeed updates the offloaded optimizer states with its own CPU "
+                    "Adam; remove fused_adamw",
+                )
+            if self.hyperparameters.fused_adamw is None:
+                self.hyperparameters.fused_adamw = not offload
             if self.hyperparameters.learning_rate is None:
                 # A handful of mixing weights need far larger steps than millions of adapter weights.
                 self.hyperparameters.learning_rate = 2e-2 if method is Method.fusion else 2e-4

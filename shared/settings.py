@@ -82,6 +82,34 @@ class Settings(BaseSettings):
         ge=1,
         description="GPUs this worker drives (one training process each); default: all visible, or 1",
     )
+    fair_share_window_seconds: float = Field(
+        3600.0, gt=0, description="fair share ranks teams by the GPU-seconds they used in this sliding window"
+    )
+    fair_share_claim_charge_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="GPU-seconds charged per GPU the moment a job starts (so one burst of claims does not all go "
+        "to one team); the rest is charged as it runs",
+    )
+    reservation_after_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="a job that needs more GPUs than are free gets a node reserved for it after waiting this long: "
+        "the node starts nothing else until enough GPUs are free (smaller jobs backfill until then)",
+    )
+    preemption: bool = Field(
+        False,
+        description="a high-priority job that cannot fit makes the lowest-priority running jobs on one node "
+        "checkpoint and go back to the queue",
+    )
+    claim_poll_seconds: float = Field(
+        2.0, gt=0, description="how often an idle node looks for work that fits (besides the broker's nudges)"
+    )
+    ray_address: str | None = Field(
+        None,
+        description="the Ray cluster that runs jobs spanning several nodes (ray://host:10001 or host:6379); "
+        "unset: such jobs are refused at submission",
+    )
     team_max_running_jobs: int = Field(8, ge=1, description="jobs of one team running at once, by default")
     team_max_queued_jobs: int = Field(100, ge=1, description="jobs of one team waiting at once, by default")
     fairness_retry_seconds: float = Field(
@@ -90,6 +118,18 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="attempts a job gets before a crash fails it")
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="memory of one GPU in the worker pools; plans note estimates above it"
+    )
+    worker_features: list[Literal["cuda", "bf16", "flash_attention_2", "liger_kernel"]] = Field(
+        default_factory=list,
+        description="what the training workers offer to the job options that need it (asking for one they lack "
+        "gets a 422): cuda GPUs, bf16 (GPUs since Ampere, CPUs with AVX512-BF16 or AMX), flash_attention_2 "
+        "(flash-attn installed), liger_kernel (the liger extra, on GPUs)",
+    )
+    device_peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="peak dense TFLOP/s of one training device in its training dtype, for the model FLOPs "
+        "utilization jobs report; default: measured once per worker machine (a timed matmul)",
     )
     plan_wait_seconds: float = Field(
         30.0, ge=0, description="how long POST /v1/plans waits for a worker's plan before answering 202"
@@ -160,6 +200,19 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API processes behind the one port (`tuneforge api --workers`); one per core",
+    )
+    api_key_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=1.0,
+        description="an API process trusts a key it verified for this long: a revocation reaches every process "
+        "within it",
+    )
     log_level: str = "INFO"
 
     @model_validator(mode="after")

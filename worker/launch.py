@@ -1,8 +1,9 @@
 """The process that runs one attempt of a job's recipe; the worker starts it (under torchrun, one per GPU,
 for multi-GPU jobs) and watches it. `python -m worker.launch WORK_DIR`.
 
-It talks back through files in WORK_DIR: launch.json (what to run), result.json or failure.json (how it
-ended), and STOP (created by the worker: checkpoint and stop). Its exit code says how it ended.
+It talks back through files in WORK_DIR: launch.json (what to run), outcome-rank<N>.json from every rank
+(how it ended: ok, failed with a code, out of memory, stopped), result.json (rank 0, on success) or
+failure.json (rank 0, on a job failure), and STOP (created by the worker: checkpoint and stop).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ EXIT_CRASHED = 1
 EXIT_FAILED = 10  # failure.json says why; not worth retrying
 EXIT_OUT_OF_MEMORY = 11
 EXIT_STOPPED = 12  # stopped on request after a checkpoint
+# Files in the work folder through which the training process and the worker talk.
+RESULT_FILE = "result.json"
+FAILURE_FILE = "failure.json"
+STOP_FILE = "STOP"
+OUTCOME_PREFIX = "outcome-rank"
 
 log = logging.getLogger("worker.launch")
 
@@ -39,6 +45,8 @@ class LaunchSpec:
     eval_path: str | None = None
     sources: list[str] = field(default_factory=list)
     resume_from: str | None = None
+    # The datasets' sha256 as validation pinned them (dataset, validation_dataset): they key the tokenized cache.
+    dataset_sha256: dict[str, str] = field(default_factory=dict)
 
     def write(self, work_dir: Path) -> None:
         (work_dir / "launch.json").write_text(json.dumps(self.__dict__))
@@ -60,6 +68,17 @@ class QuietReporter:
         pass
 
 
+def dataset_digests(launch: LaunchSpec) -> dict[str, str]:
+    """The sha256 of each dataset: as validation pinned it, or read from the file (a launch.json without them)."""
+    from shared.storage import sha256_file
+
+    digests = dict(launch.dataset_sha256)
+    for param, path in (("dataset", launch.train_path), ("validation_dataset", launch.eval_path)):
+        if path and param not in digests:
+            digests[param] = sha256_file(Path(path))
+    return digests
+
+
 def _die_with_parent() -> None:
     # Linux: if the worker is killed (even with SIGKILL), the kernel sends this process SIGKILL too, so no
     # orphaned training keeps a GPU busy while another attempt starts.
@@ -72,8 +91,20 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def run(work_dir: Path) -> int:
-    """Runs the recipe; returns the exit code."""
+@dataclass
+class Ending:
+    """How one rank's run of a recipe ended: ok (rank 0 carries the result), failed (a job failure's code and
+    message), oom, or stopped (after a checkpoint, on request)."""
+
+    kind: str
+    code: str | None = None
+    message: str = ""
+    result: dict[str, Any] | None = None
+
+
+def train_attempt(launch: LaunchSpec, work_dir: Path, rank: int) -> Ending:
+    """Runs the job's recipe on this rank, whatever started it (a plain process, torchrun or a Ray Train
+    worker), and says how it ended; unexpected errors propagate (a crash)."""
     import torch
 
     from shared.datasets import DatasetInvalid, read_dataset
@@ -88,19 +119,13 @@ def run(work_dir: Path) -> int:
     from worker.training.recipes.base import JobStopped, TrainingContext
 
     settings = get_settings()
-    launch = LaunchSpec.read(work_dir)
     spec = JobSpec.model_validate(launch.spec)
-    rank = _rank()
     writer = AttemptWriter(settings, launch.job_id, launch.attempt)
-    # Under torchrun, rank 0 speaks for the job; the others would only repeat it.
+    # Events and metric points leave through the writer's thread: the training loop never waits for the database.
+    writer.start_background()
+    # Rank 0 speaks for the job; the others would only repeat it.
     reporter = writer if rank == 0 else QuietReporter()
-    stop_file = work_dir / "STOP"
-
-    def fail(code: JobErrorCode, message: str) -> int:
-        if rank == 0:
-            (work_dir / "failure.json").write_text(json.dumps({"code": code.value, "message": message}))
-        return EXIT_FAILED
-
+    stop_file = work_dir / STOP_FILE
     try:
         try:
             train = read_dataset(Path(launch.train_path)) if launch.train_path else None
@@ -123,41 +148,68 @@ def run(work_dir: Path) -> int:
             train_data=train,
             eval_data=evaluation,
             sources=[Path(s) for s in launch.sources],
-            checkpoints=CheckpointUploader(patient_store(settings, writer), writer, launch.team_id),
+            checkpoints=CheckpointUploader(
+                patient_store(settings, writer),
+                writer,
+                launch.team_id,
+                staging=work_dir / "checkpoint-uploads",
+            ),
             checkpoint_steps=settings.checkpoint_steps,
             resume_from=Path(launch.resume_from) if launch.resume_from else None,
+            cache_dir=settings.cache_dir,
+            dataset_sha256=dataset_digests(launch),
+            device_peak_tflops=settings.device_peak_tflops,
         )
         recipe = recipe_for(spec.method)(ctx)
         result = recipe.run()
         writer.flush()
-        if rank == 0:
-            (work_dir / "result.json").write_text(
-                json.dumps(
-                    {
-                        "output_dir": str(result.output_dir),
-                        "kind": recipe.artifact_kind,
-                        "trainable_params": result.trainable_params,
-                        "total_params": result.total_params,
-                        "trained_tokens": result.trained_tokens,
-                        "metrics": result.metrics,
-                    }
-                )
-            )
-        return EXIT_OK
+        return Ending(
+            "ok",
+            result={
+                "output_dir": str(result.output_dir),
+                "kind": recipe.artifact_kind,
+                "trainable_params": result.trainable_params,
+                "total_params": result.total_params,
+                "trained_tokens": result.trained_tokens,
+                "metrics": result.metrics,
+            },
+        )
     except JobStopped:
         writer.flush()
-        return EXIT_STOPPED
+        return Ending("stopped")
     except JobFailure as failure:
         writer.flush()
-        return fail(failure.code, failure.message)
+        return Ending("failed", failure.code.value, failure.message)
     except torch.OutOfMemoryError as exc:
         log.warning("out of memory: %s", exc)
         writer.flush()
-        return EXIT_OUT_OF_MEMORY
+        return Ending("oom", message=str(exc))
     except StorageError as exc:  # a checkpoint could not be stored; another attempt resumes from the last one
         log.warning("object storage failed: %s", exc)
         writer.flush()
-        return fail(storage_code(exc), f"a checkpoint could not be stored: {exc}")
+        return Ending("failed", storage_code(exc).value, f"a checkpoint could not be stored: {exc}")
+
+
+EXIT_CODES = {"ok": EXIT_OK, "failed": EXIT_FAILED, "oom": EXIT_OUT_OF_MEMORY, "stopped": EXIT_STOPPED}
+
+
+def report(work_dir: Path, rank: int, ending: Ending) -> int:
+    """Writes how this rank ended where the worker reads it (outcome-rank<N>.json; rank 0 also writes
+    result.json or failure.json), and returns the matching exit code. The worker decides from these files,
+    not from the launcher's exit code: torchrun answers 1 whatever a rank said."""
+    outcome = {"kind": ending.kind, "code": ending.code, "message": ending.message}
+    (work_dir / f"{OUTCOME_PREFIX}{rank}.json").write_text(json.dumps(outcome))
+    if rank == 0 and ending.result is not None:
+        (work_dir / RESULT_FILE).write_text(json.dumps(ending.result))
+    if rank == 0 and ending.kind == "failed":
+        (work_dir / FAILURE_FILE).write_text(json.dumps({"code": ending.code, "message": ending.message}))
+    return EXIT_CODES[ending.kind]
+
+
+def run(work_dir: Path) -> int:
+    """Runs the recipe on this rank; returns the exit code."""
+    rank = _rank()
+    return report(work_dir, rank, train_attempt(LaunchSpec.read(work_dir), work_dir, rank))
 
 
 def main() -> None:

@@ -1,13 +1,17 @@
-"""The lease of a claimed attempt: heartbeats from a background thread, noticing a cancellation or the loss
-of the job to another attempt (the reaper hands a job whose heartbeats stopped to another worker)."""
+"""The lease of a claimed attempt: what its heartbeats learn (cancelled, lost to another attempt, asked to
+make room for a higher-priority job). A node worker beats all its attempts' leases at once
+(worker/node.py); an attempt run on its own keeps its lease with a thread of its own (`Lease.keep`)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from shared.db import session_scope
 from shared.services import claims
+from shared.services.claims import LeaseState
 from shared.settings import Settings
 from shared.states import JobStatus
 
@@ -15,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class Lease:
-    """Heartbeats a claimed attempt every `heartbeat_interval_seconds` while the `with` block runs."""
+    """One attempt's lease, as its heartbeats find it."""
 
     def __init__(self, settings: Settings, job_id: str, attempt: int) -> None:
         self.settings = settings
@@ -23,29 +27,39 @@ class Lease:
         self.attempt = attempt
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id}", daemon=True)
+        self.preempted = threading.Event()
 
-    def __enter__(self) -> Lease:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def apply(self, state: LeaseState) -> None:
+        """Takes in what a heartbeat found."""
+        if state.status is None:
+            self.lost.set()
+        elif state.status is JobStatus.cancelling:
+            self.cancel_requested.set()
+        if state.preempt:
+            self.preempted.set()
 
     def beat(self) -> None:
-        """Renews the lease once; notes a cancellation or a lost lease."""
+        """Renews the lease once, on its own."""
         with session_scope(self.settings.database_url) as session:
-            status = claims.heartbeat(session=session, job_id=self.job_id, attempt=self.attempt)
-        if status is None:
-            self.lost.set()
-        elif status is JobStatus.cancelling:
-            self.cancel_requested.set()
+            state = claims.renew(session=session, job_id=self.job_id, attempt=self.attempt)
+        self.apply(state)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_interval_seconds):
-            try:
-                self.beat()
-            except Exception:  # the database may be restarting; the lease has slack for that
-                log.warning("heartbeat for job %s failed; retrying", self.job_id, exc_info=True)
+    @contextmanager
+    def keep(self) -> Iterator[Lease]:
+        """Heartbeats this lease every `heartbeat_interval_seconds` from a thread while the block runs."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(self.settings.heartbeat_interval_seconds):
+                try:
+                    self.beat()
+                except Exception:  # the database may be restarting; the lease has slack for that
+                    log.warning("heartbeat for job %s failed; retrying", self.job_id, exc_info=True)
+
+        thread = threading.Thread(target=loop, name=f"lease-{self.job_id}", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(timeout=10)

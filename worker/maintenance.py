@@ -1,5 +1,5 @@
-"""Keeps the database the truth: jobs whose worker vanished go back to the queue, and jobs the broker lost
-are sent again. Every worker runs this loop; each step is idempotent, so several running it at once is fine."""
+"""Keeps the database the truth: jobs whose worker vanished go back to the queue, and jobs waiting for
+validation that the broker lost are sent again. Every worker runs this loop; each step is idempotent, so several running it at once is fine."""
 
 from __future__ import annotations
 
@@ -76,14 +76,17 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
                     enqueued_at=None,
                     not_before=None,
                 )
+                if done:  # wake the nodes once this commits
+                    send_after_commit(session, settings, job.id)
             if done:
                 changed.append(job.id)
     return changed
 
 
 def resend_lost_jobs(settings: Settings) -> list[str]:
-    """Sends again the validating and queued jobs that no broker queue holds (Redis restarted or flushed, a
-    publish failed, a retry's back-off ended). Returns the ids it sent."""
+    """Sends again the jobs waiting for validation that no broker queue holds (Redis restarted or flushed, a
+    publish failed, a back-off ended). Returns the ids it sent. Queued jobs need no message: node workers
+    find them in the database when they have free GPUs (worker/node.py)."""
     waiting = queued_messages(settings)
     if waiting is None:
         return []
@@ -92,7 +95,7 @@ def resend_lost_jobs(settings: Settings) -> list[str]:
     with session_scope(settings.database_url) as session:
         jobs = session.scalars(
             select(Job).where(
-                Job.status.in_([JobStatus.validating.value, JobStatus.queued.value]),
+                Job.status == JobStatus.validating.value,
                 or_(Job.not_before.is_(None), Job.not_before <= now),
                 # Just sent (or in a worker's hands between receiving the message and claiming the job).
                 or_(Job.enqueued_at.is_(None), and_(Job.enqueued_at < grace)),

@@ -4,6 +4,7 @@ prefix, then recorded with the job's final metrics and its move to `succeeded`, 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ from shared.services import artifacts as artifact_service
 from shared.services import jobs as job_service
 from shared.states import JobStatus
 from shared.storage import ObjectStore
+from worker.launch import RESULT_FILE
 from worker.reporting import AttemptWriter
-from worker.supervisor import RESULT_FILE
 
 
 def memory_event(metrics: dict[str, Any], plan: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -39,6 +40,32 @@ def memory_event(metrics: dict[str, Any], plan: dict[str, Any] | None) -> dict[s
     }
 
 
+PHASES = ("startup", "tokenize", "load", "train", "checkpoint", "save", "upload")
+
+
+def efficiency_event(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """How efficiently a finished attempt trained, as an event's message and data: tokens/s, the model FLOPs
+    utilization against the device's peak, and where the time went; None for a job that did not train."""
+    if metrics.get("tokens_per_second") is None:
+        return None
+    parts = [f"{metrics['tokens_per_second']:,.0f} tokens/s"]
+    mfu, peak = metrics.get("mfu"), metrics.get("device_peak_flops")
+    if mfu is not None and peak:
+        parts.append(
+            f"model FLOPs utilization {mfu:.1%} of a {metrics.get('device_peak_source')} "
+            f"{peak / 1e9:,.0f} GFLOP/s peak"
+        )
+    times = metrics.get("time_seconds") or {}
+    spent = [f"{phase} {times[phase]:.2f}s" for phase in PHASES if times.get(phase) is not None]
+    if spent:
+        parts.append("time: " + ", ".join(spent))
+    keys = ("tokens_per_second", "mfu", "flops_per_token", "device_peak_flops", "device_peak_source")
+    return {
+        "message": "; ".join(parts),
+        "data": {**{key: metrics.get(key) for key in keys}, "time_seconds": times},
+    }
+
+
 def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_dir: Path) -> JobStatus | None:
     """Uploads the training process's result folder and marks the job succeeded; None when the attempt no
     longer holds the job. Raises StorageError when the upload fails."""
@@ -46,9 +73,12 @@ def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_d
     output = Path(result["output_dir"])
     kind = result["kind"]
     job_id, attempt = writer.job_id, writer.attempt
+    uploading = time.perf_counter()
     stored = store.put_tree(f"artifacts/{team_id}/{job_id}/attempt-{attempt}/{kind}", output)
     names = [p.relative_to(output).as_posix() for p in sorted(output.rglob("*")) if p.is_file()]
     metrics = result["metrics"]
+    times = metrics.setdefault("time_seconds", {})
+    times["upload"] = round(times.get("upload", 0.0) + time.perf_counter() - uploading, 3)
 
     def succeed(session: Session) -> JobStatus | None:
         job = session.get(Job, job_id)
@@ -61,6 +91,9 @@ def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_d
         memory = memory_event(metrics, job.plan)
         if memory is not None:
             job_service.add_event(session=session, job_id=job_id, type="memory", attempt=attempt, **memory)
+        spent = efficiency_event(metrics)
+        if spent is not None:
+            job_service.add_event(session=session, job_id=job_id, type="efficiency", attempt=attempt, **spent)
         job_service.transition(
             session=session,
             job_id=job_id,

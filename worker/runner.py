@@ -14,6 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -39,12 +40,13 @@ from worker.supervisor import SHUTDOWN, supervise
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SHUTDOWN", "run_job"]
+__all__ = ["SHUTDOWN", "run_attempt", "run_job"]
 
 
 def run_job(settings: Settings, job_id: str) -> JobStatus | None:
-    """Claims and runs a queued job; returns its status after this attempt, or None if it was not this
-    worker's to run (or the attempt lost it)."""
+    """Claims one given queued job and runs an attempt of it here, on its own (the node worker claims through
+    worker/node.py instead); returns the job's status after this attempt, or None if it was not this worker's
+    to run (or the attempt lost it)."""
     with session_scope(settings.database_url) as session:
         attempt = claims.claim_job(
             session=session,
@@ -58,13 +60,22 @@ def run_job(settings: Settings, job_id: str) -> JobStatus | None:
             "job %s is not claimable (running elsewhere, waiting for a retry, finished or cancelled)", job_id
         )
         return None
+    lease = Lease(settings, job_id, attempt)
+    with lease.keep():
+        return run_attempt(settings, lease)
+
+
+def run_attempt(settings: Settings, lease: Lease, devices: Sequence[str] = ()) -> JobStatus | None:
+    """Runs a claimed attempt to its end on `devices` (the GPUs it holds), whose lease someone keeps; returns
+    the job's status after it (None: the attempt lost the job)."""
+    job_id, attempt = lease.job_id, lease.attempt
     writer = AttemptWriter(settings, job_id, attempt)
     work_dir = Path(tempfile.mkdtemp(prefix=f"tuneforge-{job_id}-"))
     started = time.monotonic()
     try:
-        with job_context(job_id, attempt), Lease(settings, job_id, attempt) as lease:
+        with job_context(job_id, attempt):
             log.info("job %s attempt %d started", job_id, attempt)
-            return _run_attempt(settings, writer, lease, work_dir, started)
+            return _run_attempt(settings, writer, lease, work_dir, started, devices)
     except Exception as exc:
         log.exception("job %s attempt %d broke", job_id, attempt)
         return outcomes.retry_or_fail(
@@ -77,7 +88,12 @@ def run_job(settings: Settings, job_id: str) -> JobStatus | None:
 
 
 def _run_attempt(
-    settings: Settings, writer: AttemptWriter, lease: Lease, work_dir: Path, started: float
+    settings: Settings,
+    writer: AttemptWriter,
+    lease: Lease,
+    work_dir: Path,
+    started: float,
+    devices: Sequence[str],
 ) -> JobStatus | None:
     with session_scope(settings.database_url) as session:
         job = session.get(Job, writer.job_id)
@@ -111,6 +127,7 @@ def _run_attempt(
             lease=lease,
             writer=writer,
             seconds_left=60 * limit_minutes - job.runtime_seconds - (time.monotonic() - started),
+            devices=devices,
         )
         log.info("job %s attempt %d: training process ended: %s", writer.job_id, writer.attempt, outcome.kind)
         if outcome.kind == "lost":

@@ -6,18 +6,20 @@ is an Outcome; worker/outcomes.py decides what that means for the job.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.schemas import JobSpec
 from shared.settings import Settings
-from worker.launch import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
+from worker.launch import FAILURE_FILE, OUTCOME_PREFIX, RESULT_FILE, STOP_FILE
 from worker.lease import Lease
 from worker.reporting import AttemptWriter
 from worker.training.distributed import child_environment
@@ -25,10 +27,6 @@ from worker.training.distributed import child_environment
 # Set when the worker is asked to shut down warm (SIGTERM): running jobs checkpoint and go back to the queue.
 SHUTDOWN = threading.Event()
 POLL_SECONDS = 0.25
-# Files in the work folder through which the training process answers (worker/launch.py).
-RESULT_FILE = "result.json"
-FAILURE_FILE = "failure.json"
-STOP_FILE = "STOP"
 LOG_FILE = "training.log"
 
 
@@ -42,7 +40,10 @@ class Outcome:
 
 
 def training_command(spec: JobSpec, work_dir: Path) -> list[str]:
-    """The command line of the training process group."""
+    """The command line of the training process group: one process, torchrun's group on this node, or the
+    driver of a Ray Train job for jobs that span several nodes."""
+    if spec.resources.nodes > 1:
+        return [sys.executable, "-m", "worker.ray_launch", str(work_dir)]
     launch = [sys.executable, "-m", "worker.launch", str(work_dir)]
     processes = spec.resources.gpus
     # DeepSpeed needs the process-group environment torchrun sets, even for one process (without it, it goes
@@ -81,6 +82,36 @@ def stop_group(proc: subprocess.Popen[bytes], grace_seconds: float) -> None:
             continue
 
 
+def _ranks_ended(work_dir: Path) -> list[dict[str, str | None]]:
+    endings = []
+    for path in sorted(work_dir.glob(f"{OUTCOME_PREFIX}*.json")):
+        try:
+            endings.append(json.loads(path.read_text()))
+        except (OSError, ValueError):  # a rank killed while writing: it said nothing
+            continue
+    return endings
+
+
+def _what_the_ranks_said(work_dir: Path) -> Outcome | None:
+    """The outcome the ranks reported, whatever the launcher's exit code: a job failure wins (rank 0's if it
+    failed too), then out of memory, then a stop after a checkpoint; success needs rank 0's result."""
+    endings = _ranks_ended(work_dir)
+    failed = [e for e in endings if e["kind"] == "failed"]
+    if failed:
+        main = (
+            json.loads((work_dir / FAILURE_FILE).read_text()) if (work_dir / FAILURE_FILE).exists() else None
+        )
+        first = main or {"code": failed[0]["code"], "message": failed[0]["message"]}
+        return Outcome("failed", detail=json.dumps(first))
+    if any(e["kind"] == "oom" for e in endings):
+        return Outcome("oom")
+    if any(e["kind"] == "stopped" for e in endings):
+        return Outcome("stopped")
+    if endings and all(e["kind"] == "ok" for e in endings) and (work_dir / RESULT_FILE).exists():
+        return Outcome("ok")
+    return None
+
+
 def supervise(
     *,
     settings: Settings,
@@ -89,15 +120,22 @@ def supervise(
     lease: Lease,
     writer: AttemptWriter,
     seconds_left: float,
+    devices: Sequence[str] = (),
 ) -> Outcome:
-    """Runs the training process group until it ends, is cancelled, runs past `seconds_left` or must stop."""
-    for name in (RESULT_FILE, FAILURE_FILE, STOP_FILE):
-        (work_dir / name).unlink(missing_ok=True)
+    """Runs the training process group on `devices` (its CUDA_VISIBLE_DEVICES) until it ends, is cancelled,
+    runs past `seconds_left` or must stop (a warm shutdown of the worker, or a preemption: it checkpoints
+    first)."""
+    for path in [
+        *work_dir.glob(f"{OUTCOME_PREFIX}*.json"),
+        *(work_dir / n for n in (RESULT_FILE, FAILURE_FILE, STOP_FILE)),
+    ]:
+        path.unlink(missing_ok=True)
     env = (
         os.environ
         | child_environment(str(settings.cache_dir))
         | settings.to_env()
         | {"TUNEFORGE_JOB_ID": writer.job_id, "TUNEFORGE_ATTEMPT": str(writer.attempt)}
+        | ({"CUDA_VISIBLE_DEVICES": ",".join(devices)} if devices else {})
     )
     log_path = work_dir / LOG_FILE
     deadline = time.monotonic() + seconds_left
@@ -121,22 +159,24 @@ def supervise(
         if time.monotonic() > deadline:
             stop_group(proc, settings.kill_grace_seconds)
             return Outcome("timeout")
-        if SHUTDOWN.is_set() and stop_asked_at is None:
+        if (SHUTDOWN.is_set() or lease.preempted.is_set()) and stop_asked_at is None:
             (work_dir / STOP_FILE).touch()
             stop_asked_at = time.monotonic()
-            writer.event("shutdown", "the worker is shutting down; checkpointing to resume elsewhere")
+            if SHUTDOWN.is_set():
+                writer.event("shutdown", "the worker is shutting down; checkpointing to resume elsewhere")
+            else:
+                writer.event(
+                    "preempted",
+                    "making room for a higher-priority job: checkpointing, then back to the queue",
+                )
         if stop_asked_at is not None and time.monotonic() - stop_asked_at > settings.shutdown_grace_seconds:
             stop_group(proc, settings.kill_grace_seconds)
             return Outcome("stopped", detail="no checkpoint in time; resuming from the last one")
     code = proc.returncode
-    if code == EXIT_OK:
-        return Outcome("ok", code)
-    if code == EXIT_STOPPED:
-        return Outcome("stopped", code)
-    if code == EXIT_OUT_OF_MEMORY:
-        return Outcome("oom", code)
-    if code == EXIT_FAILED:
-        return Outcome("failed", code, (work_dir / FAILURE_FILE).read_text())
+    said = _what_the_ranks_said(work_dir)
+    if said is not None:
+        said.code = code
+        return said
     if stop_asked_at is not None:
         return Outcome("stopped", code, "the training process ended while checkpointing")
     return Outcome("crashed", code, _tail(log_path))

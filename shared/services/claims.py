@@ -1,46 +1,384 @@
-"""Claiming a job for an attempt, and keeping the claim: the compare-and-swap on the attempt number that lets
-exactly one worker run a job, and the lease a running attempt renews."""
+"""Claiming: which job runs next, decided in the database when a node has free GPUs, and the claim itself,
+a compare-and-swap on the job's attempt number that lets exactly one worker run an attempt.
+
+The order among the queued jobs that fit the node's free GPUs: priority first (high, normal, low), then fair
+share (the team with the fewest GPU-seconds in the sliding window, shared/services/usage.py), then age. A
+team at its running limit waits. The broker cannot see free GPUs or fairness; its messages only wake nodes.
+
+Big jobs are not starved by a stream of small ones: once the best job that this node could ever hold has
+waited `reservation_after_seconds` for more GPUs than are free, the node reserves itself for that job and
+starts nothing else until enough of its GPUs are free (until then, smaller jobs backfill). With
+`preemption` on, a reserved high-priority job also makes the lowest-priority running jobs on that node
+checkpoint and go back to the queue.
+
+Every node heartbeats its running attempts in one transaction (`beat`): the lease of each, the GPU-seconds
+its team used since, and the node's free and busy GPUs (shown in /metrics).
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import and_, delete, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from shared.models import Job, utcnow
+from shared.models import Attempt, Job, Node, Team, utcnow
+from shared.schemas import JobSpec
 from shared.services.jobs import add_event, team_limits
+from shared.services.usage import accrue, charge, close_attempt, team_usage
 from shared.settings import Settings
-from shared.states import JobStatus
+from shared.states import ACTIVE, JobStatus
+
+# How many of each team's best queued jobs a claim looks at (more when some are locked by other claims).
+CANDIDATES_PER_TEAM = 3
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """A node as a claim sees it."""
+
+    worker_id: str
+    total_gpus: int
+    free_gpus: tuple[int, ...]
+    host: str = field(default_factory=socket.gethostname)
+    # Whether this worker can drive one more Ray job now (jobs spanning several nodes run on Ray).
+    ray_driver_free: bool = False
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An attempt that has just started: the job, its attempt number and the GPUs it holds on the node."""
+
+    job_id: str
+    team_id: str
+    attempt: int
+    gpus: int
+    nodes: int
+    gpu_indices: tuple[int, ...]
+    launcher: str
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """What a heartbeat found: the job's status (None: another attempt owns it), and whether a higher-priority
+    job asked this one to make room."""
+
+    status: JobStatus | None
+    preempt: bool = False
+
+
+def launcher_for(spec: JobSpec) -> str:
+    """How an attempt's training starts: one process, torchrun's process group, or a Ray Train job."""
+    resources = spec.resources
+    if resources.nodes > 1:
+        return "ray"
+    return "torchrun" if resources.gpus > 1 or resources.zero_stage else "process"
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    id: str
+    team_id: str
+    priority_rank: int
+    created_at: datetime
+    gpus: int
+    nodes: int
+    reserved_for: str | None
+
+
+def _live_nodes(settings: Settings, now: datetime):
+    stale = now - timedelta(seconds=settings.lease_timeout_seconds)
+    return select(Node.id).where(Node.heartbeat_at >= stale)
+
+
+def _candidates(
+    session: Session, settings: Settings, node: NodeCapacity, now: datetime, *, gpus_up_to: int
+) -> list[_Candidate]:
+    """Each team's best few queued jobs that a node with `gpus_up_to` GPUs (and a Ray driver, if free) could
+    start, not reserved for another live node."""
+    fits = and_(Job.nodes == 1, Job.gpus <= gpus_up_to)
+    if node.ray_driver_free:
+        fits = or_(fits, Job.nodes > 1)
+    conditions = (
+        Job.status == JobStatus.queued.value,
+        or_(Job.not_before.is_(None), Job.not_before <= now),
+        fits,
+        or_(
+            Job.reserved_for.is_(None),
+            Job.reserved_for == node.worker_id,
+            Job.reserved_for.not_in(_live_nodes(settings, now)),
+        ),
+    )
+    columns = (Job.id, Job.team_id, Job.priority_rank, Job.created_at, Job.gpus, Job.nodes, Job.reserved_for)
+    order = (Job.priority_rank, Job.created_at, Job.id)
+    if session.get_bind().dialect.name == "postgresql":
+        # Each team's best jobs from the (team, priority, age) index of queued jobs: a few index probes per
+        # team, however many jobs wait.
+        teams = select(Team.id.label("team")).subquery()
+        best = (
+            select(*columns)
+            .where(Job.team_id == teams.c.team, *conditions)
+            .order_by(*order)
+            .limit(CANDIDATES_PER_TEAM)
+            .lateral()
+        )
+        query = select(best).select_from(teams).join(best, true())
+    else:
+        ranked = (
+            select(*columns, func.row_number().over(partition_by=Job.team_id, order_by=order).label("n"))
+            .where(*conditions)
+            .subquery()
+        )
+        query = select(*[ranked.c[c.key] for c in columns]).where(ranked.c.n <= CANDIDATES_PER_TEAM)
+    return [_Candidate(*row) for row in session.execute(query)]
+
+
+def _held_by_team(session: Session, team_id: str | None = None) -> dict[str, int]:
+    """Running attempts per team (those still holding GPUs, of jobs still running or being cancelled)."""
+    query = (
+        select(Attempt.team_id, func.count())
+        .join(Job, Job.id == Attempt.job_id)
+        .where(Attempt.ended_at.is_(None), Job.status.in_([s.value for s in ACTIVE]))
+        .group_by(Attempt.team_id)
+    )
+    if team_id is not None:
+        query = query.where(Attempt.team_id == team_id)
+    return dict(session.execute(query).all())
+
+
+def _ranked(candidates: Sequence[_Candidate], usage: dict[str, float]) -> list[_Candidate]:
+    return sorted(candidates, key=lambda c: (c.priority_rank, usage.get(c.team_id, 0.0), c.created_at, c.id))
+
+
+def claim_next(
+    *, session: Session, settings: Settings, node: NodeCapacity, now: datetime | None = None
+) -> Claim | None:
+    """Starts an attempt of the best queued job that fits the node's free GPUs (see the module docstring), or
+    returns None when none should start here now. The caller commits."""
+    now = now or utcnow()
+    free = len(node.free_gpus)
+    usage = team_usage(session, window_seconds=settings.fair_share_window_seconds, now=now)
+    everything = _ranked(_candidates(session, settings, node, now, gpus_up_to=node.total_gpus), usage)
+    reserved = [c for c in everything if c.reserved_for == node.worker_id]
+    head = reserved[0] if reserved else (everything[0] if everything else None)
+    if head is not None and head.nodes == 1 and head.gpus > free:
+        waited = (now - head.created_at).total_seconds()
+        if reserved or (
+            waited >= settings.reservation_after_seconds and _reserve(session, settings, node, head, now)
+        ):
+            if settings.preemption and head.priority_rank == 0:
+                _preempt_for(session, node, head, free, now)
+            return None  # drain: the reserved job takes the GPUs as they free up
+    fitting = [c for c in everything if c.nodes > 1 or c.gpus <= free]
+    if len(fitting) < len(everything):  # more fitting jobs may wait behind the ones that do not fit
+        known = {c.id for c in fitting}
+        more = _candidates(session, settings, node, now, gpus_up_to=free)
+        fitting = _ranked([*fitting, *(c for c in more if c.id not in known)], usage)
+    # A job this node reserved goes first once it fits.
+    fitting.sort(key=lambda c: c.reserved_for != node.worker_id)
+    return _take_first(session, settings, node, fitting, now)
+
+
+def _reserve(
+    session: Session, settings: Settings, node: NodeCapacity, job: _Candidate, now: datetime
+) -> bool:
+    taken = session.execute(
+        update(Job)
+        .where(
+            Job.id == job.id,
+            Job.status == JobStatus.queued.value,
+            or_(Job.reserved_for.is_(None), Job.reserved_for.not_in(_live_nodes(settings, now))),
+        )
+        .values(reserved_for=node.worker_id, reserved_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if taken:
+        add_event(
+            session=session,
+            job_id=job.id,
+            type="queue",
+            message=f"{node.worker_id} holds its GPUs back for this job: it needs {job.gpus}, "
+            f"{len(node.free_gpus)} of {node.total_gpus} are free there now",
+            data={"reserved_for": node.worker_id, "gpus": job.gpus, "free": len(node.free_gpus)},
+        )
+    return bool(taken)
+
+
+def _preempt_for(session: Session, node: NodeCapacity, head: _Candidate, free: int, now: datetime) -> None:
+    """Asks the lowest-priority running jobs on this node to checkpoint and make room for `head`."""
+    running = session.execute(
+        select(Job.id, Job.priority_rank, Attempt.gpus, Job.preempt_requested_at)
+        .join(Attempt, and_(Attempt.job_id == Job.id, Attempt.ended_at.is_(None)))
+        .where(Attempt.worker_id == node.worker_id, Job.status == JobStatus.running.value)
+        .order_by(Job.priority_rank.desc(), Attempt.started_at.desc())
+    ).all()
+    freeing = free + sum(gpus for _, _, gpus, asked in running if asked is not None)
+    victims = []
+    for job_id, rank, gpus, asked in running:
+        if freeing >= head.gpus or rank <= head.priority_rank:
+            break
+        if asked is None:
+            victims.append(job_id)
+            freeing += gpus
+    if freeing < head.gpus:
+        return  # even preempting every lower-priority job here would not make room
+    for job_id in victims:
+        session.execute(update(Job).where(Job.id == job_id).values(preempt_requested_at=now))
+        add_event(
+            session=session,
+            job_id=job_id,
+            type="preempted",
+            level="warning",
+            message=f"preempted for high-priority job {head.id}: checkpointing, then back to the queue",
+            data={"for": head.id},
+        )
+    if victims:
+        add_event(
+            session=session,
+            job_id=head.id,
+            type="preempted",
+            message=f"preempting {len(victims)} lower-priority job(s) on {node.worker_id} to make room: "
+            + ", ".join(victims),
+            data={"victims": victims},
+        )
+
+
+def _take_first(
+    session: Session, settings: Settings, node: NodeCapacity, ranked: Sequence[_Candidate], now: datetime
+) -> Claim | None:
+    postgres = session.get_bind().dialect.name == "postgresql"
+    limits: dict[str, int] = {}
+    for candidate in ranked:
+        team = candidate.team_id
+        # One claim per team at a time (another claimer busy with this team: try the next candidate), so the
+        # running limit is counted exactly.
+        if postgres and not session.scalar(select(func.pg_try_advisory_xact_lock(func.hashtext(team)))):
+            continue
+        if team not in limits:
+            limits[team] = team_limits(session, settings, team)[0]
+        if _held_by_team(session, team).get(team, 0) >= limits[team]:
+            continue
+        locked = select(Job).where(
+            Job.id == candidate.id,
+            Job.status == JobStatus.queued.value,
+            or_(Job.not_before.is_(None), Job.not_before <= now),
+        )
+        job = session.scalar(locked.with_for_update(skip_locked=True) if postgres else locked)
+        if job is None:
+            continue
+        indices = () if job.nodes > 1 else tuple(node.free_gpus[: job.gpus])
+        attempt = _start(session, settings, job, node.worker_id, node.host, indices, now)
+        if attempt is not None:
+            return attempt
+    return None
+
+
+def _start(
+    session: Session,
+    settings: Settings,
+    job: Job,
+    worker_id: str,
+    host: str,
+    gpu_indices: tuple[int, ...],
+    now: datetime,
+) -> Claim | None:
+    """The compare-and-swap that starts attempt N+1 of a queued (or abandoned) job, and its attempts row."""
+    previous = job.attempt
+    taken_over = job.status == JobStatus.running
+    started = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.attempt == previous, Job.status == job.status)
+        .values(
+            status=JobStatus.running.value,
+            attempt=previous + 1,
+            worker_id=worker_id,
+            heartbeat_at=now,
+            started_at=job.started_at or now,
+            updated_at=now,
+            reserved_for=None,
+            reserved_at=None,
+            preempt_requested_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if started != 1:
+        return None
+    number = previous + 1
+    if taken_over:
+        close_attempt(session, job.id, "lost", now)
+    spec = JobSpec.model_validate(job.spec)
+    gpus = job.gpus if job.nodes == 1 else 0
+    charged = gpus * settings.fair_share_claim_charge_seconds
+    launcher = launcher_for(spec)
+    session.add(
+        Attempt(
+            job_id=job.id,
+            team_id=job.team_id,
+            number=number,
+            worker_id=worker_id,
+            host=host,
+            gpu_indices=list(gpu_indices),
+            gpus=gpus,
+            launcher=launcher,
+            started_at=now,
+            charged_gpu_seconds=charged,
+        )
+    )
+    charge(session, job.team_id, charged, now)
+    where = f"{host}, GPUs {', '.join(map(str, gpu_indices))}" if gpu_indices else host
+    if launcher == "ray":
+        where = f"{host}, driving a Ray Train job on {spec.resources.nodes} nodes x {spec.resources.gpus_per_node} GPUs"
+    add_event(
+        session=session,
+        job_id=job.id,
+        type="status",
+        message=f"attempt {number} started on {worker_id} ({where})"
+        + (" (the previous worker stopped heartbeating)" if taken_over else ""),
+        attempt=number,
+        data={
+            "status": JobStatus.running.value,
+            "worker_id": worker_id,
+            "host": host,
+            "gpu_indices": list(gpu_indices),
+            "launcher": launcher,
+        },
+    )
+    session.flush()
+    return Claim(job.id, job.team_id, number, job.gpus, job.nodes, gpu_indices, launcher)
 
 
 def claim_job(
-    *, session: Session, job_id: str, worker_id: str, lease_timeout: float, settings: Settings | None = None
+    *,
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    lease_timeout: float,
+    settings: Settings | None = None,
+    host: str | None = None,
+    gpu_indices: Sequence[int] = (),
 ) -> int | None:
-    """Claims a queued job for this worker, or takes over one whose worker stopped heartbeating.
-    Returns the new attempt number, or None if the job is not this worker's to run. With `settings`, a
-    team at its running limit waits (the job is tried again later), so one team cannot take every worker."""
+    """Claims one given job for this worker: a queued one, or a running one whose worker stopped
+    heartbeating. Returns the new attempt number, or None if the job is not this worker's to run. With
+    `settings`, a team at its running limit waits (the job is tried again later)."""
     now = utcnow()
     stale = now - timedelta(seconds=lease_timeout)
-    current = session.execute(
-        select(Job.attempt, Job.status, Job.started_at, Job.team_id).where(Job.id == job_id)
-    ).one_or_none()
-    if current is None:
+    job = session.get(Job, job_id)
+    if job is None:
         return None
-    previous_attempt, previous_status, started_at, team_id = current
-    if settings is not None and previous_status == JobStatus.queued:
-        if session.bind is not None and session.bind.dialect.name == "postgresql":
+    claimable = (job.status == JobStatus.queued and (job.not_before is None or job.not_before <= now)) or (
+        job.status == JobStatus.running and job.heartbeat_at is not None and job.heartbeat_at < stale
+    )
+    if not claimable:
+        return None
+    if settings is not None and job.status == JobStatus.queued:
+        if session.get_bind().dialect.name == "postgresql":
             # Claims of one team's jobs take turns, so two workers cannot both take its last free slot.
-            session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:team))"), {"team": team_id})
-        limit, _ = team_limits(session, settings, team_id)
-        running = session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(
-                Job.team_id == team_id, Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value])
-            )
-        )
-        if running >= limit:
+            session.execute(select(func.pg_advisory_xact_lock(func.hashtext(job.team_id))))
+        limit, _ = team_limits(session, settings, job.team_id)
+        if _held_by_team(session, job.team_id).get(job.team_id, 0) >= limit:
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.queued.value)
@@ -48,53 +386,119 @@ def claim_job(
                 .execution_options(synchronize_session=False)
             )
             return None
-    claimable = or_(
-        and_(Job.status == JobStatus.queued, or_(Job.not_before.is_(None), Job.not_before <= now)),
-        and_(Job.status == JobStatus.running, Job.heartbeat_at < stale),
+    claim = _start(
+        session,
+        settings or Settings(),
+        job,
+        worker_id,
+        host or socket.gethostname(),
+        tuple(gpu_indices) or tuple(range(job.gpus if job.nodes == 1 else 0)),
+        now,
     )
-    # The attempt number in the WHERE clause makes this a compare-and-swap: of two workers racing for the
-    # same job, only one update matches.
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == previous_attempt, claimable)
-        .values(
-            status=JobStatus.running.value,
-            attempt=previous_attempt + 1,
-            worker_id=worker_id,
-            heartbeat_at=now,
-            started_at=started_at or now,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
-        return None
-    attempt = previous_attempt + 1
-    taken_over = previous_status == JobStatus.running
-    add_event(
-        session=session,
-        job_id=job_id,
-        type="status",
-        message=f"attempt {attempt} started on {worker_id}"
-        + (" (the previous worker stopped heartbeating)" if taken_over else ""),
-        attempt=attempt,
-        data={"status": JobStatus.running.value, "worker_id": worker_id},
-    )
-    return attempt
+    return claim.attempt if claim is not None else None
 
 
 def heartbeat(*, session: Session, job_id: str, attempt: int) -> JobStatus | None:
-    """Renews this attempt's lease; returns the job's status, or None if the attempt lost the job."""
-    now = utcnow()
-    result = session.execute(
+    """Renews one attempt's lease; returns the job's status, or None if the attempt lost the job."""
+    return renew(session=session, job_id=job_id, attempt=attempt).status
+
+
+def renew(*, session: Session, job_id: str, attempt: int, now: datetime | None = None) -> LeaseState:
+    """Renews one attempt's lease; returns what the heartbeat found (status, preemption asked)."""
+    row = session.execute(
         update(Job)
-        .where(
-            Job.id == job_id,
-            Job.attempt == attempt,
-            Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
+        .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_([s.value for s in ACTIVE]))
+        .values(heartbeat_at=now or utcnow())
+        .returning(Job.status, Job.preempt_requested_at)
+    ).one_or_none()
+    if row is None:
+        return LeaseState(None)
+    return LeaseState(JobStatus(row[0]), preempt=row[1] is not None)
+
+
+def beat(
+    *,
+    session: Session,
+    node: NodeCapacity,
+    leases: Sequence[tuple[str, int]],
+    ray_driver: bool = False,
+    now: datetime | None = None,
+) -> dict[str, LeaseState]:
+    """A node's heartbeat: renews the lease of each (job, attempt) it runs, charges their teams for the GPU
+    time used since the last beat, and records the node's free and busy GPUs. Returns each lease's state."""
+    now = now or utcnow()
+    states = {
+        job_id: renew(session=session, job_id=job_id, attempt=attempt, now=now) for job_id, attempt in leases
+    }
+    held = session.scalars(
+        select(Attempt).where(Attempt.worker_id == node.worker_id, Attempt.ended_at.is_(None))
+    ).all()
+    for attempt in held:
+        accrue(session, attempt, now)
+    busy = sorted(set(range(node.total_gpus)) - set(node.free_gpus))
+    record = session.get(Node, node.worker_id)
+    if record is None:
+        session.add(
+            Node(
+                id=node.worker_id,
+                host=node.host,
+                total_gpus=node.total_gpus,
+                busy_gpus=busy,
+                ray_driver=ray_driver,
+                started_at=now,
+                heartbeat_at=now,
+            )
         )
-        .values(heartbeat_at=now)
+    else:
+        record.host, record.total_gpus, record.busy_gpus = node.host, node.total_gpus, busy
+        record.ray_driver, record.heartbeat_at = ray_driver, now
+    session.flush()
+    return states
+
+
+def retire_node(*, session: Session, worker_id: str) -> None:
+    """Forgets a node that is shutting down (its reservations go to other nodes at once)."""
+    session.execute(delete(Node).where(Node.id == worker_id))
+    session.execute(
+        update(Job)
+        .where(Job.reserved_for == worker_id, Job.status == JobStatus.queued.value)
+        .values(reserved_for=None, reserved_at=None)
     )
-    if result.rowcount != 1:
-        return None
-    return JobStatus(session.scalar(select(Job.status).where(Job.id == job_id)))
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a queued job stands: how many queued jobs come before it (by priority, then age) and what it
+    waits for."""
+
+    position: int
+    gpus: int
+    nodes: int
+    free_gpus_largest_node: int | None
+    reserved_for: str | None
+
+
+def queue_place(*, session: Session, settings: Settings, job: Job) -> QueuePlace:
+    """The queue position of a queued job and the GPUs it waits for."""
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.status == JobStatus.queued.value,
+            or_(
+                Job.priority_rank < job.priority_rank,
+                and_(Job.priority_rank == job.priority_rank, Job.created_at < job.created_at),
+            ),
+        )
+    )
+    stale = utcnow() - timedelta(seconds=settings.lease_timeout_seconds)
+    nodes = session.execute(select(Node.total_gpus, Node.busy_gpus).where(Node.heartbeat_at >= stale)).all()
+    largest = max((total - len(busy) for total, busy in nodes), default=None)
+    return QueuePlace(int(ahead or 0) + 1, job.gpus, job.nodes, largest, job.reserved_for)
+
+
+def held_gpus(*, session: Session, worker_id: str) -> list[Attempt]:
+    """The attempts a worker holds GPUs for."""
+    return list(
+        session.scalars(select(Attempt).where(Attempt.worker_id == worker_id, Attempt.ended_at.is_(None)))
+    )

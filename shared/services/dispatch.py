@@ -64,8 +64,8 @@ def _route(settings: Settings, job: Job) -> tuple[str, str] | None:
     if job.status == JobStatus.validating:
         return VALIDATE_TASK, validate_queue(settings)
     if job.status == JobStatus.queued:
-        gpus = int(job.spec.get("resources", {}).get("gpus", 1))
-        return TRAIN_TASK, train_queue(settings, gpus)
+        # A nudge to the nodes that could hold the job (any node can drive a Ray job); the claim decides.
+        return TRAIN_TASK, train_queue(settings, job.gpus if job.nodes == 1 else 1)
     return None
 
 

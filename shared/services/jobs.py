@@ -14,13 +14,14 @@ from sqlalchemy.orm import Session
 
 from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
-from shared.models import Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
-from shared.planning import ModelConfigError, ModelShape, fit_to_model, static_refusals
-from shared.schemas import AVAILABLE_METHODS, JobSpec, Method, job_sources
+from shared.models import PRIORITY_RANK, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
+from shared.planning import ModelConfigError, ModelShape, feature_refusals, fit_to_model, static_refusals
+from shared.schemas import AVAILABLE_METHODS, LORA_METHODS, JobSpec, Method, job_sources
 from shared.services.models import model_config
+from shared.services.usage import close_attempt
 from shared.services.webhooks import record_job_finished
 from shared.settings import Settings
-from shared.states import TERMINAL, JobStatus, sources_of
+from shared.states import ACTIVE, TERMINAL, JobStatus, sources_of
 from shared.storage import ObjectStore
 from shared.tenancy import TeamID
 from shared.uris import resolve_dataset_uri
@@ -118,6 +119,35 @@ class CheckedSpec:
     validation_dataset: str | None
 
 
+def _check_resources(*, settings: Settings, spec: JobSpec) -> None:
+    """A job must fit one node, or span several on the deployment's Ray cluster."""
+    resources = spec.resources
+    if resources.nodes == 1:
+        if resources.gpus > settings.max_gpus_per_job:
+            raise InvalidRequest(
+                f"no node here has {resources.gpus} GPUs (at most {settings.max_gpus_per_job} per node); use fewer, "
+                "or spread the job over nodes (resources.nodes and gpus_per_node) where a Ray cluster is configured",
+                param="resources.gpus",
+            )
+        return
+    if settings.ray_address is None:
+        raise InvalidRequest(
+            f"resources.nodes {resources.nodes}: this deployment has no Ray cluster (TUNEFORGE_RAY_ADDRESS is not "
+            f"set), so a job cannot span several nodes; use nodes 1 with at most {settings.max_gpus_per_job} GPUs",
+            param="resources.nodes",
+        )
+    if spec.method not in LORA_METHODS:
+        raise InvalidRequest(
+            f"{spec.method.value} jobs run on one node; only adapter training spans several",
+            param="resources.nodes",
+        )
+    if (resources.gpus_per_node or 1) > settings.max_gpus_per_job:
+        raise InvalidRequest(
+            f"no node here has {resources.gpus_per_node} GPUs (at most {settings.max_gpus_per_job} per node)",
+            param="resources.gpus_per_node",
+        )
+
+
 def check_spec(
     *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
 ) -> CheckedSpec:
@@ -138,11 +168,7 @@ def check_spec(
         raise InvalidRequest(
             f"unknown base model {spec.base_model!r}; available: {known}", param="base_model"
         )
-    if spec.resources.gpus > settings.max_gpus_per_job:
-        raise InvalidRequest(
-            f"no worker pool here has {spec.resources.gpus} GPUs (at most {settings.max_gpus_per_job} per job)",
-            param="resources.gpus",
-        )
+    _check_resources(settings=settings, spec=spec)
     hp = spec.hyperparameters
     if hp is not None and hp.max_seq_length is not None and hp.max_seq_length > settings.max_seq_length:
         raise InvalidRequest(
@@ -151,6 +177,9 @@ def check_spec(
         )
     if hp is not None and hp.eval_steps is not None and spec.validation_dataset is None:
         raise InvalidRequest("eval_steps needs a validation_dataset", param="hyperparameters.eval_steps")
+    lacking = feature_refusals(spec, settings.worker_features)
+    if lacking:
+        raise InvalidRequest(lacking[0].message, param=lacking[0].param, code="refused_combination")
     spec = _fit_to_model(settings=settings, store=store, spec=spec)
     datasets = {
         param: _check_dataset(session=session, settings=settings, team_id=team_id, value=value, param=param)
@@ -204,6 +233,9 @@ def create_job(
         validation_uri=checked.validation_dataset,
         spec=spec.model_dump(mode="json"),
         priority=spec.priority,
+        priority_rank=PRIORITY_RANK[spec.priority],
+        gpus=spec.resources.gpus,
+        nodes=spec.resources.nodes,
         user_metadata=dict(spec.metadata),
         attempt=0,
         result={},
@@ -303,6 +335,7 @@ def transition(
     message: str | None = None,
     event_data: dict[str, Any] | None = None,
     conditions: Sequence[ColumnElement[bool]] = (),
+    now: datetime | None = None,
     **values: Any,
 ) -> bool:
     """Moves a job to `to` if the state machine allows it from its current status — and, when given, only
@@ -311,11 +344,16 @@ def transition(
     query = update(Job).where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *conditions)
     if attempt is not None:
         query = query.where(Job.attempt == attempt)
-    now = utcnow()
+    now = now or utcnow()
     values.setdefault("updated_at", now)
     if to in TERMINAL:
         values.setdefault("finished_at", now)
+    if to is JobStatus.queued:  # back in the queue: a preemption that asked for this is done
+        values.setdefault("preempt_requested_at", None)
     changed = session.execute(query.values(status=to.value, **values)).rowcount == 1
+    if changed and to not in ACTIVE:
+        # Leaving running or cancelling frees the attempt's GPUs (a no-op from validating or queued).
+        close_attempt(session, job_id, to.value, now)
     if changed:
         add_event(
             session=session,

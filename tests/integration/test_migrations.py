@@ -24,6 +24,9 @@ TABLES = {
     "idempotency_keys",
     "webhooks",
     "webhook_deliveries",
+    "nodes",
+    "attempts",
+    "gpu_usage",
 }
 
 

@@ -268,8 +268,6 @@ def test_crashes_retry_with_back_off_then_fail(tuned, store):
             # Not before its back-off: a claim is refused; the sweeper sends it once the wait is over.
             assert runner.run_job(settings, job_id) is None
             wait_until(lambda: job(settings, job_id).not_before <= utcnow(), timeout=10)
-            drop_queued_messages(settings)  # no worker consumes here; start from an empty broker
-            assert job_id in maintenance.resend_lost_jobs(settings)
     assert kills == [True, True]
     failed = job(settings, job_id)
     assert failed.status == "failed" and failed.error_code == "internal_error"
@@ -277,7 +275,7 @@ def test_crashes_retry_with_back_off_then_fail(tuned, store):
     assert "exit code -9" in failed.error_message
 
 
-def test_reaper_requeues_a_silent_job_and_sweeper_resends_it(tuned, store, redis_url):
+def test_reaper_requeues_a_silent_job_and_wakes_the_nodes(tuned, store, redis_url):
     settings = tuned(lease_timeout_seconds=5)
     job_id = submit(settings, store)
     drop_queued_messages(settings)
@@ -291,8 +289,7 @@ def test_reaper_requeues_a_silent_job_and_sweeper_resends_it(tuned, store, redis
     requeued = job(settings, job_id)
     assert requeued.status == "queued" and requeued.attempt == 1
     assert "stopped heartbeating" in events(settings, job_id)[-1].message
-    # The broker has no message for it any more: the sweeper sends one, once.
-    assert job_id in maintenance.resend_lost_jobs(settings)
+    # Back in the database's queue, where nodes find it; a nudge wakes them, and the sweeper has nothing to add.
     assert job_id in (queued_messages(settings) or "")
     assert job_id not in maintenance.resend_lost_jobs(settings)
     assert train_queue(settings, 1).endswith(".train.g1")

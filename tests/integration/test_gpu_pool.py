@@ -1,0 +1,434 @@
+"""The GPU pool: which job a node claims (priority, then fair share, then age, among the jobs that fit its free
+GPUs), reservations for big jobs, preemption, fairness over time, and a real node worker running several
+attempts at once on disjoint GPUs. Claims run against a PostgreSQL database of this module's own, so no
+other test's jobs take part."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import threading
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+import psycopg
+import pytest
+from sqlalchemy import select
+
+from shared.db import engine_for, session_scope
+from shared.migrate import upgrade
+from shared.models import PRIORITY_RANK, Attempt, Job, JobEvent, Node, Team, utcnow
+from shared.schemas import JobSpec
+from shared.services import claims, usage
+from shared.services import jobs as job_service
+from shared.services.claims import NodeCapacity
+from shared.states import JobStatus
+from tests.conftest import PG_ADMIN_URL, RUN_ID, TINY_MODEL
+
+STEP = 10  # seconds of virtual time between two looks of the simulated node
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=utcnow().tzinfo)
+
+
+@pytest.fixture(scope="module")
+def pool(settings):
+    """Settings on an empty database of this module's own (migrated by Alembic)."""
+    name = f"tuneforge_pool_{RUN_ID}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    yield settings.model_copy(
+        update={
+            "database_url": url,
+            "reservation_after_seconds": 60.0,
+            "fair_share_claim_charge_seconds": 30.0,
+        }
+    )
+    engine_for(url).dispose()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db(pool):
+    """An empty queue for each test."""
+    with session_scope(pool.database_url) as session:
+        for table in ("gpu_usage", "attempts", "job_events", "nodes", "jobs"):
+            session.execute(Job.metadata.tables[table].delete())
+    return pool
+
+
+def team(settings, name: str, max_running: int | None = None) -> str:
+    with session_scope(settings.database_url) as session:
+        found = session.scalar(select(Team).where(Team.name == name))
+        if found is None:
+            found = Team(id=f"team-{secrets.token_hex(6)}", name=name, max_running_jobs=max_running)
+            session.add(found)
+        found.max_running_jobs = max_running
+        return found.id
+
+
+def queue(
+    settings, team_id: str, *, gpus: int = 1, priority: str = "normal", at: datetime = T0, nodes: int = 1
+) -> str:
+    """A queued job as validation leaves it."""
+    resources = {"gpus": gpus} if nodes == 1 else {"nodes": nodes, "gpus_per_node": gpus // nodes}
+    spec = JobSpec(base_model=TINY_MODEL, dataset="file-x", priority=priority, resources=resources)
+    job = Job(
+        id=f"ftjob-{secrets.token_hex(12)}",
+        team_id=team_id,
+        status=JobStatus.queued.value,
+        method=spec.method.value,
+        base_model=TINY_MODEL,
+        dataset_uri="file-x",
+        spec=spec.model_dump(mode="json"),
+        priority=priority,
+        priority_rank=PRIORITY_RANK[priority],
+        gpus=gpus,
+        nodes=nodes,
+        attempt=0,
+        result={},
+        created_at=at,
+        updated_at=at,
+    )
+    with session_scope(settings.database_url) as session:
+        session.add(job)
+    return job.id
+
+
+def node(name: str = "node-a", total: int = 4, busy: tuple[int, ...] = (), ray: bool = False) -> NodeCapacity:
+    free = tuple(i for i in range(total) if i not in busy)
+    return NodeCapacity(
+        worker_id=name, total_gpus=total, free_gpus=free, host=f"{name}.test", ray_driver_free=ray
+    )
+
+
+def claim(settings, capacity: NodeCapacity, now: datetime = T0):
+    with session_scope(settings.database_url) as session:
+        return claims.claim_next(session=session, settings=settings, node=capacity, now=now)
+
+
+def finish(settings, job_id: str, now: datetime) -> None:
+    with session_scope(settings.database_url) as session:
+        assert job_service.transition(
+            session=session,
+            job_id=job_id,
+            to=JobStatus.succeeded,
+            from_=frozenset({JobStatus.running}),
+            now=now,
+        )
+
+
+def test_priority_first_then_age_among_jobs_that_fit(db):
+    a = team(db, "alpha")
+    low = queue(db, a, priority="low", at=T0)
+    old = queue(db, a, at=T0 + timedelta(seconds=1))
+    new = queue(db, a, at=T0 + timedelta(seconds=2))
+    high = queue(db, a, priority="high", at=T0 + timedelta(seconds=3))
+    big = queue(db, a, gpus=4, priority="high", at=T0 + timedelta(seconds=4))
+    # Three of four GPUs free: the 4-GPU job cannot start, it has not waited long enough for a reservation.
+    order = [claim(db, node(busy=(3,)), T0 + timedelta(seconds=10)).job_id for _ in range(3)]
+    assert order == [high, old, new]
+    assert claim(db, node(busy=(0, 1, 2, 3)), T0 + timedelta(seconds=10)) is None
+    assert {low, big} == {j for j in _queued(db)}
+
+
+def _queued(settings) -> list[str]:
+    with session_scope(settings.database_url) as session:
+        return list(session.scalars(select(Job.id).where(Job.status == JobStatus.queued.value)))
+
+
+def test_a_claim_records_where_the_attempt_runs_and_holds_disjoint_gpus(db):
+    a = team(db, "alpha")
+    two = queue(db, a, gpus=2)
+    one = queue(db, a, gpus=1, at=T0 + timedelta(seconds=1))
+    first = claim(db, node(total=4))
+    assert (first.job_id, first.gpu_indices, first.launcher) == (two, (0, 1), "torchrun")
+    second = claim(db, node(total=4, busy=first.gpu_indices))
+    assert (second.job_id, second.gpu_indices, second.launcher) == (one, (2,), "process")
+    with session_scope(db.database_url) as session:
+        rows = {r.job_id: r for r in session.scalars(select(Attempt))}
+        event = session.scalar(select(JobEvent).where(JobEvent.job_id == two, JobEvent.type == "status"))
+    assert rows[two].gpu_indices == [0, 1] and rows[two].host == "node-a.test" and rows[two].ended_at is None
+    assert "attempt 1 started on node-a (node-a.test, GPUs 0, 1)" in event.message
+    finish(db, two, T0 + timedelta(seconds=100))
+    with session_scope(db.database_url) as session:
+        ended = session.scalar(select(Attempt).where(Attempt.job_id == two))
+    assert ended.ended_at is not None and ended.outcome == "succeeded"
+    assert ended.charged_gpu_seconds == pytest.approx(2 * 100)
+
+
+def test_fair_share_goes_to_the_team_that_used_the_least(db):
+    a, b = team(db, "alpha"), team(db, "beta")
+    with session_scope(db.database_url) as session:
+        usage.charge(session, a, 5000.0, T0 - timedelta(minutes=5))
+    older_a = queue(db, a, at=T0)
+    newer_b = queue(db, b, at=T0 + timedelta(seconds=30))
+    assert claim(db, node(), T0 + timedelta(minutes=1)).job_id == newer_b
+    # Usage outside the sliding window no longer counts: then age decides.
+    c = team(db, "gamma")
+    with session_scope(db.database_url) as session:
+        usage.charge(session, c, 5000.0, T0 - timedelta(hours=3))
+    later_c = queue(db, c, at=T0 + timedelta(seconds=10))
+    assert claim(db, node(), T0 + timedelta(minutes=1)).job_id == later_c
+    assert claim(db, node(), T0 + timedelta(minutes=1)).job_id == older_a
+
+
+def test_a_burst_of_claims_is_spread_over_teams(db):
+    teams = [team(db, name) for name in ("alpha", "beta", "gamma")]
+    for i, t in enumerate(teams):
+        for j in range(4):
+            queue(db, t, at=T0 + timedelta(seconds=i * 10 + j))
+    started = [claim(db, node(total=6, busy=tuple(range(k))), T0 + timedelta(minutes=1)) for k in range(6)]
+    per_team = defaultdict(int)
+    for c in started:
+        per_team[c.team_id] += 1
+    assert sorted(per_team.values()) == [2, 2, 2]
+
+
+def test_a_team_at_its_running_limit_waits(db):
+    capped, other = team(db, "capped", max_running=1), team(db, "other")
+    first = queue(db, capped, at=T0)
+    second = queue(db, capped, at=T0 + timedelta(seconds=1))
+    theirs = queue(db, other, at=T0 + timedelta(seconds=2))
+    assert claim(db, node()).job_id == first
+    assert claim(db, node(busy=(0,))).job_id == theirs
+    assert claim(db, node(busy=(0, 1))) is None
+    finish(db, first, T0 + timedelta(seconds=5))
+    assert claim(db, node(busy=(1,)), T0 + timedelta(seconds=6)).job_id == second
+
+
+def test_a_big_job_gets_a_reservation_and_is_not_starved_by_small_ones(db):
+    a, b = team(db, "alpha"), team(db, "beta")
+    running = [queue(db, a, at=T0 + timedelta(seconds=i)) for i in range(3)]
+    for i in range(3):
+        assert claim(db, node(busy=tuple(range(i))), T0 + timedelta(seconds=5)).job_id == running[i]
+    big = queue(db, b, gpus=4, at=T0 + timedelta(seconds=10))
+    small = [queue(db, a, at=T0 + timedelta(seconds=20 + i)) for i in range(5)]
+    # Before the big job has waited reservation_after_seconds, small jobs backfill the free GPU.
+    backfilled = claim(db, node(busy=(0, 1, 2)), T0 + timedelta(seconds=30))
+    assert backfilled.job_id == small[0]
+    finish(db, running[0], T0 + timedelta(seconds=80))
+    # Now it has waited: the node reserves itself for it and starts nothing else...
+    assert claim(db, node(busy=(1, 2, 3)), T0 + timedelta(seconds=80)) is None
+    with session_scope(db.database_url) as session:
+        session.add(
+            Node(
+                id="node-a", host="h", total_gpus=4, busy_gpus=[1, 2, 3], started_at=T0, heartbeat_at=utcnow()
+            )
+        )
+        assert session.get(Job, big).reserved_for == "node-a"
+    # ...not even when another GPU frees up; another node may still backfill small jobs.
+    finish(db, running[1], T0 + timedelta(seconds=90))
+    assert claim(db, node(busy=(2, 3)), T0 + timedelta(seconds=90)) is None
+    assert claim(db, node("node-b", total=2), T0 + timedelta(seconds=90)).job_id == small[1]
+    for job_id in (running[2], backfilled.job_id):
+        finish(db, job_id, T0 + timedelta(seconds=100))
+    started = claim(db, node(), T0 + timedelta(seconds=100))
+    assert (started.job_id, started.gpu_indices) == (big, (0, 1, 2, 3))
+
+
+def test_preemption_makes_room_for_a_high_priority_job(db):
+    settings = db.model_copy(update={"preemption": True, "reservation_after_seconds": 0.0})
+    a, b = team(settings, "alpha"), team(settings, "beta")
+    low = [queue(settings, a, priority="low", at=T0 + timedelta(seconds=i)) for i in range(2)]
+    normal = queue(settings, a, at=T0 + timedelta(seconds=3))
+    for i, job_id in enumerate([normal, *low]):  # priority first
+        assert claim(settings, node(total=3, busy=tuple(range(i)))).job_id == job_id
+    urgent = queue(settings, b, gpus=2, priority="high", at=T0 + timedelta(seconds=10))
+    assert claim(settings, node(total=3, busy=(0, 1, 2)), T0 + timedelta(seconds=11)) is None
+    with session_scope(settings.database_url) as session:
+        asked = {
+            j.id: j.preempt_requested_at
+            for j in session.scalars(select(Job).where(Job.id.in_([*low, normal])))
+        }
+        events = {
+            e.job_id: e.message for e in session.scalars(select(JobEvent).where(JobEvent.type == "preempted"))
+        }
+    # The two low-priority jobs (the youngest first) make room; the normal one keeps running.
+    assert asked[low[0]] and asked[low[1]] and asked[normal] is None
+    assert f"preempted for high-priority job {urgent}" in events[low[0]]
+    assert "preempting 2 lower-priority job(s)" in events[urgent]
+    # Their heartbeats tell them; they checkpoint and go back to the queue (the warm-shutdown path).
+    with session_scope(settings.database_url) as session:
+        state = claims.renew(session=session, job_id=low[0], attempt=1)
+    assert state.preempt and state.status is JobStatus.running
+    for job_id in low:
+        with session_scope(settings.database_url) as session:
+            assert job_service.transition(
+                session=session, job_id=job_id, to=JobStatus.queued, attempt=1, now=T0 + timedelta(seconds=20)
+            )
+    started = claim(settings, node(total=3, busy=(2,)), T0 + timedelta(seconds=21))
+    assert started.job_id == urgent
+
+
+def test_jobs_spanning_nodes_go_to_a_node_that_can_drive_ray(db):
+    a = team(db, "alpha")
+    wide = queue(db, a, gpus=4, nodes=2)
+    assert claim(db, node(total=1)) is None  # cannot drive a Ray job: not for this node
+    started = claim(db, node(total=1, ray=True))
+    assert (started.job_id, started.launcher, started.gpu_indices) == (wide, "ray", ())
+
+
+def test_racing_nodes_claim_each_job_once(db):
+    teams = [team(db, f"race-{i}", max_running=100) for i in range(3)]
+    jobs = {queue(db, random.choice(teams), at=T0 + timedelta(milliseconds=i)) for i in range(24)}
+    won: list[str] = []
+    lock = threading.Lock()
+
+    def node_claims(name: str) -> None:
+        for _ in range(12):
+            got = claim(db, node(name, total=8), T0 + timedelta(minutes=1))
+            if got is not None:
+                with lock:
+                    won.append(got.job_id)
+
+    threads = [threading.Thread(target=node_claims, args=(f"racer-{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(won) == sorted(jobs)  # every job once, none twice
+    with session_scope(db.database_url) as session:
+        assert (
+            session.scalar(select(Attempt.job_id).group_by(Attempt.job_id).having(Attempt.job_id.is_(None)))
+            is None
+        )
+        assert len(session.scalars(select(Attempt)).all()) == len(jobs)
+
+
+def test_three_teams_share_four_gpus_fairly_and_a_four_gpu_job_starts_in_bounded_time(db):
+    """Virtual time over the real claim and accounting code: 3 teams keep work queued (1- and 2-GPU jobs of
+    20 to 90 s, a different mix per team) on one node of 4 GPUs for 20 minutes; after 8 minutes a fourth team
+    submits a 4-GPU job into the stream of small ones. The node claims whenever GPUs are free and heartbeats
+    every STEP seconds."""
+    rng = random.Random(7)
+    teams = {name: team(db, name) for name in ("alpha", "beta", "gamma")}
+    # gpus, shortest and longest run (s), jobs: each team has more work than an equal share of 20 minutes.
+    mix = {"alpha": (1, 20, 40, 100), "beta": (2, 40, 90, 40), "gamma": (1, 30, 90, 60)}
+    duration: dict[str, float] = {}
+    gpus_of: dict[str, int] = {}
+    for name, t in teams.items():
+        gpus, short, long, count = mix[name]
+        for i in range(count):
+            job_id = queue(db, t, gpus=gpus, at=T0 + timedelta(seconds=i * 0.01))
+            duration[job_id], gpus_of[job_id] = rng.uniform(short, long), gpus
+    team_of = {}
+    start, end = T0 + timedelta(seconds=1), T0 + timedelta(minutes=20)
+    big, big_submitted = None, T0 + timedelta(minutes=8)
+    now, busy, ran = start, {}, []  # ran: (job, gpus, from, to)
+    started_at: dict[str, datetime] = {}
+    while now < end:
+        if big is None and now >= big_submitted:
+            big = queue(db, team(db, "delta"), gpus=4, at=now)
+            duration[big], gpus_of[big] = 60.0, 4
+        for job_id in {j for j in busy.values() if started_at[j] + timedelta(seconds=duration[j]) <= now}:
+            finish(db, job_id, now)
+            ran.append((job_id, started_at[job_id], now))
+            busy = {g: j for g, j in busy.items() if j != job_id}
+        while (got := claim(db, node(busy=tuple(busy)), now)) is not None:
+            started_at[got.job_id], team_of[got.job_id] = now, got.team_id
+            busy.update({g: got.job_id for g in got.gpu_indices})
+        with session_scope(db.database_url) as session:  # the node's heartbeat charges what ran
+            claims.beat(session=session, node=node(busy=tuple(busy)), leases=[], now=now)
+        now += timedelta(seconds=STEP)
+    assert len(_queued(db)) > 0  # every team still had work waiting at the end
+    ran += [(j, started_at[j], end) for j in set(busy.values())]
+    used = defaultdict(float)
+    for job_id, since, until in ran:
+        if job_id != big:
+            used[team_of[job_id]] += gpus_of[job_id] * (until - since).total_seconds()
+    shares = {name: used[t] / sum(used.values()) for name, t in teams.items()}
+    print(f"GPU-second shares over 20 minutes: {shares}")
+    for share in shares.values():
+        assert abs(share - 1 / 3) <= 0.15 / 3, shares  # within ±15 % of an equal share
+    waited = (started_at[big] - big_submitted).total_seconds()
+    # It waits for its reservation (60 s), then at most for the longest running job (90 s) to drain the node.
+    assert waited <= 60 + 90 + STEP, waited
+
+
+# --------------------------------------------------------------------------------------- a real node worker
+
+
+def submit_validated(settings, store, **hyperparameters) -> str:
+    from tests.helpers import color_messages, to_jsonl, upload_dataset
+    from worker.validation import validate_job
+
+    with session_scope(settings.database_url) as session:
+        dataset = upload_dataset(session, settings, store, to_jsonl(color_messages(16))).id
+        job_id = job_service.create_job(
+            session=session,
+            settings=settings,
+            store=store,
+            team_id="team-default",
+            spec=JobSpec(
+                base_model=TINY_MODEL, dataset=dataset, hyperparameters={"batch_size": 4, **hyperparameters}
+            ),
+        ).id
+    assert validate_job(settings, job_id) is JobStatus.queued
+    return job_id
+
+
+def wait_for(condition, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def statuses(settings, job_ids) -> dict[str, str]:
+    with session_scope(settings.database_url) as session:
+        return dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all())
+
+
+def test_a_node_runs_jobs_side_by_side_on_disjoint_gpus_and_gets_them_back(db, store, tiny_model_dir):
+    import subprocess
+
+    from worker.node import NodeAgent
+
+    settings = db.model_copy(update={"claim_poll_seconds": 0.2, "max_attempts": 1})
+    jobs = [submit_validated(settings, store, max_steps=6) for _ in range(2)]
+    agent = NodeAgent(settings, ["0", "1"]).start()
+    try:
+        wait_for(lambda: set(statuses(settings, jobs).values()) == {"succeeded"}, 240)
+        with session_scope(settings.database_url) as session:
+            attempts = list(session.scalars(select(Attempt).where(Attempt.job_id.in_(jobs))))
+            node_row = session.get(Node, settings.worker_id)
+        assert len(attempts) == 2 and all(len(a.gpu_indices) == 1 for a in attempts)
+        # Two ran at the same time, each on its own GPU; no GPU was ever held by two attempts at once.
+        overlapping = [
+            (a, b)
+            for a in attempts
+            for b in attempts
+            if a.id < b.id and a.started_at < b.ended_at and b.started_at < a.ended_at
+        ]
+        assert overlapping and all(a.gpu_indices != b.gpu_indices for a, b in overlapping)
+        assert node_row.total_gpus == 2
+        wait_for(lambda: agent.allocator.free() == (0, 1), 10)
+
+        # kill -9 of a training process: the attempt ends, its GPU comes back.
+        doomed = submit_validated(settings, store, max_steps=400)
+        wait_for(
+            lambda: statuses(settings, [doomed])[doomed] == "running" and agent.allocator.free() != (0, 1), 60
+        )
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["pkill", "-9", "-f", f"worker.launch .*tuneforge-{doomed}-"], check=False
+                ).returncode
+                == 0
+            ),
+            60,
+        )
+        wait_for(lambda: statuses(settings, [doomed])[doomed] == "failed", 60)
+        wait_for(lambda: agent.allocator.free() == (0, 1), 10)
+        with session_scope(settings.database_url) as session:
+            ended = session.scalar(select(Attempt).where(Attempt.job_id == doomed))
+        assert ended.ended_at is not None and ended.outcome == "failed"
+    finally:
+        agent.stop(timeout=30)
+    with session_scope(settings.database_url) as session:
+        assert session.get(Node, settings.worker_id) is None  # it left the pool
