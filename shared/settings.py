@@ -163,6 +163,8 @@ class Settings(BaseSettings):
     )
     # Test hook: a micro-batch above this raises a (simulated) out-of-memory error. Only in the test environment.
     test_oom_above_micro_batch: int | None = None
+    # Test hook: the training process of this rank fails the job (invalid_config) as it starts. Only in test.
+    test_job_failure_on_rank: int | None = None
 
     max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0)
     max_gpus_per_job: int = Field(1, ge=1, description="largest GPU count any worker pool here offers")
@@ -242,6 +244,10 @@ class Settings(BaseSettings):
         if self.test_oom_above_micro_batch is not None and self.environment != Environment.test:
             raise ValueError(
                 "TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH is a test hook; set it only in the test environment"
+            )
+        if self.test_job_failure_on_rank is not None and self.environment != Environment.test:
+            raise ValueError(
+                "TUNEFORGE_TEST_JOB_FAILURE_ON_RANK is a test hook; set it only in the test environment"
             )
         if self.environment == Environment.production:
             if self.secret_key.get_secret_value() == DEV_SECRET:

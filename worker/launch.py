@@ -132,6 +132,8 @@ def train_attempt(launch: LaunchSpec, work_dir: Path, rank: int) -> Ending:
             evaluation = read_dataset(Path(launch.eval_path)) if launch.eval_path else None
         except DatasetInvalid as exc:
             raise JobFailure(JobErrorCode.invalid_dataset, str(exc)) from exc
+        if settings.test_job_failure_on_rank == rank:
+            raise JobFailure(JobErrorCode.invalid_config, f"simulated job failure on rank {rank} (test hook)")
         hp = spec.hyperparameters
         limit = settings.test_oom_above_micro_batch
         if limit is not None and hp is not None and hp.batch_size > limit:

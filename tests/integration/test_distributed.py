@@ -52,7 +52,15 @@ def two_gpu_settings(work_dir, pg_url, redis_url, s3_server, tiny_model_dir):
     return settings
 
 
-def run(settings, store, gpus: int, zero_stage: int, batch_size: int, method: str = "lora") -> str:
+def run(
+    settings,
+    store,
+    gpus: int,
+    zero_stage: int,
+    batch_size: int,
+    method: str = "lora",
+    expect=JobStatus.succeeded,
+) -> str:
     with session_scope(settings.database_url) as session:
         upload = upload_dataset(session, settings, store, to_jsonl(color_messages(48, seed=5)))
         spec = JobSpec(
@@ -73,7 +81,7 @@ def run(settings, store, gpus: int, zero_stage: int, batch_size: int, method: st
         events = [
             e.message for e in session.query(JobEvent).filter(JobEvent.job_id == job_id).order_by(JobEvent.id)
         ]
-    assert status is JobStatus.succeeded, (job.error_message, events[-1])
+    assert status is expect, (job.error_message, events[-1])
     return job_id
 
 
@@ -160,3 +168,26 @@ def test_qlora_under_zero_3_on_two_processes_follows_one_process(
     for name, value in weights.items():
         torch.testing.assert_close(value.float(), reference_weights[name].float(), rtol=1e-3, atol=1e-3)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+
+
+def test_a_rank_s_job_failure_decides_the_outcome_under_torchrun(two_gpu_settings, store):
+    # Rank 1 fails the job; rank 0 is killed by torchrun while it waits for rank 1, and torchrun exits 1.
+    settings = two_gpu_settings.model_copy(update={"environment": "test", "test_job_failure_on_rank": 1})
+    job_id = run(settings, store, gpus=2, zero_stage=0, batch_size=2, expect=JobStatus.failed)
+    with session_scope(settings.database_url) as session:
+        failed = session.get(Job, job_id)
+    assert failed.attempt == 1 and failed.error_code == "invalid_config"
+    assert failed.error_message == "simulated job failure on rank 1 (test hook)"
+
+
+def test_out_of_memory_on_two_processes_halves_the_micro_batch(two_gpu_settings, store):
+    settings = two_gpu_settings.model_copy(update={"environment": "test", "test_oom_above_micro_batch": 1})
+    job_id = run(settings, store, gpus=2, zero_stage=0, batch_size=2)
+    with session_scope(settings.database_url) as session:
+        done = session.get(Job, job_id)
+        oom = (
+            session.query(JobEvent).filter(JobEvent.job_id == job_id, JobEvent.type == "out_of_memory").all()
+        )
+    assert done.attempt == 1 and len(oom) == 1
+    assert done.spec["hyperparameters"]["batch_size"] == 1
+    assert done.spec["hyperparameters"]["gradient_accumulation_steps"] == 2
