@@ -424,6 +424,21 @@ def static_checks(
                 "resources.zero_stage",
             )
         )
+    if resources.nodes > 1:
+        traffic = {
+            0: "every step all-reduces the adapter's gradients",
+            2: "every step reduce-scatters the gradients and all-gathers the updated adapter",
+            3: "every forward and backward pass also all-gathers each layer's weights",
+        }[resources.zero_stage]
+        notes.append(
+            Note(
+                "spans_nodes",
+                f"runs as a Ray Train job on {resources.nodes} nodes x {resources.gpus_per_node} GPUs "
+                f"({resources.gpus} ranks): {traffic} between nodes, so the network between them sets the pace; "
+                "the memory estimate is per GPU, with ZeRO sharding over all ranks",
+                "resources.nodes",
+            )
+        )
     if spec.method is Method.qlora and resources.zero_stage == 3:
         notes.append(
             Note(
@@ -820,6 +835,14 @@ def build_plan(
         "effective_batch_size": (
             hp.batch_size * hp.gradient_accumulation_steps * spec.resources.gpus if hp is not None else None
         ),
+        "topology": {
+            "nodes": spec.resources.nodes,
+            "gpus_per_node": spec.resources.gpus_per_node,
+            "world_size": spec.resources.gpus,
+            "launcher": "ray"
+            if spec.resources.nodes > 1
+            else ("torchrun" if spec.resources.gpus > 1 else "process"),
+        },
         "refusals": [r.to_dict() for r in refusals],
         "notes": [n.to_dict() for n in notes],
     }

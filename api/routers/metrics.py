@@ -67,6 +67,22 @@ class TuneforgeCollector:
         for job_id, beat in stats.heartbeats:
             ages.add_metric([job_id], (now - beat).total_seconds() if beat else float("inf"))
         yield ages
+        gpus = GaugeMetricFamily(
+            "tuneforge_node_gpus",
+            "GPUs of each node worker, busy or free",
+            labels=["worker", "host", "state"],
+        )
+        node_ages = GaugeMetricFamily(
+            "tuneforge_node_heartbeat_age_seconds",
+            "Seconds since each node worker last checked in (a stale one holds no GPUs: its jobs are reaped)",
+            labels=["worker", "host"],
+        )
+        for worker_id, host, total, busy, beat in stats.nodes:
+            gpus.add_metric([worker_id, host, "busy"], busy)
+            gpus.add_metric([worker_id, host, "free"], total - busy)
+            node_ages.add_metric([worker_id, host], (now - beat).total_seconds())
+        yield gpus
+        yield node_ages
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -11,7 +11,7 @@ from kombu import Connection
 from sqlalchemy import case, func, select, text
 from sqlalchemy.orm import Session
 
-from shared.models import Job
+from shared.models import Job, Node
 from shared.settings import Settings
 from shared.states import TERMINAL, JobStatus
 from shared.storage import ObjectStore
@@ -28,6 +28,8 @@ class JobStatistics:
     finished: int
     finished_seconds: float
     heartbeats: list[tuple[str, datetime | None]]  # running (or cancelling) job, last heartbeat
+    # Each node worker: id, host, its GPUs, how many are busy, its last heartbeat.
+    nodes: list[tuple[str, str, int, int, datetime]]
 
 
 def job_statistics(*, session: Session) -> JobStatistics:
@@ -51,6 +53,9 @@ def job_statistics(*, session: Session) -> JobStatistics:
             Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value])
         )
     ).all()
+    nodes = session.execute(
+        select(Node.id, Node.host, Node.total_gpus, Node.busy_gpus, Node.heartbeat_at).order_by(Node.id)
+    ).all()
     return JobStatistics(
         by_status=by_status,
         failures=[(code, count) for code, count in failures],
@@ -58,6 +63,7 @@ def job_statistics(*, session: Session) -> JobStatistics:
         finished=int(finished),
         finished_seconds=float(seconds),
         heartbeats=[(job_id, beat) for job_id, beat in heartbeats],
+        nodes=[(node_id, host, total, len(busy or []), beat) for node_id, host, total, busy, beat in nodes],
     )
 
 

@@ -54,3 +54,27 @@ def test_metrics_need_their_token_and_describe_the_jobs(settings, api_client):
     assert samples[("tuneforge_job_run_seconds_bucket", (("le", "300.0"),))] >= 1
     assert samples[("tuneforge_job_run_seconds_count", ())] >= 1
     assert any(name == "tuneforge_queue_depth" for name, _ in samples)
+
+
+def test_metrics_show_each_node_s_busy_and_free_gpus(settings):
+    from shared.services import claims
+    from shared.services.claims import NodeCapacity
+
+    node = NodeCapacity(worker_id="metrics-node", total_gpus=8, free_gpus=(0, 3, 4, 5, 6), host="gpu-17")
+    with session_scope(settings.database_url) as session:
+        claims.beat(session=session, node=node, leases=[])
+    scraper = TestClient(create_app(settings.model_copy(update={"metrics_token": SecretStr("scrape-me")})))
+    try:
+        response = scraper.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(response.text)
+            for s in f.samples
+        }
+        labels = (("host", "gpu-17"), ("worker", "metrics-node"))
+        assert samples[("tuneforge_node_gpus", (*labels[:1], ("state", "busy"), labels[1]))] == 3
+        assert samples[("tuneforge_node_gpus", (*labels[:1], ("state", "free"), labels[1]))] == 5
+        assert samples[("tuneforge_node_heartbeat_age_seconds", labels)] < 60
+    finally:
+        with session_scope(settings.database_url) as session:
+            claims.retire_node(session=session, worker_id="metrics-node")
