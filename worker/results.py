@@ -14,7 +14,7 @@ from shared.models import Job
 from shared.services import artifacts as artifact_service
 from shared.services import jobs as job_service
 from shared.states import JobStatus
-from shared.storage import ObjectStore
+from shared.storage import ObjectStore, StoredObject
 from worker.launch import RESULT_FILE
 from worker.reporting import AttemptWriter
 
@@ -70,12 +70,16 @@ def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_d
     """Uploads the training process's result folder and marks the job succeeded; None when the attempt no
     longer holds the job. Raises StorageError when the upload fails."""
     result = json.loads((work_dir / RESULT_FILE).read_text())
-    output = Path(result["output_dir"])
     kind = result["kind"]
     job_id, attempt = writer.job_id, writer.attempt
     uploading = time.perf_counter()
-    stored = store.put_tree(f"artifacts/{team_id}/{job_id}/attempt-{attempt}/{kind}", output)
-    names = [p.relative_to(output).as_posix() for p in sorted(output.rglob("*")) if p.is_file()]
+    if result.get("stored") is not None:  # stored already by a Ray job's rank 0, on its own node
+        names = [item["name"] for item in result["stored"]]
+        stored = [StoredObject(i["bucket"], i["key"], i["size"], i["sha256"]) for i in result["stored"]]
+    else:
+        output = Path(result["output_dir"])
+        stored = store.put_tree(f"artifacts/{team_id}/{job_id}/attempt-{attempt}/{kind}", output)
+        names = [p.relative_to(output).as_posix() for p in sorted(output.rglob("*")) if p.is_file()]
     metrics = result["metrics"]
     times = metrics.setdefault("time_seconds", {})
     times["upload"] = round(times.get("upload", 0.0) + time.perf_counter() - uploading, 3)

