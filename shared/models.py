@@ -72,6 +72,9 @@ class Team(Base):
     # Limits for this team; none means the deployment's defaults.
     max_running_jobs: Mapped[int | None] = mapped_column(Integer)
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    # Jobs of the team running now and the GPUs they hold (a claim adds, the end of an attempt takes back).
+    running_jobs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    running_gpus: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class UploadedFile(Base):

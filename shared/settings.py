@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     fair_share_claim_charge_seconds: float = Field(
         30.0,
         ge=0,
-        description="GPU-seconds charged per GPU the moment a job starts (so one burst of claims does not all go "
-        "to one team); the rest is charged as it runs",
+        description="fair share counts each GPU a team holds now as this many GPU-seconds on top of what it used "
+        "(so one burst of claims does not all go to one team)",
     )
     reservation_after_seconds: float = Field(
         60.0,

@@ -32,6 +32,10 @@ STOP_POLL_SECONDS = 2.0
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+class RankEnded(Exception):
+    """Raised by a rank that ended without success, once its ending is handed over."""
+
+
 class Endings:
     """A named Ray actor: each rank's ending, and the driver's request to stop."""
 
@@ -121,6 +125,10 @@ def train_rank(config: dict[str, Any]) -> None:
         if rank == 0 and ending.kind == "ok" and ending.result is not None:
             ending.result = store_output(settings, launch, ending.result)
         ray.get(actor.put.remote(rank, asdict(ending)))
+        if ending.kind != "ok":
+            # A rank that returned would leave the others waiting in their next collective: fail the group,
+            # so Ray stops every rank (as torchrun does when one process exits).
+            raise RankEnded(f"rank {rank} ended: {ending.kind} {ending.code or ''} {ending.message}".strip())
     finally:
         import shutil
 

@@ -24,6 +24,10 @@ HELD = sa.text("ended_at IS NULL")
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("teams") as batch:
+        # Jobs of the team holding GPUs now: the claim checks and counts against max_running_jobs in one step.
+        batch.add_column(sa.Column("running_jobs", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("running_gpus", sa.Integer(), nullable=False, server_default="0"))
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("gpus", sa.Integer(), nullable=False, server_default="1"))
         batch.add_column(sa.Column("nodes", sa.Integer(), nullable=False, server_default="1"))
@@ -108,6 +112,9 @@ def downgrade() -> None:
     op.drop_table("nodes")
     op.drop_index("ix_jobs_queued_rank", table_name="jobs")
     op.drop_index("ix_jobs_queued_team_rank", table_name="jobs")
+    with op.batch_alter_table("teams") as batch:
+        batch.drop_column("running_gpus")
+        batch.drop_column("running_jobs")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("preempt_requested_at")
         batch.drop_column("reserved_at")

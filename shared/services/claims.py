@@ -21,14 +21,16 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
+from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, true, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from shared.models import Attempt, Job, Node, Team, utcnow
+from shared.models import Attempt, GpuUsage, Job, JobEvent, Node, Team, utcnow
 from shared.schemas import JobSpec
 from shared.services.jobs import add_event, team_limits
-from shared.services.usage import accrue, charge, close_attempt, team_usage
+from shared.services.usage import accrue, close_attempt, minute_of
 from shared.settings import Settings
 from shared.states import ACTIVE, JobStatus
 
@@ -87,6 +89,12 @@ class _Candidate:
     gpus: int
     nodes: int
     reserved_for: str | None
+    used: float  # the team's GPU-seconds in the fair-share window
+    held: int  # GPUs the team's running jobs hold now
+
+    def share_key(self, charge_seconds: float) -> float:
+        """What fair share ranks the team by: its usage in the window, plus a charge for every GPU it holds."""
+        return self.used + self.held * charge_seconds
 
 
 def _live_nodes(settings: Settings, now: datetime):
@@ -94,30 +102,33 @@ def _live_nodes(settings: Settings, now: datetime):
     return select(Node.id).where(Node.heartbeat_at >= stale)
 
 
-def _candidates(
-    session: Session, settings: Settings, node: NodeCapacity, now: datetime, *, gpus_up_to: int
-) -> list[_Candidate]:
-    """Each team's best few queued jobs that a node with `gpus_up_to` GPUs (and a Ray driver, if free) could
-    start, not reserved for another live node."""
-    fits = and_(Job.nodes == 1, Job.gpus <= gpus_up_to)
-    if node.ray_driver_free:
+@cache
+def _candidates_query(postgres: bool, ray_driver_free: bool) -> Any:
+    """The candidates query, built once per shape (statement building costs more than running it); the
+    moment, the node, its GPUs and the windows are bound parameters."""
+    now, node_id = bindparam("p_now"), bindparam("p_node")
+    fits = and_(Job.nodes == 1, Job.gpus <= bindparam("p_gpus"))
+    if ray_driver_free:
         fits = or_(fits, Job.nodes > 1)
+    live = select(Node.id).where(Node.heartbeat_at >= bindparam("p_stale"))
     conditions = (
         Job.status == JobStatus.queued.value,
         or_(Job.not_before.is_(None), Job.not_before <= now),
         fits,
-        or_(
-            Job.reserved_for.is_(None),
-            Job.reserved_for == node.worker_id,
-            Job.reserved_for.not_in(_live_nodes(settings, now)),
-        ),
+        or_(Job.reserved_for.is_(None), Job.reserved_for == node_id, Job.reserved_for.not_in(live)),
     )
     columns = (Job.id, Job.team_id, Job.priority_rank, Job.created_at, Job.gpus, Job.nodes, Job.reserved_for)
     order = (Job.priority_rank, Job.created_at, Job.id)
-    if session.get_bind().dialect.name == "postgresql":
+    used = (
+        select(GpuUsage.team_id.label("team"), func.sum(GpuUsage.gpu_seconds).label("used"))
+        .where(GpuUsage.minute >= bindparam("p_since"))
+        .group_by(GpuUsage.team_id)
+        .subquery()
+    )
+    if postgres:
         # Each team's best jobs from the (team, priority, age) index of queued jobs: a few index probes per
         # team, however many jobs wait.
-        teams = select(Team.id.label("team")).subquery()
+        teams = select(Team.id.label("team"), Team.running_gpus.label("held")).subquery()
         best = (
             select(*columns)
             .where(Job.team_id == teams.c.team, *conditions)
@@ -125,32 +136,45 @@ def _candidates(
             .limit(CANDIDATES_PER_TEAM)
             .lateral()
         )
-        query = select(best).select_from(teams).join(best, true())
-    else:
-        ranked = (
-            select(*columns, func.row_number().over(partition_by=Job.team_id, order_by=order).label("n"))
-            .where(*conditions)
-            .subquery()
+        return (
+            select(best, func.coalesce(used.c.used, 0.0), teams.c.held)
+            .select_from(teams)
+            .join(best, true())
+            .outerjoin(used, used.c.team == teams.c.team)
         )
-        query = select(*[ranked.c[c.key] for c in columns]).where(ranked.c.n <= CANDIDATES_PER_TEAM)
-    return [_Candidate(*row) for row in session.execute(query)]
-
-
-def _held_by_team(session: Session, team_id: str | None = None) -> dict[str, int]:
-    """Running attempts per team (those still holding GPUs, of jobs still running or being cancelled)."""
-    query = (
-        select(Attempt.team_id, func.count())
-        .join(Job, Job.id == Attempt.job_id)
-        .where(Attempt.ended_at.is_(None), Job.status.in_([s.value for s in ACTIVE]))
-        .group_by(Attempt.team_id)
+    ranked = (
+        select(*columns, func.row_number().over(partition_by=Job.team_id, order_by=order).label("n"))
+        .where(*conditions)
+        .subquery()
     )
-    if team_id is not None:
-        query = query.where(Attempt.team_id == team_id)
-    return dict(session.execute(query).all())
+    return (
+        select(*[ranked.c[c.key] for c in columns], func.coalesce(used.c.used, 0.0), Team.running_gpus)
+        .join(Team, Team.id == ranked.c.team_id)
+        .outerjoin(used, used.c.team == ranked.c.team_id)
+        .where(ranked.c.n <= CANDIDATES_PER_TEAM)
+    )
 
 
-def _ranked(candidates: Sequence[_Candidate], usage: dict[str, float]) -> list[_Candidate]:
-    return sorted(candidates, key=lambda c: (c.priority_rank, usage.get(c.team_id, 0.0), c.created_at, c.id))
+def _candidates(
+    session: Session, settings: Settings, node: NodeCapacity, now: datetime, *, gpus_up_to: int
+) -> list[_Candidate]:
+    """Each team's best few queued jobs that a node with `gpus_up_to` GPUs (and a Ray driver, if free) could
+    start, not reserved for another live node, with the team's usage: one query."""
+    query = _candidates_query(session.get_bind().dialect.name == "postgresql", node.ray_driver_free)
+    params = {
+        "p_now": now,
+        "p_node": node.worker_id,
+        "p_gpus": gpus_up_to,
+        "p_stale": now - timedelta(seconds=settings.lease_timeout_seconds),
+        "p_since": minute_of(now - timedelta(seconds=settings.fair_share_window_seconds)),
+    }
+    return [_Candidate(*row[:7], float(row[7]), int(row[8])) for row in session.execute(query, params)]
+
+
+def _ranked(candidates: Sequence[_Candidate], charge_seconds: float) -> list[_Candidate]:
+    return sorted(
+        candidates, key=lambda c: (c.priority_rank, c.share_key(charge_seconds), c.created_at, c.id)
+    )
 
 
 def claim_next(
@@ -160,8 +184,8 @@ def claim_next(
     returns None when none should start here now. The caller commits."""
     now = now or utcnow()
     free = len(node.free_gpus)
-    usage = team_usage(session, window_seconds=settings.fair_share_window_seconds, now=now)
-    everything = _ranked(_candidates(session, settings, node, now, gpus_up_to=node.total_gpus), usage)
+    charge = settings.fair_share_claim_charge_seconds
+    everything = _ranked(_candidates(session, settings, node, now, gpus_up_to=node.total_gpus), charge)
     reserved = [c for c in everything if c.reserved_for == node.worker_id]
     head = reserved[0] if reserved else (everything[0] if everything else None)
     if head is not None and head.nodes == 1 and head.gpus > free:
@@ -176,7 +200,7 @@ def claim_next(
     if len(fitting) < len(everything):  # more fitting jobs may wait behind the ones that do not fit
         known = {c.id for c in fitting}
         more = _candidates(session, settings, node, now, gpus_up_to=free)
-        fitting = _ranked([*fitting, *(c for c in more if c.id not in known)], usage)
+        fitting = _ranked([*fitting, *(c for c in more if c.id not in known)], charge)
     # A job this node reserved goes first once it fits.
     fitting.sort(key=lambda c: c.reserved_for != node.worker_id)
     return _take_first(session, settings, node, fitting, now)
@@ -246,108 +270,220 @@ def _preempt_for(session: Session, node: NodeCapacity, head: _Candidate, free: i
         )
 
 
+def _running_values(worker_id: str, now: datetime) -> dict[str, Any]:
+    return {
+        "status": JobStatus.running.value,
+        "attempt": Job.attempt + 1,
+        "worker_id": worker_id,
+        "heartbeat_at": now,
+        "started_at": func.coalesce(Job.started_at, now),
+        "updated_at": now,
+        "reserved_for": None,
+        "reserved_at": None,
+        "preempt_requested_at": None,
+    }
+
+
+STARTED = (Job.id, Job.team_id, Job.attempt, Job.gpus, Job.nodes, Job.spec)
+
+
+@cache
+def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
+    """The statements of a take, built once (see _take); bound: p_job, p_team, p_worker, p_now, p_limit (named apart from columns, which an UPDATE would set)."""
+    now = bindparam("p_now")
+    under = (
+        Team.running_jobs < func.coalesce(Team.max_running_jobs, bindparam("p_limit"))
+        if enforce_limit
+        else true()
+    )
+    waiting = and_(Job.status == JobStatus.queued.value, or_(Job.not_before.is_(None), Job.not_before <= now))
+    running = {
+        "status": JobStatus.running.value,
+        "attempt": Job.attempt + 1,
+        "worker_id": bindparam("p_worker"),
+        "heartbeat_at": now,
+        "started_at": func.coalesce(Job.started_at, now),
+        "updated_at": now,
+        "reserved_for": None,
+        "reserved_at": None,
+        "preempt_requested_at": None,
+    }
+    job_id, team_id = bindparam("p_job"), bindparam("p_team")
+    if postgres:
+        team = (select(Team.id).where(Team.id == team_id, under).with_for_update(skip_locked=True)).cte(
+            "team"
+        )
+        pick = (
+            select(Job.id)
+            .where(Job.id == job_id, waiting)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        started = (
+            update(Job)
+            .where(Job.id == pick, select(team.c.id).exists())
+            .values(**running)
+            .returning(*STARTED)
+            .cte("started")
+        )
+        counted = (
+            update(Team)
+            .where(Team.id == started.c.team_id)
+            .values(running_jobs=Team.running_jobs + 1, running_gpus=Team.running_gpus + started.c.gpus)
+            .cte("counted")
+        )
+        return (select(started).add_cte(counted),)
+    gpus = bindparam("p_gpus")
+    return (
+        update(Team)
+        .where(Team.id == team_id, under)
+        .values(running_jobs=Team.running_jobs + 1, running_gpus=Team.running_gpus + gpus),
+        update(Job).where(Job.id == job_id, waiting).values(**running).returning(*STARTED),
+        update(Team)
+        .where(Team.id == team_id)
+        .values(running_jobs=Team.running_jobs - 1, running_gpus=Team.running_gpus - gpus),
+    )
+
+
+def _take(
+    session: Session,
+    settings: Settings,
+    job_id: str,
+    team_id: str,
+    worker_id: str,
+    now: datetime,
+    *,
+    gpus: int,
+    enforce_limit: bool = True,
+) -> Any:
+    """Starts the next attempt of queued job `job_id` if its team is under its running limit and no other claim
+    holds the job or the team right now; returns the job's (id, team, attempt, gpus, nodes, spec), or None."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    statements = _take_statements(postgres, enforce_limit)
+    params = {
+        "p_job": job_id,
+        "p_team": team_id,
+        "p_worker": worker_id,
+        "p_now": now,
+        "p_limit": settings.team_max_running_jobs,
+        "p_gpus": gpus,
+    }
+    if postgres:
+        # One round trip: the team row (skipped if another claim holds it: try the next candidate) under its
+        # limit, the job row (skipped likewise), the move to running, and the team's count, together.
+        return session.execute(statements[0], params).one_or_none()
+    # SQLite runs one writer at a time: the same steps, one after the other.
+    count, start, uncount = statements
+    if not session.execute(count, params).rowcount:
+        return None
+    row = session.execute(start, params).one_or_none()
+    if row is None:
+        session.execute(uncount, params)
+    return row
+
+
 def _take_first(
     session: Session, settings: Settings, node: NodeCapacity, ranked: Sequence[_Candidate], now: datetime
 ) -> Claim | None:
-    postgres = session.get_bind().dialect.name == "postgresql"
-    limits: dict[str, int] = {}
     for candidate in ranked:
-        team = candidate.team_id
-        # One claim per team at a time (another claimer busy with this team: try the next candidate), so the
-        # running limit is counted exactly.
-        if postgres and not session.scalar(select(func.pg_try_advisory_xact_lock(func.hashtext(team)))):
-            continue
-        if team not in limits:
-            limits[team] = team_limits(session, settings, team)[0]
-        if _held_by_team(session, team).get(team, 0) >= limits[team]:
-            continue
-        locked = select(Job).where(
-            Job.id == candidate.id,
-            Job.status == JobStatus.queued.value,
-            or_(Job.not_before.is_(None), Job.not_before <= now),
+        row = _take(
+            session, settings, candidate.id, candidate.team_id, node.worker_id, now, gpus=candidate.gpus
         )
-        job = session.scalar(locked.with_for_update(skip_locked=True) if postgres else locked)
-        if job is None:
-            continue
-        indices = () if job.nodes > 1 else tuple(node.free_gpus[: job.gpus])
-        attempt = _start(session, settings, job, node.worker_id, node.host, indices, now)
-        if attempt is not None:
-            return attempt
+        if row is not None:
+            job_id, team_id, attempt, gpus, nodes, spec = row
+            indices = () if nodes > 1 else tuple(node.free_gpus[:gpus])
+            return _record_start(
+                session,
+                settings,
+                job_id,
+                team_id,
+                attempt,
+                gpus,
+                nodes,
+                spec,
+                node.worker_id,
+                node.host,
+                indices,
+                now,
+            )
     return None
 
 
-def _start(
+@cache
+def _start_statements(postgres: bool) -> tuple[Any, ...]:
+    """The writes that record a started attempt, built once: its attempts row and the event saying where it
+    runs (one statement on PostgreSQL)."""
+    attempt = insert(Attempt).values(
+        job_id=bindparam("p_job"),
+        team_id=bindparam("p_team"),
+        number=bindparam("p_number"),
+        worker_id=bindparam("p_worker"),
+        host=bindparam("p_host"),
+        gpu_indices=bindparam("p_indices", type_=Attempt.gpu_indices.type),
+        gpus=bindparam("p_gpus"),
+        launcher=bindparam("p_launcher"),
+        started_at=bindparam("p_now"),
+        charged_gpu_seconds=0.0,
+    )
+    event = insert(JobEvent).values(
+        job_id=bindparam("p_job"),
+        attempt=bindparam("p_number"),
+        level="info",
+        type="status",
+        message=bindparam("p_message"),
+        data=bindparam("p_data", type_=JobEvent.data.type),
+        created_at=bindparam("p_now"),
+    )
+    if postgres:
+        return (event.add_cte(attempt.cte("started_attempt")),)
+    return (attempt, event)
+
+
+def _record_start(
     session: Session,
     settings: Settings,
-    job: Job,
+    job_id: str,
+    team_id: str,
+    number: int,
+    gpus: int,
+    nodes: int,
+    spec_values: dict[str, Any],
     worker_id: str,
     host: str,
     gpu_indices: tuple[int, ...],
     now: datetime,
-) -> Claim | None:
-    """The compare-and-swap that starts attempt N+1 of a queued (or abandoned) job, and its attempts row."""
-    previous = job.attempt
-    taken_over = job.status == JobStatus.running
-    started = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.attempt == previous, Job.status == job.status)
-        .values(
-            status=JobStatus.running.value,
-            attempt=previous + 1,
-            worker_id=worker_id,
-            heartbeat_at=now,
-            started_at=job.started_at or now,
-            updated_at=now,
-            reserved_for=None,
-            reserved_at=None,
-            preempt_requested_at=None,
-        )
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if started != 1:
-        return None
-    number = previous + 1
-    if taken_over:
-        close_attempt(session, job.id, "lost", now)
-    spec = JobSpec.model_validate(job.spec)
-    gpus = job.gpus if job.nodes == 1 else 0
-    charged = gpus * settings.fair_share_claim_charge_seconds
+    taken_over: bool = False,
+) -> Claim:
+    """The attempts row of an attempt that just started (it holds its GPUs from now on: the team is charged for
+    them as it runs) and the event saying where it runs."""
+    spec = JobSpec.model_validate(spec_values)
     launcher = launcher_for(spec)
-    session.add(
-        Attempt(
-            job_id=job.id,
-            team_id=job.team_id,
-            number=number,
-            worker_id=worker_id,
-            host=host,
-            gpu_indices=list(gpu_indices),
-            gpus=gpus,
-            launcher=launcher,
-            started_at=now,
-            charged_gpu_seconds=charged,
-        )
-    )
-    charge(session, job.team_id, charged, now)
     where = f"{host}, GPUs {', '.join(map(str, gpu_indices))}" if gpu_indices else host
     if launcher == "ray":
         where = f"{host}, driving a Ray Train job on {spec.resources.nodes} nodes x {spec.resources.gpus_per_node} GPUs"
-    add_event(
-        session=session,
-        job_id=job.id,
-        type="status",
-        message=f"attempt {number} started on {worker_id} ({where})"
+    params = {
+        "p_job": job_id,
+        "p_team": team_id,
+        "p_number": number,
+        "p_worker": worker_id,
+        "p_host": host,
+        "p_indices": list(gpu_indices),
+        "p_gpus": gpus,
+        "p_launcher": launcher,
+        "p_now": now,
+        "p_message": f"attempt {number} started on {worker_id} ({where})"
         + (" (the previous worker stopped heartbeating)" if taken_over else ""),
-        attempt=number,
-        data={
+        "p_data": {
             "status": JobStatus.running.value,
             "worker_id": worker_id,
             "host": host,
             "gpu_indices": list(gpu_indices),
             "launcher": launcher,
         },
-    )
-    session.flush()
-    return Claim(job.id, job.team_id, number, job.gpus, job.nodes, gpu_indices, launcher)
+    }
+    for statement in _start_statements(session.get_bind().dialect.name == "postgresql"):
+        session.execute(statement, params)
+    return Claim(job_id, team_id, number, gpus, nodes, gpu_indices, launcher)
 
 
 def claim_job(
@@ -363,39 +499,56 @@ def claim_job(
     """Claims one given job for this worker: a queued one, or a running one whose worker stopped
     heartbeating. Returns the new attempt number, or None if the job is not this worker's to run. With
     `settings`, a team at its running limit waits (the job is tried again later)."""
+    enforce_limit = settings is not None
+    settings = settings or Settings()
     now = utcnow()
-    stale = now - timedelta(seconds=lease_timeout)
+    host = host or socket.gethostname()
     job = session.get(Job, job_id)
     if job is None:
         return None
-    claimable = (job.status == JobStatus.queued and (job.not_before is None or job.not_before <= now)) or (
-        job.status == JobStatus.running and job.heartbeat_at is not None and job.heartbeat_at < stale
-    )
-    if not claimable:
+    indices = tuple(gpu_indices) or tuple(range(job.gpus if job.nodes == 1 else 0))
+    if job.status == JobStatus.running:
+        # Taking over from a worker that stopped heartbeating: the compare-and-swap on the attempt number.
+        stale = now - timedelta(seconds=lease_timeout)
+        row = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.attempt == job.attempt,
+                Job.status == JobStatus.running.value,
+                Job.heartbeat_at < stale,
+            )
+            .values(**_running_values(worker_id, now))
+            .returning(*STARTED)
+            .execution_options(synchronize_session=False)
+        ).one_or_none()
+        if row is None:
+            return None
+        close_attempt(session, job_id, "lost", now)
+        session.execute(
+            update(Team)
+            .where(Team.id == job.team_id)
+            .values(running_jobs=Team.running_jobs + 1, running_gpus=Team.running_gpus + job.gpus)
+        )
+        return _record_start(session, settings, *row, worker_id, host, indices, now, taken_over=True).attempt
+    if job.status != JobStatus.queued or (job.not_before is not None and job.not_before > now):
         return None
-    if settings is not None and job.status == JobStatus.queued:
-        if session.get_bind().dialect.name == "postgresql":
-            # Claims of one team's jobs take turns, so two workers cannot both take its last free slot.
-            session.execute(select(func.pg_advisory_xact_lock(func.hashtext(job.team_id))))
-        limit, _ = team_limits(session, settings, job.team_id)
-        if _held_by_team(session, job.team_id).get(job.team_id, 0) >= limit:
+    row = _take(
+        session, settings, job_id, job.team_id, worker_id, now, gpus=job.gpus, enforce_limit=enforce_limit
+    )
+    if row is None and enforce_limit:
+        team = session.get(Team, job.team_id)
+        at_limit = team is not None and team.running_jobs >= team_limits(session, settings, job.team_id)[0]
+        if at_limit:  # the team waits: tried again later, so one team cannot take every worker
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.queued.value)
                 .values(not_before=now + timedelta(seconds=settings.fairness_retry_seconds), enqueued_at=None)
                 .execution_options(synchronize_session=False)
             )
-            return None
-    claim = _start(
-        session,
-        settings or Settings(),
-        job,
-        worker_id,
-        host or socket.gethostname(),
-        tuple(gpu_indices) or tuple(range(job.gpus if job.nodes == 1 else 0)),
-        now,
-    )
-    return claim.attempt if claim is not None else None
+    if row is None:
+        return None
+    return _record_start(session, settings, *row, worker_id, host, indices, now).attempt
 
 
 def heartbeat(*, session: Session, job_id: str, attempt: int) -> JobStatus | None:

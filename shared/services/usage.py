@@ -1,40 +1,48 @@
 """GPU-seconds per team, the currency of fair share.
 
 Each attempt holds its GPUs from its claim until it ends (an `attempts` row with no `ended_at`). Its team is
-charged `fair_share_claim_charge_seconds` per GPU at the claim (so a burst of claims in one instant does not
-all go to one team), then for the time it actually runs beyond that, as its node heartbeats and when it
-ends. Charges land in per-minute buckets (`gpu_usage`); a team's usage is their sum over the sliding window.
+charged for the time it runs, as its node heartbeats and when it ends; charges land in per-minute buckets
+(`gpu_usage`), and a team's usage is their sum over the sliding window. The claim ranks teams by that usage
+plus `fair_share_claim_charge_seconds` for every GPU the team holds now (`teams.running_gpus`), so that a
+burst of claims in one instant does not all go to one team.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import cache
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from shared.models import Attempt, GpuUsage, utcnow
+from shared.models import Attempt, GpuUsage, Team, utcnow
 
 
 def minute_of(moment: datetime) -> datetime:
     return moment.replace(second=0, microsecond=0)
 
 
+@cache
+def charge_statement(postgres: bool) -> Any:
+    """The upsert of a team's minute bucket, built once; bound: p_team, p_minute, p_seconds."""
+    dialect = postgresql if postgres else sqlite
+    statement = dialect.insert(GpuUsage).values(
+        team_id=bindparam("p_team"), minute=bindparam("p_minute"), gpu_seconds=bindparam("p_seconds")
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[GpuUsage.team_id, GpuUsage.minute],
+        set_={"gpu_seconds": GpuUsage.gpu_seconds + statement.excluded.gpu_seconds},
+    )
+
+
 def charge(session: Session, team_id: str, gpu_seconds: float, at: datetime) -> None:
     """Adds GPU-seconds to the team's bucket of the minute `at` falls in."""
     if gpu_seconds <= 0:
         return
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(GpuUsage).values(
-        team_id=team_id, minute=minute_of(at), gpu_seconds=gpu_seconds
-    )
-    session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[GpuUsage.team_id, GpuUsage.minute],
-            set_={"gpu_seconds": GpuUsage.gpu_seconds + statement.excluded.gpu_seconds},
-        )
-    )
+    statement = charge_statement(session.get_bind().dialect.name == "postgresql")
+    session.execute(statement, {"p_team": team_id, "p_minute": minute_of(at), "p_seconds": gpu_seconds})
 
 
 def accrue(session: Session, attempt: Attempt, now: datetime) -> None:
@@ -69,5 +77,13 @@ def close_attempt(session: Session, job_id: str, outcome: str, now: datetime | N
     accrue(session, held, now)
     held.ended_at = now
     held.outcome = outcome
+    session.execute(
+        update(Team)
+        .where(Team.id == held.team_id)
+        .values(
+            running_jobs=case((Team.running_jobs > 0, Team.running_jobs - 1), else_=0),
+            running_gpus=case((Team.running_gpus > held.gpus, Team.running_gpus - held.gpus), else_=0),
+        )
+    )
     session.flush()
     return held

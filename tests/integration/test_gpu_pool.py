@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from shared.db import engine_for, session_scope
 from shared.migrate import upgrade
@@ -56,6 +56,7 @@ def db(pool):
     with session_scope(pool.database_url) as session:
         for table in ("gpu_usage", "attempts", "job_events", "nodes", "jobs"):
             session.execute(Job.metadata.tables[table].delete())
+        session.execute(update(Team).values(running_jobs=0, running_gpus=0))
     return pool
 
 

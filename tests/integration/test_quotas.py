@@ -8,6 +8,7 @@ from shared.db import session_scope
 from shared.models import Job
 from shared.queue import BROKER_PRIORITY, train_queue
 from shared.services import claims
+from shared.services import jobs as job_service
 from shared.states import JobStatus
 from tests.conftest import TINY_MODEL
 from tests.helpers import color_messages, to_jsonl
@@ -61,7 +62,7 @@ def test_a_team_at_its_running_limit_waits_and_others_go_first(api_client, make_
         deferred = session.get(Job, burst[1])
         assert deferred.status == "queued" and deferred.not_before is not None
         # Once the running job ends and the wait is over, the next one is claimed.
-        session.execute(update(Job).where(Job.id == burst[0]).values(status=JobStatus.succeeded.value))
+        job_service.transition(session=session, job_id=burst[0], to=JobStatus.succeeded)
         session.execute(update(Job).where(Job.id == burst[1]).values(not_before=None))
     assert claim(burst[1]) == 1
 

@@ -5,9 +5,6 @@ resumes from its checkpoint."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import threading
 import time
 
@@ -15,20 +12,20 @@ import pytest
 
 pytest.importorskip("ray", reason="Ray is an optional extra of the worker (pip install tuneforge[ray])")
 
-from peft import PeftModel  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from shared.db import session_scope  # noqa: E402
-from shared.models import DEFAULT_TEAM_ID, Attempt, Job, JobEvent  # noqa: E402
-from shared.schemas import JobSpec  # noqa: E402
-from shared.services import artifacts as artifact_service  # noqa: E402
-from shared.services import jobs as job_service  # noqa: E402
-from shared.states import JobStatus  # noqa: E402
-from shared.tenancy import TeamID  # noqa: E402
-from tests.conftest import TINY_MODEL  # noqa: E402
-from tests.helpers import color_messages, to_jsonl, upload_dataset  # noqa: E402
-from worker import runner, validation  # noqa: E402
+from shared.db import session_scope
+from shared.models import DEFAULT_TEAM_ID, Attempt, Job, JobEvent
+from shared.schemas import JobSpec
+from shared.services import artifacts as artifact_service
+from shared.services import jobs as job_service
+from shared.states import JobStatus
+from shared.tenancy import TeamID
+from tests.conftest import TINY_MODEL
+from tests.helpers import color_messages, to_jsonl, upload_dataset
+from worker import runner, validation
 
 TEAM = TeamID(DEFAULT_TEAM_ID)
 ADAPTER = {"rank": 8, "dropout": 0.0, "target_modules": "attention"}
@@ -60,7 +57,9 @@ def submit(settings, store, *, nodes: int, zero_stage: int, batch_size: int, **h
             hyperparameters=HP | {"batch_size": batch_size} | hp,
             resources=resources,
         )
-        job_id = job_service.create_job(session=session, settings=settings, store=store, team_id=TEAM, spec=spec).id
+        job_id = job_service.create_job(
+            session=session, settings=settings, store=store, team_id=TEAM, spec=spec
+        ).id
     assert validation.validate_job(settings, job_id) is JobStatus.queued
     return job_id
 
@@ -77,7 +76,9 @@ def events(settings, job_id) -> list[JobEvent]:
 
 def losses(settings, job_id) -> list[float]:
     with session_scope(settings.database_url) as session:
-        return [m.loss for m in job_service.get_metrics(session=session, team_id=TEAM, job_id=job_id)["train"]]
+        return [
+            m.loss for m in job_service.get_metrics(session=session, team_id=TEAM, job_id=job_id)["train"]
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,13 @@ def test_a_two_node_job_follows_one_process_and_saves_a_loadable_adapter(
     job_id = submit(ray_settings, store, nodes=2, zero_stage=zero_stage, batch_size=2)
     status = runner.run_job(ray_settings, job_id)
     done = job(ray_settings, job_id)
-    assert status is JobStatus.succeeded, (done.error_message, [e.message for e in events(ray_settings, job_id)][-3:])
-    assert losses(ray_settings, job_id) == pytest.approx(losses(ray_settings, one_process), rel=1e-4, abs=1e-5)
+    assert status is JobStatus.succeeded, (
+        done.error_message,
+        [e.message for e in events(ray_settings, job_id)][-3:],
+    )
+    assert losses(ray_settings, job_id) == pytest.approx(
+        losses(ray_settings, one_process), rel=1e-4, abs=1e-5
+    )
     with session_scope(ray_settings.database_url) as session:
         attempt = session.query(Attempt).filter(Attempt.job_id == job_id).one()
         files = artifact_service.list_artifacts(session=session, team_id=TEAM, job_id=job_id, kind="adapter")
@@ -108,3 +114,39 @@ def test_a_two_node_job_follows_one_process_and_saves_a_loadable_adapter(
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
     assert len(lora_b) == 2 * 4 and all(w.abs().max() > 0 for w in lora_b)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+
+
+def test_a_rank_s_job_failure_decides_the_outcome_on_ray(ray_settings, store):
+    settings = ray_settings.model_copy(update={"test_job_failure_on_rank": 1})
+    job_id = submit(settings, store, nodes=2, zero_stage=0, batch_size=2)
+    assert runner.run_job(settings, job_id) is JobStatus.failed
+    failed = job(settings, job_id)
+    assert failed.attempt == 1 and failed.error_code == "invalid_config"
+    assert failed.error_message == "simulated job failure on rank 1 (test hook)"
+
+
+def test_out_of_memory_on_ray_halves_the_micro_batch(ray_settings, store):
+    settings = ray_settings.model_copy(update={"test_oom_above_micro_batch": 1})
+    job_id = submit(settings, store, nodes=2, zero_stage=0, batch_size=2, max_steps=2)
+    assert runner.run_job(settings, job_id) is JobStatus.succeeded
+    done = job(settings, job_id)
+    assert done.attempt == 1 and done.spec["hyperparameters"]["batch_size"] == 1
+    assert [e.type for e in events(settings, job_id)].count("out_of_memory") == 1
+
+
+def test_cancelling_a_ray_job_stops_it_within_seconds(ray_settings, store):
+    job_id = submit(ray_settings, store, nodes=2, zero_stage=0, batch_size=2, max_steps=2000)
+    ended: list = []
+    thread = threading.Thread(target=lambda: ended.append(runner.run_job(ray_settings, job_id)))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while not losses(ray_settings, job_id):
+        assert time.monotonic() < deadline and thread.is_alive(), "the Ray job never trained"
+        time.sleep(0.5)
+    with session_scope(ray_settings.database_url) as session:
+        job_service.cancel_job(session=session, team_id=TEAM, job_id=job_id)
+    asked = time.monotonic()
+    thread.join(60)
+    took = time.monotonic() - asked
+    assert ended == [JobStatus.cancelled] and job(ray_settings, job_id).status == "cancelled"
+    assert took < 10, took

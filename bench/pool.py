@@ -1,0 +1,403 @@
+"""The GPU pool, measured (figures, not tests). Each section runs on a PostgreSQL database of its own.
+
+    .venv/bin/python bench/pool.py --section makespan   # a node of 4 slots vs 1 slot, 8 real tiny jobs
+    .venv/bin/python bench/pool.py --section fairness   # 3 teams on 4 GPUs, 30 virtual minutes
+    .venv/bin/python bench/pool.py --section scale      # 1,000 simulated nodes x 8 slots, 100,000 queued jobs
+    .venv/bin/python bench/pool.py                      # all three
+
+makespan: the real node agent (worker/node.py) with 4 slots runs 8 one-slot jobs of about 20 steps of the tiny
+  Llama; the concurrency over time comes from the attempts' start and end times; then the same 8 jobs on 1
+  slot. On a machine without GPUs a slot is one training process, so the gain is bounded by the cores.
+fairness: the real claim and accounting code in virtual time (as tests/integration/test_gpu_pool.py), longer.
+scale: simulated node workers (no training) claim through shared/services/claims.py against one PostgreSQL
+  holding 100,000 queued jobs of 20 teams; each claimed job "runs" for a few seconds of real time and ends
+  through the real state machine. Reports claims/s, claim latency percentiles and the teams' shares.
+
+Each section ends with `name value` lines; the last lines of the run repeat them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import secrets
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import psycopg  # noqa: E402
+
+PG_ADMIN = os.environ.get("TUNEFORGE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+FIGURES: list[tuple[str, float]] = []
+
+
+def figure(name: str, value: float) -> None:
+    FIGURES.append((name, value))
+    print(f"{name} {value:g}", flush=True)
+
+
+def fresh_database(name: str) -> str:
+    from shared.migrate import upgrade
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    return url
+
+
+def settings_for(url: str, home: Path, **values):
+    from shared.settings import Settings
+
+    return Settings(
+        environment="test",
+        home=home,
+        database_url=url,
+        broker_url=os.environ.get("TUNEFORGE_BENCH_REDIS", "redis://127.0.0.1:6379/0"),
+        storage_backend="local",
+        queue_prefix=f"bench{secrets.token_hex(3)}",
+        **values,
+    )
+
+
+def make_teams(settings, names: list[str], max_running: int = 100_000) -> dict[str, str]:
+    from shared.db import session_scope
+    from shared.models import Team
+
+    ids = {}
+    with session_scope(settings.database_url) as session:
+        for name in names:
+            team = Team(id=f"team-{secrets.token_hex(6)}", name=name, max_running_jobs=max_running)
+            session.add(team)
+            ids[name] = team.id
+    return ids
+
+
+# ------------------------------------------------------------------------------------------------ makespan
+
+
+def makespan() -> None:
+    from shared.db import session_scope
+    from shared.models import Attempt, Job
+    from shared.schemas import JobSpec
+    from shared.services import jobs as job_service
+    from shared.services.files import store_upload
+    from shared.storage import make_store
+    from tests.helpers import color_messages, corpus, to_jsonl
+    from worker.node import NodeAgent
+    from worker.training.toy_models import build_llama
+    from worker.validation import validate_job
+
+    home = Path(tempfile.mkdtemp(prefix="tuneforge-pool-bench-"))
+    model = build_llama(home / "tiny-llama", corpus=corpus())
+    url = fresh_database("tuneforge_bench_makespan")
+    settings = settings_for(
+        url,
+        home,
+        cache_dir=home / "cache",
+        models={"tiny": {"location": f"file://{model}"}},
+        claim_poll_seconds=0.2,
+        heartbeat_interval_seconds=1.0,
+    )
+    store = make_store(settings)
+    store.ensure_bucket()
+
+    def submit(count: int) -> list[str]:
+        ids = []
+        for _ in range(count):
+            with session_scope(url) as session:
+                import io
+
+                upload = store_upload(
+                    session=session,
+                    settings=settings,
+                    store=store,
+                    team_id="team-default",
+                    filename="d.jsonl",
+                    purpose="fine-tune",
+                    source=io.BytesIO(to_jsonl(color_messages(32))),
+                )
+                spec = JobSpec(
+                    base_model="tiny", dataset=upload.id, hyperparameters={"max_steps": 20, "batch_size": 4}
+                )
+                ids.append(
+                    job_service.create_job(
+                        session=session, settings=settings, store=store, team_id="team-default", spec=spec
+                    ).id
+                )
+            assert validate_job(settings, ids[-1]).value == "queued"
+        return ids
+
+    def run(slots: int) -> tuple[float, int, list[int]]:
+        jobs = submit(8)
+        agent = NodeAgent(settings, [str(i) for i in range(slots)]).start()
+        try:
+            while True:
+                with session_scope(url) as session:
+                    done = session.query(Job).filter(Job.id.in_(jobs), Job.status == "succeeded").count()
+                if done == len(jobs):
+                    break
+                time.sleep(0.5)
+        finally:
+            agent.stop(timeout=60)
+        with session_scope(url) as session:
+            attempts = [
+                (a.started_at, a.ended_at) for a in session.query(Attempt).filter(Attempt.job_id.in_(jobs))
+            ]
+        start, end = min(a for a, _ in attempts), max(b for _, b in attempts)
+        timeline = []
+        moment = start
+        while moment <= end:
+            timeline.append(sum(1 for a, b in attempts if a <= moment < b))
+            moment += timedelta(seconds=1)
+        return (end - start).total_seconds(), max(timeline), timeline
+
+    four, most, timeline = run(4)
+    print("running at once, second by second (4 slots):", " ".join(map(str, timeline)), flush=True)
+    one, _, _ = run(1)
+    figure("makespan_4_slots_s", round(four, 1))
+    figure("makespan_1_slot_s", round(one, 1))
+    figure("makespan_speedup", round(one / four, 2))
+    figure("max_running_at_once", most)
+    figure("mean_running_at_once_4_slots", round(statistics.mean(timeline), 2))
+
+
+# ------------------------------------------------------------------------------------------------ fairness
+
+
+def fairness(minutes: int = 30) -> None:
+    from shared.db import session_scope
+    from shared.models import PRIORITY_RANK, Job
+    from shared.schemas import JobSpec
+    from shared.services import claims
+    from shared.services import jobs as job_service
+    from shared.services.claims import NodeCapacity
+    from shared.states import JobStatus
+
+    url = fresh_database("tuneforge_bench_fairness")
+    settings = settings_for(url, Path(tempfile.mkdtemp()))
+    teams = make_teams(settings, ["alpha", "beta", "gamma"])
+    rng = random.Random(3)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    mix = {"alpha": (1, 20, 40, 200), "beta": (2, 40, 90, 80), "gamma": (1, 30, 90, 120)}
+    duration, gpus_of, team_of = {}, {}, {}
+    with session_scope(url) as session:
+        for name, team_id in teams.items():
+            gpus, short, long, count = mix[name]
+            for i in range(count):
+                spec = JobSpec(base_model="tiny", dataset="file-x", resources={"gpus": gpus})
+                job = Job(
+                    id=f"ftjob-{secrets.token_hex(12)}",
+                    team_id=team_id,
+                    status="queued",
+                    method="lora",
+                    base_model="tiny",
+                    spec=spec.model_dump(mode="json"),
+                    priority="normal",
+                    priority_rank=PRIORITY_RANK["normal"],
+                    gpus=gpus,
+                    nodes=1,
+                    attempt=0,
+                    result={},
+                    created_at=t0 + timedelta(milliseconds=i),
+                )
+                session.add(job)
+                duration[job.id], gpus_of[job.id], team_of[job.id] = rng.uniform(short, long), gpus, name
+    now, end, busy, started, used = (
+        t0 + timedelta(seconds=1),
+        t0 + timedelta(minutes=minutes),
+        {},
+        {},
+        defaultdict(float),
+    )
+    while now < end:
+        for job_id in {j for j in busy.values() if started[j] + timedelta(seconds=duration[j]) <= now}:
+            with session_scope(url) as session:
+                job_service.transition(session=session, job_id=job_id, to=JobStatus.succeeded, now=now)
+            used[team_of[job_id]] += gpus_of[job_id] * (now - started[job_id]).total_seconds()
+            busy = {g: j for g, j in busy.items() if j != job_id}
+        while True:
+            node = NodeCapacity("bench-node", 4, tuple(g for g in range(4) if g not in busy), host="bench")
+            with session_scope(url) as session:
+                got = claims.claim_next(session=session, settings=settings, node=node, now=now)
+            if got is None:
+                break
+            started[got.job_id] = now
+            busy.update({g: got.job_id for g in got.gpu_indices})
+        with session_scope(url) as session:
+            claims.beat(
+                session=session, node=NodeCapacity("bench-node", 4, (), host="bench"), leases=[], now=now
+            )
+        now += timedelta(seconds=5)
+    for job_id in set(busy.values()):
+        used[team_of[job_id]] += gpus_of[job_id] * (end - started[job_id]).total_seconds()
+    total = sum(used.values())
+    for name in teams:
+        figure(f"fair_share_{name}", round(used[name] / total, 4))
+    figure("fair_share_max_deviation_pct", round(max(abs(used[n] / total - 1 / 3) * 300 for n in teams), 2))
+
+
+# --------------------------------------------------------------------------------------------------- scale
+
+
+def scale(
+    nodes: int = 1000, slots: int = 8, queued: int = 100_000, teams_count: int = 20, seconds: float = 30
+) -> None:
+    from sqlalchemy import text
+
+    from shared.db import engine_for, session_scope
+    from shared.schemas import JobSpec
+    from shared.services import claims, usage
+    from shared.services import jobs as job_service
+    from shared.services.claims import NodeCapacity
+    from shared.states import JobStatus
+
+    url = fresh_database("tuneforge_bench_claims")
+    settings = settings_for(url, Path(tempfile.mkdtemp()))
+    teams = list(make_teams(settings, [f"team{i:02d}" for i in range(teams_count)]).values())
+    spec = JobSpec(base_model="tiny", dataset="file-x").model_dump(mode="json")
+    started = time.perf_counter()
+    engine = engine_for(url)
+    with engine.begin() as conn:
+        # 100,000 queued jobs, spread over the teams, 1-GPU and a few 2- and 4-GPU ones, some high priority.
+        raw = conn.connection.dbapi_connection
+        with (
+            raw.cursor() as cursor,
+            cursor.copy(
+                "COPY jobs (id, team_id, status, method, base_model, spec, priority, priority_rank, gpus, nodes, "
+                "attempt, runtime_seconds, result, metadata, created_at, updated_at, validation_tries) FROM STDIN"
+            ) as copy,
+        ):
+            rng = random.Random(1)
+            base = datetime.now(UTC) - timedelta(hours=1)
+            import json as _json
+
+            spec_text = _json.dumps(spec)
+            for i in range(queued):
+                priority = "high" if rng.random() < 0.02 else "normal"
+                gpus = rng.choice((1, 1, 1, 1, 1, 1, 2, 4))
+                moment = base + timedelta(milliseconds=i)
+                copy.write_row(
+                    (
+                        f"ftjob-{i:024x}",
+                        teams[i % teams_count],
+                        "queued",
+                        "lora",
+                        "tiny",
+                        spec_text,
+                        priority,
+                        0 if priority == "high" else 1,
+                        gpus,
+                        1,
+                        0,
+                        0.0,
+                        "{}",
+                        "{}",
+                        moment,
+                        moment,
+                        0,
+                    )
+                )
+        conn.execute(text("ANALYZE"))
+    print(f"loaded {queued} queued jobs in {time.perf_counter() - started:.1f}s", flush=True)
+
+    latencies: list[float] = []
+    claimed: dict[str, int] = defaultdict(int)
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+    node_ids = [f"sim-node-{i:04d}" for i in range(nodes)]
+
+    class SimNode:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.busy: dict[int, tuple[str, float]] = {}  # gpu -> (job, ends at)
+
+    sims = [SimNode(n) for n in node_ids]
+
+    def driver(mine: list[SimNode]) -> None:
+        rng = random.Random()
+        while time.monotonic() < stop:
+            for sim in mine:
+                now = time.monotonic()
+                if now >= stop:
+                    return
+                for job_id in {j for j, end in sim.busy.values() if end <= now}:
+                    with session_scope(url) as session:
+                        job_service.transition(session=session, job_id=job_id, to=JobStatus.succeeded)
+                    sim.busy = {g: v for g, v in sim.busy.items() if v[0] != job_id}
+                free = tuple(g for g in range(slots) if g not in sim.busy)
+                if not free:
+                    continue
+                began = time.perf_counter()
+                with session_scope(url) as session:
+                    got = claims.claim_next(
+                        session=session,
+                        settings=settings,
+                        node=NodeCapacity(sim.name, slots, free, host=sim.name),
+                    )
+                took = time.perf_counter() - began
+                if got is not None:
+                    ends = time.monotonic() + rng.uniform(2.0, 6.0)
+                    sim.busy.update({g: (got.job_id, ends) for g in got.gpu_indices})
+                    with lock:
+                        latencies.append(took)
+                        claimed[got.team_id] += 1
+
+    threads_count = 24
+    groups = [sims[i::threads_count] for i in range(threads_count)]
+    threads = [threading.Thread(target=driver, args=(g,)) for g in groups]
+    began = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - began
+    latencies.sort()
+    with session_scope(url) as session:
+        shares = usage.team_usage(session, window_seconds=3600)
+    total = sum(shares.values()) or 1.0
+    figure("claims_per_s", round(len(latencies) / elapsed, 1))
+    figure("claim_p50_ms", round(1000 * latencies[len(latencies) // 2], 2))
+    figure("claim_p99_ms", round(1000 * latencies[int(len(latencies) * 0.99)], 2))
+    figure(
+        "scale_teams_share_max_deviation_pct",
+        round(max(abs(v / total - 1 / teams_count) * 100 * teams_count for v in shares.values()), 2),
+    )
+    figure("scale_queued_jobs", queued)
+    figure("scale_nodes", nodes)
+    _ = claims, usage
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--section", choices=["makespan", "fairness", "scale", "all"], default="all")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long the scale section claims")
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--queued", type=int, default=100_000)
+    args = parser.parse_args()
+    if args.section in ("makespan", "all"):
+        makespan()
+    if args.section in ("fairness", "all"):
+        fairness()
+    if args.section in ("scale", "all"):
+        scale(nodes=args.nodes, queued=args.queued, seconds=args.seconds)
+    print()
+    for name, value in FIGURES:
+        print(f"{name} {value:g}")
+
+
+if __name__ == "__main__":
+    main()
