@@ -1,11 +1,20 @@
 """Checkpoints: a saved training state is uploaded to object storage, and only once every file is stored is it
 recorded (a checkpoint row and its files as artifacts, in one fenced transaction); a new attempt downloads the
-latest recorded one and resumes from it."""
+latest recorded one and resumes from it.
+
+Uploads run beside training: the trainer's folder is moved aside (a rename) and a thread uploads and records
+it while the next steps run. A newer checkpoint that arrives before the previous one's upload started takes its
+place (the older one would only be superseded). A failed upload surfaces in the training loop at the next save
+or when training ends (`wait`), where the training process fails as it did when uploads were inline.
+"""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +27,87 @@ from shared.settings import Settings
 from shared.storage import ObjectStore
 from worker.reporting import AttemptWriter
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointUploader:
-    """Where a recipe's trainer sends each saved checkpoint folder (rank 0 only)."""
+    """Where a recipe's trainer sends each saved checkpoint folder (rank 0 only): stored and recorded by a
+    thread of its own while training goes on."""
 
-    def __init__(self, store: ObjectStore, writer: AttemptWriter, team_id: str) -> None:
+    def __init__(
+        self, store: ObjectStore, writer: AttemptWriter, team_id: str, staging: Path | None = None
+    ) -> None:
         self.store = store
         self.writer = writer
         self.team_id = team_id
+        # Where folders wait for their upload (beside the trainer's output, so moving one there is a rename).
+        self.staging = staging
+        self.seconds = 0.0  # spent uploading and recording, all checkpoints together
+        self._changed = threading.Condition()
+        self._next: tuple[int, Path, dict[str, Any]] | None = None
+        self._busy = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
     def save(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
+        """Hands `folder` over to be uploaded, then recorded as the checkpoint of `step`; returns at once.
+        Raises the error of an earlier upload that failed."""
+        self._raise_failure()
+        if self.staging is not None:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            moved = self.staging / f"{folder.name}-{secrets.token_hex(4)}"
+            folder.rename(moved)
+            folder = moved
+        with self._changed:
+            if self._next is not None:  # never started: the newer checkpoint supersedes it
+                self._discard(self._next[1])
+            self._next = (step, folder, metrics)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._upload_each, name="checkpoint-upload", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify_all()
+
+    def wait(self) -> None:
+        """Waits until every checkpoint handed over is stored and recorded; raises the error of one that
+        failed."""
+        with self._changed:
+            while self._next is not None or self._busy:
+                self._changed.wait()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _upload_each(self) -> None:
+        while True:
+            with self._changed:
+                while self._next is None:
+                    self._changed.wait()
+                (step, folder, metrics), self._next = self._next, None
+                self._busy = True
+            started = time.perf_counter()
+            try:
+                self.store_and_record(step, folder, metrics)
+            except BaseException as exc:
+                log.warning("checkpoint of step %d could not be stored: %s", step, exc)
+                self._error = exc
+            finally:
+                self.seconds += time.perf_counter() - started
+                if self.staging is not None:
+                    self._discard(folder)
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
+
+    def _discard(self, folder: Path) -> None:
+        if self.staging is not None and folder.parent == self.staging:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def store_and_record(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
         """Uploads `folder`, then records it as the checkpoint of `step`."""
         prefix = artifact_service.checkpoint_prefix(step)
         job_id, attempt = self.writer.job_id, self.writer.attempt

@@ -63,4 +63,8 @@ def fetch_inputs(
         eval_path=paths.get("validation_dataset"),
         sources=sources,
         resume_from=str(resume_from) if resume_from else None,
+        # Checked against the files above: they key the tokenized cache without hashing the files again.
+        dataset_sha256={
+            param: digest for param, digest in (job.input_digests or {}).items() if param in paths
+        },
     )

@@ -5,12 +5,19 @@ number and retried while the database restarts.
 Fencing: each write first reads the job's attempt number under a share lock, so a claim by another attempt
 waits for the write to finish or finds it done; a write from an attempt that no longer owns the job is
 refused (and the writer remembers that its attempt lost the job).
+
+In the training process the writer runs in the background (`start_background`): events and metric points are
+queued by the training loop, which never waits for the database, and a thread writes them in batches, each
+batch one fenced transaction, in the order they came. While the database is away the batch is kept and tried
+again; `flush` waits until everything queued is written.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,6 +36,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How long a write waits for a restarting database before it gives up.
 RETRY_SECONDS = 60.0
+# The background writer writes at most this often, so a fast training loop's points go in batches.
+BATCH_INTERVAL_SECONDS = 0.25
+# How long a process that exits without flushing waits for what it queued to be written.
+EXIT_FLUSH_SECONDS = 5.0
+# An event or a metric point, queued for the background writer.
+Entry = tuple[str, dict[str, Any]]
 
 
 def patient_store(settings: Settings, writer: AttemptWriter) -> PatientStore:
@@ -62,6 +75,13 @@ class AttemptWriter:
         self.attempt = attempt
         self.lost = threading.Event()
         self._pending: list[tuple[str, int, dict[str, Any]]] = []
+        # The background writer's queue, its wake-up and the batch it is writing (None: not started).
+        self._queue: list[Entry] | None = None
+        self._changed = threading.Condition()
+        self._writing: list[Entry] = []
+        self._error: BaseException | None = None
+        self._hurry = False
+        self._thread: threading.Thread | None = None
 
     def write(
         self, action: Callable[[Session], T], what: str, *, retry_for: float = RETRY_SECONDS
@@ -84,19 +104,11 @@ class AttemptWriter:
     def event(
         self, type: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None
     ) -> None:
-        """Appends an event to the job's log."""
-        self.write(
-            lambda session: job_service.add_event(
-                session=session,
-                job_id=self.job_id,
-                type=type,
-                message=message,
-                level=level,
-                attempt=self.attempt,
-                data=data,
-            ),
-            "an event",
-        )
+        """Appends an event to the job's log (queued when the writer runs in the background)."""
+        entry = {"type": type, "message": message, "level": level, "data": data}
+        if self._enqueue(("event", entry)):
+            return
+        self.write(lambda session: self._record_event(session, entry), "an event")
 
     def move(self, to: JobStatus, message: str, **values: object) -> bool:
         """Moves the job to `to`, only from a status this attempt holds it in (running or cancelling): if the
@@ -116,8 +128,10 @@ class AttemptWriter:
         return bool(moved)
 
     def metric(self, split: str, step: int, values: dict[str, float | int | None]) -> None:
-        """Records one logged step. While the database is away the points are kept and written with the next
-        one: none is dropped."""
+        """Records one logged step (queued when the writer runs in the background). While the database is away
+        the points are kept and written with the next one: none is dropped."""
+        if self._enqueue(("metric", {"split": split, "step": step, "values": values})):
+            return
         self._pending.append((split, step, values))
         pending, self._pending = self._pending, []
         try:
@@ -126,11 +140,94 @@ class AttemptWriter:
             log.warning("could not write metrics of job %s; keeping them for the next write", self.job_id)
             self._pending = pending + self._pending
 
-    def flush(self) -> None:
-        """Writes the metric points kept while the database was away, waiting for it up to a minute."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            self.write(lambda session: self._record(session, pending), "buffered metrics")
+    def flush(self, timeout: float = RETRY_SECONDS) -> None:
+        """Writes everything kept or queued, waiting for the database up to `timeout` seconds; raises the
+        database's last error if it could not."""
+        if self._queue is None:
+            if self._pending:
+                pending, self._pending = self._pending, []
+                self.write(
+                    lambda session: self._record(session, pending), "buffered metrics", retry_for=timeout
+                )
+            return
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            self._hurry = True
+            self._changed.notify_all()
+            while self._queue or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    kept = len(self._queue) + len(self._writing)
+                    raise self._error or TimeoutError(f"{kept} events and metric points are still unwritten")
+                self._changed.wait(min(left, 0.5))
+
+    def start_background(self) -> None:
+        """From now on events and metric points are queued and written by a thread of this writer."""
+        if self._thread is not None:
+            return
+        self._queue = []
+        self._thread = threading.Thread(target=self._write_queued, name="attempt-writer", daemon=True)
+        self._thread.start()
+        # A process that ends without flushing (a crash) still writes what it queued, if the database answers.
+        atexit.register(self._flush_at_exit)
+
+    def _flush_at_exit(self) -> None:
+        try:
+            self.flush(timeout=EXIT_FLUSH_SECONDS)
+        except Exception:
+            log.warning("events and metrics of job %s were left unwritten at exit", self.job_id)
+
+    def _enqueue(self, entry: Entry) -> bool:
+        if self._queue is None:
+            return False
+        with self._changed:
+            self._queue.append(entry)
+            self._changed.notify_all()
+        return True
+
+    def _write_queued(self) -> None:
+        delay = 0.5
+        while True:
+            with self._changed:
+                while not self._queue:
+                    self._changed.wait()
+                assert self._queue is not None
+                self._writing, self._queue[:] = list(self._queue), []
+                self._hurry = False
+            batch = self._writing
+            pause = BATCH_INTERVAL_SECONDS
+            try:
+                self.write(
+                    lambda session, batch=batch: self._record_entries(session, batch),
+                    "events and metrics",
+                    retry_for=0,
+                )
+                delay, self._error = 0.5, None
+            except (OperationalError, InterfaceError) as exc:
+                # The database is away: keep the batch, in front of whatever came since, and try again.
+                log.warning("could not write events and metrics of job %s (%s); retrying", self.job_id, exc)
+                with self._changed:
+                    assert self._queue is not None
+                    self._queue[:0] = batch
+                    self._error = exc
+                pause, delay = delay, min(2 * delay, 5.0)
+            except Exception:
+                log.exception("events and metrics of job %s could not be written; dropped", self.job_id)
+            with self._changed:
+                self._writing = []
+                self._changed.notify_all()
+                # Wait a little for more to batch with, unless someone flushes.
+                self._changed.wait_for(lambda: self._hurry, timeout=pause)
+
+    def _record_entries(self, session: Session, entries: list[Entry]) -> None:
+        for kind, entry in entries:
+            if kind == "event":
+                self._record_event(session, entry)
+            else:
+                self._record(session, [(entry["split"], entry["step"], entry["values"])])
+
+    def _record_event(self, session: Session, entry: dict[str, Any]) -> None:
+        job_service.add_event(session=session, job_id=self.job_id, attempt=self.attempt, **entry)
 
     def _record(self, session: Session, points: list[tuple[str, int, dict[str, Any]]]) -> None:
         for split, step, values in points:

@@ -375,9 +375,13 @@ def test_a_stale_attempts_checkpoint_upload_never_lands_on_a_recorded_one(settin
         (path / "trainer_state.json").write_text('{"global_step": 10}')
         return path
 
-    CheckpointUploader(store, fresh, "team-default").save(10, folder("new", b"new attempt's weights"), {})
+    uploader = CheckpointUploader(store, fresh, "team-default")
+    uploader.save(10, folder("new", b"new attempt's weights"), {})
+    uploader.wait()
     # The old attempt's upload of the same step arrives after (it was mid-upload when its worker died).
-    CheckpointUploader(store, stale, "team-default").save(10, folder("old", b"stale weights"), {})
+    uploader = CheckpointUploader(store, stale, "team-default")
+    uploader.save(10, folder("old", b"stale weights"), {})
+    uploader.wait()
     assert stale.lost.is_set()
 
     with session_scope(settings.database_url) as session:

@@ -30,7 +30,10 @@ def agreed(flag: bool) -> bool:
     """True on every rank if it is true on any (a no-op without torch.distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return flag
-    value = torch.tensor([1 if flag else 0])
+    # NCCL reduces only tensors on the GPU; one element a step, on the device the step already waits for.
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
 
@@ -80,6 +83,13 @@ def deepspeed_config(spec: JobSpec) -> dict[str, Any] | None:
     if on_cpu():
         # Keep the Trainer's torch AdamW: DeepSpeed's CPU Adam would be compiled first (minutes).
         config["zero_force_ds_cpu_optimizer"] = False
+    elif resources.cpu_offload:
+        # Offloaded optimizer states are updated on the CPU by DeepSpeed's own Adam (DeepSpeed refuses a torch
+        # optimizer there); the Trainer fills in its settings.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
     return config
 
 

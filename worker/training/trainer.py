@@ -1,14 +1,17 @@
-"""The trainer setup every training recipe shares: the training dtype, trl's SFTConfig from the job's
-hyperparameters (with DeepSpeed or data parallelism for multi-GPU jobs), the encoded datasets, the
-SFTTrainer with the progress callback that reports each logged step and hands each saved checkpoint to the
-job's checkpoint sink, and the metrics of a finished run."""
+"""The trainer setup every training recipe shares: how the job trains on this device (precision, attention
+kernel, fused optimizer, Liger, torch.compile), trl's SFTConfig from the job's hyperparameters (with DeepSpeed
+or data parallelism for multi-GPU jobs), the tokenized datasets (cached on the worker), padding-free batches
+where they pay, the SFTTrainer with the progress callback that reports each logged step and hands each saved
+checkpoint to the job's checkpoint sink, and the metrics of a finished run (tokens/s, model FLOPs utilization
+and where the time went)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +21,75 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from shared.errors import JobErrorCode, JobFailure
+from shared.planning import PADDING_FREE_MODEL_TYPES
 from shared.schemas import Hyperparameters
 from worker.training import distributed
-from worker.training.data import encode_dataset
+from worker.training.efficiency import (
+    BatchCounter,
+    ModelFlops,
+    cpu_bf16_pays,
+    device_peak,
+    padding_free_pays,
+    process_age,
+)
 from worker.training.recipes.base import TrainingContext
+from worker.training.tokenized import TokenizedDataset, cached_tokenize
 
 
-def training_dtype() -> torch.dtype:
-    """bfloat16 on GPUs that have it, float32 otherwise."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+@dataclass(frozen=True)
+class Kernels:
+    """How a job trains on this device: its options resolved against the hardware and what is installed."""
+
+    bf16: bool  # bfloat16 autocast (and bfloat16 base weights on a GPU)
+    attn_implementation: str  # sdpa, flash_attention_2 or eager
+    fused_adamw: bool
+    liger_kernel: bool
+    torch_compile: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def training_kernels(ctx: TrainingContext, hp: Hyperparameters) -> Kernels:
+    """The job's precision, attention kernel and fast paths on this device: what it asked for, checked against
+    the hardware (a JobFailure naming the option when it cannot run here), and safe defaults for the rest:
+    bf16 on GPUs that have it (on CPUs with native bf16 where it measured faster), FlashAttention-2 where
+    installed on a GPU, SDPA otherwise."""
+    on_gpu = torch.cuda.is_available()
+    gpu_bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    if hp.bf16 and on_gpu and not gpu_bf16:
+        raise JobFailure(JobErrorCode.invalid_config, "bf16: this worker's GPU has no bfloat16; remove bf16")
+    default_bf16 = gpu_bf16 if on_gpu else hp.bf16 is None and cpu_bf16_pays(ctx.cache_dir)
+    bf16 = hp.bf16 if hp.bf16 is not None else default_bf16
+    attn = hp.attn_implementation
+    flash = on_gpu and bf16 and _installed("flash_attn")
+    if attn == "flash_attention_2" and not flash:
+        raise JobFailure(
+            JobErrorCode.invalid_config,
+            "attn_implementation: flash_attention_2 needs a GPU with flash-attn installed and bf16; choose sdpa",
+        )
+    if hp.liger_kernel and not (on_gpu and _installed("liger_kernel")):
+        raise JobFailure(
+            JobErrorCode.invalid_config,
+            "liger_kernel: Liger's Triton kernels need a GPU worker with the liger extra installed",
+        )
+    return Kernels(
+        bf16=bf16,
+        attn_implementation=attn or ("flash_attention_2" if flash else "sdpa"),
+        fused_adamw=hp.fused_adamw is not False,
+        liger_kernel=hp.liger_kernel,
+        torch_compile=hp.torch_compile,
+    )
+
+
+def training_dtype(kernels: Kernels) -> torch.dtype:
+    """The dtype of the frozen base weights: bfloat16 on a GPU training in bf16, float32 otherwise (CPU
+    autocast casts each matmul's inputs instead)."""
+    if kernels.bf16 and torch.cuda.is_available():
         return torch.bfloat16
     return torch.float32
 
@@ -52,37 +115,81 @@ class TrainingProgress:
     last_eval_loss: float | None = None
     stopped: bool = False
     runtime: float = 0.0
+    # Where the time went, by phase (tokenize, load, train, checkpoint, save), in seconds.
+    timings: dict[str, float] = field(default_factory=dict)
+    # What the trainer fed the model, for the FLOPs (None until the trainer exists).
+    batches: BatchCounter | None = None
+    flops: ModelFlops | None = None
+    kernels: Kernels | None = None
+    padding_free: bool = False
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+
+@dataclass
+class TrainingData:
+    """The job's datasets as the trainer takes them, with the length of each training sample it keeps."""
+
+    train: Dataset
+    eval: Dataset | None
+    lengths: list[int]
+
+
+def _tokenized(
+    ctx: TrainingContext, tokenizer: Any, hp: Hyperparameters, param: str, data: Any
+) -> TokenizedDataset:
+    return cached_tokenize(
+        data.records,
+        data.format,
+        tokenizer,
+        hp.seq_length,
+        packing=hp.packing,
+        cache_dir=ctx.cache_dir,
+        dataset_sha256=ctx.dataset_sha256.get(param),
+    )
 
 
 def training_datasets(
-    ctx: TrainingContext, tokenizer: Any, hp: Hyperparameters
-) -> tuple[Dataset, Dataset | None]:
-    """Encodes the job's dataset (and validation dataset), reporting what it found."""
+    ctx: TrainingContext, tokenizer: Any, hp: Hyperparameters, progress: TrainingProgress
+) -> TrainingData:
+    """Tokenizes the job's dataset (and validation dataset), or reads them from the worker's cache, reporting
+    what it found."""
     assert ctx.train_data is not None
-    train = encode_dataset(ctx.train_data.records, ctx.train_data.format, tokenizer, hp.seq_length)
+    started = time.perf_counter()
+    train = _tokenized(ctx, tokenizer, hp, "dataset", ctx.train_data)
+    evaluation = None
+    if ctx.eval_data is not None:
+        evaluation = _tokenized(ctx, tokenizer, hp, "validation_dataset", ctx.eval_data).dataset
+    seconds = time.perf_counter() - started
+    progress.add_time("tokenize", seconds)
     ctx.reporter.event(
         "dataset",
-        f"{len(train.samples)} training samples, {train.total_tokens} tokens, "
-        f"{train.truncated} longer than max_seq_length {hp.seq_length}",
-        data={"samples": len(train.samples), "tokens": train.total_tokens, "truncated": train.truncated},
+        f"{train.samples} training samples, {train.tokens} tokens, "
+        f"{train.truncated} longer than max_seq_length {hp.seq_length}"
+        + (" (tokenized earlier, read from the cache)" if train.cached else ""),
+        data={
+            "samples": train.samples,
+            "tokens": train.tokens,
+            "truncated": train.truncated,
+            "cached": train.cached,
+            "seconds": round(seconds, 3),
+        },
     )
-    columns = train.columns(hp.seq_length)
-    if not columns["input_ids"]:
+    if not train.lengths:
         raise JobFailure(
             JobErrorCode.invalid_dataset,
             f"no sample has a token to learn within max_seq_length {hp.seq_length}; raise it",
         )
-    eval_dataset = None
-    if ctx.eval_data is not None:
-        encoded = encode_dataset(ctx.eval_data.records, ctx.eval_data.format, tokenizer, hp.seq_length)
-        eval_dataset = Dataset.from_dict(encoded.columns(hp.seq_length))
-    return Dataset.from_dict(columns), eval_dataset
+    return TrainingData(train.dataset, evaluation, train.lengths)
 
 
-def training_args(ctx: TrainingContext, hp: Hyperparameters, *, has_eval: bool) -> SFTConfig:
-    """trl's SFTConfig for a job: its hyperparameters, checkpoints when the job keeps them, and DeepSpeed or
-    data parallelism for multi-GPU jobs. Build it before loading the model: under ZeRO-3 the model is
-    partitioned while it loads."""
+def training_args(
+    ctx: TrainingContext, hp: Hyperparameters, kernels: Kernels, *, has_eval: bool
+) -> SFTConfig:
+    """trl's SFTConfig for a job: its hyperparameters and kernels, checkpoints when the job keeps them, and
+    DeepSpeed or data parallelism for multi-GPU jobs. Build it before loading the model: under ZeRO-3 the model
+    is partitioned while it loads. The datasets come tokenized, cut and packed (training_datasets)."""
     args = SFTConfig(
         output_dir=str(ctx.work_dir / "trainer"),
         num_train_epochs=hp.epochs or 1,
@@ -106,8 +213,12 @@ def training_args(ctx: TrainingContext, hp: Hyperparameters, *, has_eval: bool) 
         data_seed=hp.seed,
         max_length=hp.seq_length,
         packing=hp.packing,
+        dataset_kwargs={"skip_prepare_dataset": True},
         gradient_checkpointing=bool(hp.gradient_checkpointing),
-        bf16=training_dtype() is torch.bfloat16,
+        bf16=kernels.bf16,
+        optim="adamw_torch_fused" if kernels.fused_adamw else "adamw_torch",
+        use_liger_kernel=kernels.liger_kernel,
+        torch_compile=kernels.torch_compile,
         use_cpu=distributed.on_cpu(),
         ddp_backend=distributed.ddp_backend(),
         deepspeed=distributed.deepspeed_config(ctx.spec),
@@ -120,24 +231,43 @@ def training_args(ctx: TrainingContext, hp: Hyperparameters, *, has_eval: bool) 
 
 class ProgressCallback(TrainerCallback):
     """Sends each logged step to the job's reporter, hands each saved checkpoint to its checkpoint sink, and
-    stops training (after a checkpoint) when the job must stop."""
+    stops training (after a checkpoint) when the job must stop. Keeps the time checkpoints take on the step
+    path and leaves evaluation batches out of the training FLOPs."""
 
     def __init__(self, ctx: TrainingContext, progress: TrainingProgress) -> None:
         self.ctx = ctx
         self.progress = progress
         self.last_time: float | None = None
         self.last_tokens = 0
+        # When the trainer last finished something on the step path (a step, a log, an evaluation).
+        self.mark = time.perf_counter()
+        self.counted_at_step_end = (0, 0)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.last_time = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.mark = time.perf_counter()
+        batches = self.progress.batches
+        if batches is not None:
+            self.counted_at_step_end = (batches.tokens, batches.squares)
         # Asked to stop (a warm shutdown): save a checkpoint at this step, then stop. Every rank must agree on
         # the step, or the collectives of the next one would wait forever.
         if distributed.agreed(self.ctx.should_stop()):
             self.progress.stopped = True
             control.should_training_stop = True
             control.should_save = self.ctx.checkpoints is not None
+        elif state.global_step >= state.max_steps:
+            # The trainer would also save a resumable checkpoint at the last step: nothing resumes from it (the
+            # finished adapter is saved and stored anyway), so that time stays off the step path.
+            control.should_save = False
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The batches collated since the step ended were the evaluation's.
+        batches = self.progress.batches
+        if batches is not None:
+            batches.tokens, batches.squares = self.counted_at_step_end
+        self.mark = time.perf_counter()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         sink = self.ctx.checkpoints
@@ -145,16 +275,21 @@ class ProgressCallback(TrainerCallback):
         if sink is None or (state.global_step >= state.max_steps and not self.progress.stopped):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        # Every rank has written its part of the checkpoint before rank 0 uploads the folder.
+        # Every rank has written its part of the checkpoint before rank 0 hands the folder over.
         distributed.barrier()
         if state.is_world_process_zero:
             losses = self.progress.losses
+            # Stored and recorded by the sink's own thread while the next steps run.
             sink.save(state.global_step, folder, {"train_loss": losses[-1] if losses else None})
         distributed.barrier()
+        now = time.perf_counter()
+        self.progress.add_time("checkpoint", now - self.mark)
+        self.mark = now
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
     ) -> None:
+        self.mark = time.perf_counter()
         if not state.is_world_process_zero:  # the logged values are already averaged over every rank
             return
         logs = logs or {}
@@ -177,6 +312,7 @@ class ProgressCallback(TrainerCallback):
         rate = (tokens - self.last_tokens) / elapsed if elapsed > 0 and tokens else None
         self.last_time, self.last_tokens = now, tokens
         self.progress.losses.append(loss)
+        # Queued: the attempt's writer stores it in the background.
         self.ctx.reporter.metric(
             "train",
             step,
@@ -191,31 +327,77 @@ class ProgressCallback(TrainerCallback):
         )
 
 
+def use_padding_free(
+    ctx: TrainingContext,
+    hp: Hyperparameters,
+    data: TrainingData,
+    flops: ModelFlops,
+    kernels: Kernels,
+    model: Any,
+) -> tuple[bool, str]:
+    """Whether the micro-batches go padding-free, and why: packed rows always are; otherwise as the job asked,
+    or by default where the model keeps packed samples apart and the data's lengths make it cheaper."""
+    if hp.packing:
+        return True, "samples packed in rows of max_seq_length"
+    if hp.padding_free is not None:
+        return hp.padding_free, "as the job asked"
+    model_type = model.config.get_text_config().model_type
+    if model_type not in PADDING_FREE_MODEL_TYPES:
+        return False, f"padded: model type {model_type!r} is not known to keep concatenated samples apart"
+    varlen = kernels.attn_implementation == "flash_attention_2"
+    pays, ratio = padding_free_pays(data.lengths, hp.batch_size, flops, varlen=varlen, seed=hp.seed)
+    if pays:
+        return True, f"padding-free: {1 - ratio:.0%} less compute than padded batches for these lengths"
+    if math.isinf(ratio):
+        return False, "padded: a padding-free batch would need a larger attention mask than padded ones"
+    return False, f"padded: padding-free batches would not save compute for these lengths ({ratio:.2f}x)"
+
+
 def sft_trainer(
     ctx: TrainingContext,
     model: torch.nn.Module,
     tokenizer: Any,
-    datasets: tuple[Dataset, Dataset | None],
+    data: TrainingData,
     args: SFTConfig,
     progress: TrainingProgress,
 ) -> SFTTrainer:
-    """trl's SFTTrainer reporting through a ProgressCallback into `progress`."""
-    train_dataset, eval_dataset = datasets
+    """trl's SFTTrainer reporting through a ProgressCallback into `progress`, its micro-batches padding-free
+    where that pays."""
+    hp = ctx.spec.hyperparameters
+    kernels = progress.kernels
+    assert hp is not None and kernels is not None
+    trainable, total = model.get_nb_trainable_parameters()
+    progress.flops = ModelFlops.of(model, trainable, total)
+    progress.padding_free, why = use_padding_free(ctx, hp, data, progress.flops, kernels, model)
+    if not hp.packing:
+        args.padding_free = progress.padding_free
+        # trl enforces max_length only while preparing datasets; these come cut already.
+        args.max_length = None if progress.padding_free else args.max_length
+    ctx.reporter.event(
+        "kernels",
+        f"training with {kernels.attn_implementation} attention, {'bf16' if kernels.bf16 else 'fp32'}"
+        f"{', fused AdamW' if kernels.fused_adamw else ''}{', Liger kernels' if kernels.liger_kernel else ''}"
+        f"{', torch.compile' if kernels.torch_compile else ''}; {why}",
+        data={**kernels.to_dict(), "padding_free": progress.padding_free, "packing": hp.packing},
+    )
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=[ProgressCallback(ctx, progress)],
     )
     # Progress goes to the database; the trainer's own printing would only flood the worker log.
     trainer.remove_callback(PrinterCallback)
+    progress.batches = BatchCounter(trainer.data_collator)
+    trainer.data_collator = progress.batches
     return trainer
 
 
 def train(ctx: TrainingContext, trainer: SFTTrainer, progress: TrainingProgress) -> None:
-    """Runs the training loop, resuming from the job's checkpoint when there is one."""
+    """Runs the training loop, resuming from the job's checkpoint when there is one, and waits until its last
+    checkpoint is stored."""
     resume = str(ctx.resume_from) if ctx.resume_from else None
     if ctx.resume_from is not None:
         ctx.reporter.event("resume", f"resuming from {ctx.resume_from.name}")
@@ -228,6 +410,20 @@ def train(ctx: TrainingContext, trainer: SFTTrainer, progress: TrainingProgress)
             "out of GPU memory; lower batch_size or max_seq_length, or raise gradient_accumulation_steps",
         ) from exc
     progress.runtime = time.perf_counter() - started
+    progress.add_time("train", progress.runtime)
+    if ctx.checkpoints is not None:
+        waited = time.perf_counter()
+        ctx.checkpoints.wait()
+        progress.add_time("checkpoint", time.perf_counter() - waited)
+        # Beside training, not on the step path.
+        progress.add_time("checkpoint_upload", getattr(ctx.checkpoints, "seconds", 0.0))
+
+
+def started(progress: TrainingProgress) -> None:
+    """Counts the training process's start (interpreter, imports, reading the datasets) as the startup phase."""
+    age = process_age()
+    if age is not None and "startup" not in progress.timings:
+        progress.add_time("startup", age)
 
 
 def trained_tokens(trainer: SFTTrainer) -> int:
@@ -235,10 +431,42 @@ def trained_tokens(trainer: SFTTrainer) -> int:
     return int(getattr(trainer, "_total_train_tokens", 0) or 0)
 
 
-def training_metrics(trainer: SFTTrainer, progress: TrainingProgress) -> dict[str, Any]:
+def efficiency(ctx: TrainingContext, trainer: SFTTrainer, progress: TrainingProgress) -> dict[str, Any]:
+    """tokens/s, the FLOPs per token and the model FLOPs utilization of the training loop against the device's
+    peak (configured or measured; None for an in-process run without a cache to keep the measurement in)."""
+    tokens, runtime = trained_tokens(trainer), progress.runtime
+    batches, flops, kernels = progress.batches, progress.flops, progress.kernels
+    mean_length = batches.mean_length() if batches is not None else None
+    result: dict[str, Any] = {
+        "tokens_per_second": round(tokens / runtime, 1) if tokens and runtime else None,
+        "mean_sample_tokens": round(mean_length, 1) if mean_length else None,
+        "padding_free": progress.padding_free,
+        **(kernels.to_dict() if kernels is not None else {}),
+        "flops_per_token": None,
+        "mfu": None,
+        "device_peak_flops": None,
+        "device_peak_source": None,
+    }
+    if flops is None or mean_length is None or not tokens or not runtime:
+        return result
+    per_token = flops.per_token(mean_length)
+    result["flops_per_token"] = round(per_token)
+    if ctx.device_peak_tflops is None and ctx.cache_dir is None:
+        return result
+    dtype = torch.bfloat16 if kernels is not None and kernels.bf16 else torch.float32
+    peak, source = device_peak(ctx.device_peak_tflops, ctx.cache_dir, dtype)
+    devices = distributed.world_size()
+    result |= {
+        "mfu": round(tokens * per_token / runtime / (peak * devices), 4),
+        "device_peak_flops": round(peak),
+        "device_peak_source": source,
+    }
+    return result
+
+
+def training_metrics(trainer: SFTTrainer, progress: TrainingProgress, ctx: TrainingContext) -> dict[str, Any]:
     """The metrics of a finished run, as the job's result shows them."""
     state = trainer.state
-    tokens = trained_tokens(trainer)
     runtime = progress.runtime
     return {
         "steps": int(state.global_step),
@@ -248,6 +476,7 @@ def training_metrics(trainer: SFTTrainer, progress: TrainingProgress) -> dict[st
         "eval_loss": progress.last_eval_loss,
         "train_runtime_seconds": round(runtime, 3),
         "seconds_per_step": round(runtime / state.global_step, 4) if state.global_step else None,
-        "tokens_per_second": round(tokens / runtime, 1) if tokens and runtime else None,
+        **efficiency(ctx, trainer, progress),
+        "time_seconds": {phase: round(seconds, 3) for phase, seconds in progress.timings.items()},
         **peak_memory(),
     }

@@ -23,9 +23,12 @@ class Reporter(Protocol):
 
 
 class CheckpointSink(Protocol):
-    """Where a recipe sends each saved training state (the runner stores and records it)."""
+    """Where a recipe sends each saved training state (stored and recorded beside training)."""
 
     def save(self, step: int, folder: Path, metrics: dict[str, Any]) -> None: ...
+
+    def wait(self) -> None:
+        """Returns once every checkpoint handed over is stored and recorded."""
 
 
 class JobStopped(Exception):
@@ -51,6 +54,12 @@ class TrainingContext:
     checkpoints: CheckpointSink | None = None
     checkpoint_steps: int | None = None
     resume_from: Path | None = None
+    # The worker's cache (tokenized datasets, the device's measured peak) and the datasets' sha256 by
+    # parameter (dataset, validation_dataset), which key their tokenized copies.
+    cache_dir: Path | None = None
+    dataset_sha256: dict[str, str] = field(default_factory=dict)
+    # The deployment's figure for the device's peak TFLOP/s (measured when unset).
+    device_peak_tflops: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check_stop(self) -> None:

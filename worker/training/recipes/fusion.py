@@ -30,6 +30,7 @@ from worker.training.recipes.base import TrainingResult
 from worker.training.recipes.lora import LoraRecipe
 from worker.training.trainer import (
     sft_trainer,
+    started,
     trained_tokens,
     training_args,
     training_datasets,
@@ -136,9 +137,10 @@ class FusionRecipe(LoraRecipe):
         ctx.checkpoints = None
         ctx.resume_from = None
         torch.manual_seed(hp.seed)
-        args = training_args(ctx, hp, has_eval=ctx.eval_data is not None)
+        started(self.progress)
+        args = training_args(ctx, hp, self.kernels, has_eval=ctx.eval_data is not None)
         self.tokenizer = load_tokenizer(ctx.model_dir)
-        datasets = training_datasets(ctx, self.tokenizer, hp)
+        datasets = training_datasets(ctx, self.tokenizer, hp, self.progress)
         ctx.check_stop()
 
         self.names = source_names(len(ctx.sources))
@@ -230,7 +232,7 @@ class FusionRecipe(LoraRecipe):
             "rank": rank,
             "adapter_params": adapter_param_count(model, OUTPUT_ADAPTER),
             "reproduction_max_logit_diff": difference,
-            **training_metrics(self.trainer, self.progress),
+            **training_metrics(self.trainer, self.progress, self.ctx),
         }
         write_model_card(
             output_dir,

@@ -3,6 +3,7 @@ same recipe with peft's use_dora / use_rslora)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,16 @@ from worker.training.lora_config import lora_config
 from worker.training.model_card import write_model_card
 from worker.training.recipes.base import Recipe, TrainingContext, TrainingResult
 from worker.training.trainer import (
+    Kernels,
     TrainingProgress,
     sft_trainer,
+    started,
     train,
     trained_tokens,
     training_args,
     training_datasets,
     training_dtype,
+    training_kernels,
     training_metrics,
 )
 
@@ -39,9 +43,21 @@ class LoraRecipe(Recipe):
         self.model: PeftModel | None = None
         self.tokenizer: Any = None
 
+    @property
+    def kernels(self) -> Kernels:
+        """How this job trains on this device (resolved once, in setup)."""
+        if self.progress.kernels is None:
+            hp = self.ctx.spec.hyperparameters
+            assert hp is not None
+            self.progress.kernels = training_kernels(self.ctx, hp)
+        return self.progress.kernels
+
     def load_base_model(self) -> torch.nn.Module:
         """Loads the frozen base model the adapter trains on."""
-        return AutoModelForCausalLM.from_pretrained(self.ctx.model_dir, dtype=training_dtype())
+        kernels = self.kernels
+        return AutoModelForCausalLM.from_pretrained(
+            self.ctx.model_dir, dtype=training_dtype(kernels), attn_implementation=kernels.attn_implementation
+        )
 
     def prepare_base_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Readies the base model for adapter training (a hook for quantized variants)."""
@@ -51,11 +67,13 @@ class LoraRecipe(Recipe):
         spec, ctx = self.ctx.spec, self.ctx
         hp, adapter = spec.hyperparameters, spec.adapter
         assert hp is not None and adapter is not None and ctx.train_data is not None
-        args = training_args(ctx, hp, has_eval=ctx.eval_data is not None)
+        started(self.progress)
+        args = training_args(ctx, hp, self.kernels, has_eval=ctx.eval_data is not None)
         self.tokenizer = load_tokenizer(ctx.model_dir)
-        datasets = training_datasets(ctx, self.tokenizer, hp)
+        datasets = training_datasets(ctx, self.tokenizer, hp, self.progress)
         ctx.check_stop()
 
+        loading = time.perf_counter()
         base = self.load_base_model()
         # Seeded after loading (which draws random numbers differently under ZeRO-3), so every topology
         # starts from the same adapter initialisation.
@@ -67,6 +85,7 @@ class LoraRecipe(Recipe):
             autocast_adapter_dtype=spec.resources.zero_stage != 3,
         )
         trainable, total = self.model.get_nb_trainable_parameters()
+        self.progress.add_time("load", time.perf_counter() - loading)
         ctx.reporter.event(
             "model",
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)",
@@ -91,11 +110,13 @@ class LoraRecipe(Recipe):
             if not distributed.is_main_process():
                 return TrainingResult(output_dir, trainable, total, 0, {}, stopped=self.progress.stopped)
         else:
+            saving = time.perf_counter()
             self.model.save_pretrained(output_dir)
+            self.progress.add_time("save", time.perf_counter() - saving)
         self.tokenizer.save_pretrained(output_dir)
         name_base_model(output_dir, spec.base_model)
         tokens = trained_tokens(self.trainer)
-        metrics = training_metrics(self.trainer, self.progress)
+        metrics = training_metrics(self.trainer, self.progress, self.ctx)
         write_model_card(
             output_dir,
             job_id=self.ctx.job_id,

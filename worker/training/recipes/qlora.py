@@ -47,7 +47,11 @@ class QLoraRecipe(LoraRecipe):
             # takes its own GPU (transformers would otherwise pick the current device, GPU 0 on every rank).
             kwargs["device_map"] = {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))}
         model = AutoModelForCausalLM.from_pretrained(
-            self.ctx.model_dir, quantization_config=bnb_4bit_config(quant), dtype=dtype, **kwargs
+            self.ctx.model_dir,
+            quantization_config=bnb_4bit_config(quant),
+            dtype=dtype,
+            attn_implementation=self.kernels.attn_implementation,
+            **kwargs,
         )
         layers = linear4bit_modules(model)
         if not layers:
