@@ -1,7 +1,9 @@
-"""Request dependencies: settings, a database session, object storage and the caller's team.
+"""Request dependencies: settings, a database session (for writes, on the threadpool), the async database
+(for the reads clients poll, on the event loop), object storage and the caller's team.
 
 They are `async def` because FastAPI runs a plain `def` dependency on a threadpool thread: a hop per
-dependency per request, for functions that never block.
+dependency per request. The caller's team comes from a key cache, or an async read when the cache has
+not seen the key within api_key_cache_seconds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidRequest, Unauthorized
-from shared.services.auth import authenticate
+from shared.services.auth import authenticate_cached
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from shared.tenancy import TeamID
@@ -39,16 +41,15 @@ async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-def get_caller_team(
-    request: Request,
-    session: Annotated[Session, Depends(get_session)],
-    settings: Annotated[Settings, Depends(get_settings)],
-) -> TeamID:
+async def get_caller_team(request: Request) -> TeamID:
     """Returns the team whose API key (`Authorization: Bearer <key>`) the caller sent; 401 otherwise."""
     scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("send your team's API key as `Authorization: Bearer <key>`", param="authorization")
-    team = authenticate(session=session, settings=settings, key=key.strip())
+    state = request.app.state
+    team = await authenticate_cached(
+        db=state.db, settings=state.settings, cache=state.key_cache, key=key.strip()
+    )
     if team is None:
         raise Unauthorized("the API key is unknown or revoked", param="authorization")
     return team

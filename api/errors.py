@@ -7,12 +7,16 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import StoredDataDamaged, TuneforgeError, Unauthorized
+from shared.errors import DatabaseUnavailable, StoredDataDamaged, TuneforgeError, Unauthorized
 from shared.storage import ObjectNotFound, StorageError
 
 log = logging.getLogger(__name__)
+# Seconds a client should wait before retrying while the database is away (a restart takes a few).
+DATABASE_RETRY_AFTER = "2"
 
 
 def _field_path(loc: tuple[object, ...]) -> str:
@@ -36,6 +40,9 @@ def describe(exc: Exception, request: Request) -> ErrorParts:
     operator must see. Both API surfaces word their answers from this (validation errors aside)."""
     if isinstance(exc, TuneforgeError):
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        if isinstance(exc, DatabaseUnavailable):
+            log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.__cause__)
+            headers["Retry-After"] = DATABASE_RETRY_AFTER
         if isinstance(exc, StoredDataDamaged):
             log.error("refused to serve damaged stored bytes: %s", exc.message)
             headers["x-should-retry"] = "false"
@@ -48,6 +55,14 @@ def describe(exc: Exception, request: Request) -> ErrorParts:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         # e.g. the `Allow` header a 405 must carry
         return exc.status_code, code, str(exc.detail), None, dict(exc.headers or {})
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
+        # A session's statement (the threadpool routes) found the database restarting, failing over,
+        # unreachable, or every connection busy: the request can be sent again as is.
+        unavailable = DatabaseUnavailable("the database is unavailable; try again shortly")
+        unavailable.__cause__ = exc
+        return describe(unavailable, request)
     if isinstance(exc, ObjectNotFound):
         log.error("object missing from storage: %s", exc)
         return 404, "object_missing", f"the stored object is missing: {exc}", None, {}
@@ -65,7 +80,16 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers.update(headers)
         return response
 
-    for kind in (TuneforgeError, StarletteHTTPException, ObjectNotFound, StorageError, Exception):
+    # The database's errors get a handler of their own: an answer through the catch-all Exception handler is
+    # re-raised to the server after it is sent, which logs every 503 of an outage as a crash.
+    for kind in (
+        TuneforgeError,
+        StarletteHTTPException,
+        ObjectNotFound,
+        StorageError,
+        SQLAlchemyError,
+        Exception,
+    ):
         app.add_exception_handler(kind, _native)
 
     @app.exception_handler(RequestValidationError)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import Depends, FastAPI
 
 from api.deps import refuse_unstorable_text
 from api.errors import install_error_handlers
 from api.openai import routes as openai_routes
 from api.routers import files, health, jobs, metrics, models, plans, webhooks
-from shared.db import session_factory
+from shared.db import AsyncDatabase, session_factory
+from shared.services.auth import KeyCache
 from shared.settings import Settings, get_settings
 from shared.storage import make_store
 
@@ -22,16 +26,26 @@ Fine-tune LLMs with parameter-efficient methods. Upload a dataset (`POST /v1/fil
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the API for the given settings (the environment's by default)."""
     settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await app.state.db.dispose()
+
     app = FastAPI(
         title="Tuneforge",
         version="0.1.0",
         description=DESCRIPTION,
         dependencies=[Depends(refuse_unstorable_text)],
+        lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.database_url)
+    app.state.db = AsyncDatabase(settings.database_url)
+    app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
     app.state.store = make_store(settings)
     install_error_handlers(app)
-    for module in (health, metrics, models, files, jobs, webhooks, openai_routes, plans):
+    # Routes are matched in this order: the ones clients poll first.
+    for module in (health, jobs, files, models, metrics, webhooks, openai_routes, plans):
         app.include_router(module.router)
     return app

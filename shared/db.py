@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -12,7 +15,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Engine, create_engine, event, tuple_
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.base import Executable
+
+from shared.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +51,180 @@ def make_engine(url: str) -> Engine:
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     # Sized for the API's threadpool (40 threads) so requests rarely wait for a connection.
     return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
+
+
+def make_async_engine(url: str) -> AsyncEngine:
+    """Returns an async engine for the embedded default's SQLite file (aiosqlite), its connections in autocommit
+    mode. PostgreSQL is read through psycopg's own pool instead (AsyncDatabase)."""
+    path = url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(
+        "sqlite+aiosqlite:///" + path,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"timeout": 30},
+        pool_size=5,
+        max_overflow=5,
+    )
+    event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class _PostgresPool:
+    """psycopg async connections for one event loop, in autocommit: made on demand, so that a database that is
+    down is an error at once (not a wait for a background reconnect), reused while healthy, at most `size` in
+    use at a time (a request waits `wait` seconds for one)."""
+
+    def __init__(self, url: str, size: int, wait: float) -> None:
+        self.url = "postgresql://" + url.split("://", 1)[1]
+        self.wait = wait
+        self.idle: collections.deque[Any] = collections.deque()
+        self.slots = asyncio.Semaphore(size)
+
+    async def acquire(self) -> Any:
+        import psycopg
+        from psycopg.rows import namedtuple_row
+
+        if self.slots.locked():
+            try:
+                await asyncio.wait_for(self.slots.acquire(), self.wait)
+            except TimeoutError:
+                raise DatabaseUnavailable("every database connection is busy; try again shortly") from None
+        else:
+            await self.slots.acquire()
+        try:
+            while self.idle:
+                connection = self.idle.pop()
+                if not connection.closed:
+                    return connection
+            return await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, row_factory=namedtuple_row, connect_timeout=5
+            )
+        except BaseException:
+            self.slots.release()
+            raise
+
+    async def release(self, connection: Any, *, broken: bool = False) -> None:
+        from psycopg.pq import ConnStatus, TransactionStatus
+
+        try:
+            healthy = (
+                not broken
+                and not connection.closed
+                and connection.pgconn.status == ConnStatus.OK
+                and connection.info.transaction_status == TransactionStatus.IDLE
+            )
+            if healthy:
+                self.idle.append(connection)
+            else:
+                await connection.close()
+        finally:
+            self.slots.release()
+
+    async def discard_idle(self) -> None:
+        """Closes the idle connections: after one turned out dead, the others opened with it are too."""
+        while self.idle:
+            await self.idle.pop().close()
+
+
+class AsyncDatabase:
+    """The database as the API's event loop reads it: statements built with SQLAlchemy Core, run on autocommit
+    connections, so that a read is one round trip (no BEGIN before it, no ROLLBACK after). Rows have their
+    columns as attributes.
+
+    On PostgreSQL each statement is compiled once and run by psycopg on a pool of its own: SQLAlchemy's asyncio
+    layer costs several times the query itself (profiled with bench/api.py). On SQLite (the embedded default)
+    it runs through SQLAlchemy's aiosqlite engine. A pool (or engine) per running event loop: uvicorn runs one
+    per process; test clients may start several. A connection found dead (the database restarted since it was
+    opened) is dropped with the other idle ones and the statement run once more on a new one; a database that
+    does not answer raises DatabaseUnavailable (503 with Retry-After) at once."""
+
+    def __init__(self, url: str, *, max_connections: int = 10, wait_seconds: float = 10.0) -> None:
+        self.url = url
+        self.postgres = url.startswith("postgresql")
+        self.max_connections = max_connections
+        self.wait_seconds = wait_seconds
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self._compiled: dict[int, tuple[Executable, str]] = {}
+
+    def _pool(self) -> Any:
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is None:
+            if self.postgres:
+                pool = _PostgresPool(self.url, self.max_connections, self.wait_seconds)
+            else:
+                pool = make_async_engine(self.url)
+            self._pools[loop] = pool
+        return pool
+
+    def _sql(self, statement: Executable) -> str:
+        # Keyed by identity: the statements are module constants, held alive by the cache entry itself.
+        cached = self._compiled.get(id(statement))
+        if cached is None or cached[0] is not statement:
+            from sqlalchemy.dialects.postgresql import psycopg
+
+            compiled = statement.compile(
+                dialect=psycopg.dialect(), compile_kwargs={"render_postcompile": True}
+            )
+            cached = self._compiled[id(statement)] = (statement, str(compiled))
+        return cached[1]
+
+    async def _run(self, statement: Executable, params: dict[str, Any], fetch: bool) -> list[Any]:
+        if not self.postgres:
+            engine: AsyncEngine = self._pool()
+            try:
+                async with engine.connect() as connection:
+                    result = await connection.execute(statement, params)
+                    return list(result) if fetch else []
+            except (OperationalError, PoolTimeoutError) as exc:
+                raise DatabaseUnavailable("the database is unavailable; try again shortly") from exc
+        import psycopg
+
+        pool: _PostgresPool = self._pool()
+        sql = self._sql(statement)
+        for last in (False, True):
+            try:
+                connection = await pool.acquire()
+            except psycopg.OperationalError as exc:
+                raise DatabaseUnavailable("the database is unavailable; try again shortly") from exc
+            try:
+                cursor = await connection.execute(sql, params)
+                rows = await cursor.fetchall() if fetch else []
+            except psycopg.OperationalError as exc:
+                await pool.release(connection, broken=True)
+                await pool.discard_idle()
+                if last:
+                    raise DatabaseUnavailable("the database is unavailable; try again shortly") from exc
+                log.info("a pooled database connection failed (%s); trying once more on a new one", exc)
+                continue
+            except BaseException:
+                await pool.release(connection, broken=True)
+                raise
+            await pool.release(connection)
+            return rows
+        raise AssertionError("unreachable")
+
+    async def fetch_all(self, statement: Executable, **params: Any) -> list[Any]:
+        """The rows of a SELECT whose bind parameters are named in `params`."""
+        return await self._run(statement, params, True)
+
+    async def fetch_one(self, statement: Executable, **params: Any) -> Any | None:
+        """The first row of a SELECT, or None."""
+        rows = await self._run(statement, params, True)
+        return rows[0] if rows else None
+
+    async def execute(self, statement: Executable, **params: Any) -> None:
+        """Runs one statement that changes rows (in its own transaction)."""
+        await self._run(statement, params, False)
+
+    async def dispose(self) -> None:
+        """Closes the running loop's pooled connections."""
+        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        if isinstance(pool, _PostgresPool):
+            await pool.discard_idle()
+        elif pool is not None:
+            await pool.dispose()
 
 
 @lru_cache(maxsize=8)

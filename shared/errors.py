@@ -52,6 +52,14 @@ class PayloadTooLarge(TuneforgeError):
     code = "payload_too_large"
 
 
+class DatabaseUnavailable(TuneforgeError):
+    """The database did not answer (restarting, failing over, unreachable, or every connection busy): the same
+    request can be sent again shortly."""
+
+    status_code = 503
+    code = "database_unavailable"
+
+
 class StoredDataDamaged(TuneforgeError):
     """Stored bytes no longer match the sha256 recorded when they were stored: they are never served. Retrying
     cannot help (answers carry `x-should-retry: false`)."""

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
+from api.answers import json_answer
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
 from api.downloads import artifact_response, refuse_damaged, stream_archive
 from api.event_stream import job_event_stream
@@ -22,15 +23,16 @@ from api.schemas import (
     ExportRequest,
     JobOut,
     JobPage,
-    MetricPoint,
     MetricsOut,
+    job_answer,
+    metric_answer,
 )
 from shared.errors import NotFound
 from shared.models import Job
 from shared.schemas import JobSpec
 from shared.services import artifacts as artifact_service
+from shared.services import job_reads, submission
 from shared.services import jobs as job_service
-from shared.services import submission
 from shared.services.idempotency import Replay, request_hash
 from shared.states import JobStatus
 
@@ -99,26 +101,31 @@ def _answer(job: Job) -> dict:
 
 
 @router.get("", response_model=JobPage)
-def list_jobs(
-    session: SessionDep,
+async def list_jobs(
+    request: Request,
     team: CallerTeam,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=job_service.MAX_PAGE)] = 20,
     cursor: str | None = None,
-) -> JobPage:
+) -> Response:
     """Lists the team's jobs, newest first."""
-    jobs, next_cursor = job_service.list_jobs(
-        session=session, team_id=team, status=status, limit=limit, cursor=cursor
+    rows, next_cursor = await job_reads.read_job_page(
+        db=request.app.state.db, team_id=team, status=status, limit=limit, cursor=cursor
     )
-    return JobPage(
-        data=[JobOut.of(j) for j in jobs], has_more=next_cursor is not None, next_cursor=next_cursor
-    )
+    page = {
+        "object": "list",
+        "data": [job_answer(row) for row in rows],
+        "has_more": next_cursor is not None,
+        "next_cursor": next_cursor,
+    }
+    return json_answer(request, page)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep, team: CallerTeam) -> JobOut:
-    """Returns one job."""
-    return JobOut.of(job_service.get_job(session=session, team_id=team, job_id=job_id))
+async def get_job(job_id: str, request: Request, team: CallerTeam) -> Response:
+    """Returns one job. Send its ETag back in If-None-Match to get a bodiless 304 while it has not changed."""
+    job = await job_reads.read_job(db=request.app.state.db, team_id=team, job_id=job_id)
+    return json_answer(request, job_answer(job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
@@ -160,14 +167,12 @@ def stream_events(job_id: str, request: Request, session: SessionDep, team: Call
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
-def get_metrics(job_id: str, session: SessionDep, team: CallerTeam) -> MetricsOut:
+async def get_metrics(job_id: str, request: Request, team: CallerTeam) -> Response:
     """Returns the job's loss curves (train and eval), by step."""
-    curves = job_service.get_metrics(session=session, team_id=team, job_id=job_id)
-    return MetricsOut(
-        job_id=job_id,
-        train=[MetricPoint.of(m) for m in curves["train"]],
-        eval=[MetricPoint.of(m) for m in curves["eval"]],
-    )
+    curves: dict[str, list[dict]] = {"train": [], "eval": []}
+    for row in await job_reads.read_metrics(db=request.app.state.db, team_id=team, job_id=job_id):
+        curves.setdefault(row.split, []).append(metric_answer(row))
+    return json_answer(request, {"job_id": job_id, "train": curves["train"], "eval": curves["eval"]})
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)

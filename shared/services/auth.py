@@ -6,15 +6,17 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared.db import AsyncDatabase
 from shared.errors import Conflict, NotFound
-from shared.models import ApiKey, Team, new_id, utcnow
+from shared.models import ApiKey, Team, UTCDateTime, new_id, utcnow
 from shared.settings import Settings
 from shared.tenancy import TeamID
 
@@ -77,6 +79,72 @@ def authenticate(*, session: Session, settings: Settings, key: str) -> TeamID | 
         record.last_used_at = now  # at most once a minute: a write per request would cost more than the read
         session.commit()
     return TeamID(record.team_id)
+
+
+class KeyCache:
+    """Keys this process verified lately, each trusted for `ttl_seconds` before the database is asked again:
+    a revoked key stops working in every process within that time."""
+
+    def __init__(self, ttl_seconds: float, max_entries: int = 10_000) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.max_entries = max_entries
+        self._teams: dict[str, tuple[float, TeamID]] = {}
+
+    def get(self, key: str) -> TeamID | None:
+        entry = self._teams.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            self._teams.pop(key, None)
+            return None
+        return entry[1]
+
+    def put(self, key: str, team: TeamID) -> None:
+        now = time.monotonic()
+        if len(self._teams) >= self.max_entries:
+            self._teams = {k: v for k, v in self._teams.items() if v[0] > now}
+            if len(self._teams) >= self.max_entries:
+                self._teams.clear()
+        self._teams[key] = (now + self.ttl_seconds, team)
+
+
+KEY_BY_PREFIX = select(
+    ApiKey.id, ApiKey.team_id, ApiKey.digest, ApiKey.revoked_at, ApiKey.last_used_at
+).where(ApiKey.prefix == bindparam("prefix"))
+KEY_USED = (
+    update(ApiKey)
+    .where(
+        ApiKey.id == bindparam("key_id"),
+        or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < bindparam("stale", type_=UTCDateTime)),
+    )
+    .values(last_used_at=bindparam("now", type_=UTCDateTime))
+)
+
+
+async def authenticate_cached(
+    *, db: AsyncDatabase, settings: Settings, cache: KeyCache, key: str
+) -> TeamID | None:
+    """`authenticate` on the event loop, answered from `cache` while the key was verified less than its TTL
+    ago. Unknown and revoked keys are never cached."""
+    team = cache.get(key)
+    if team is not None:
+        return team
+    match = KEY_FORMAT.match(key)
+    if match is None:
+        return None
+    record = await db.fetch_one(KEY_BY_PREFIX, prefix=match[1])
+    if record is None or record.revoked_at is not None:
+        return None
+    if not hmac.compare_digest(record.digest, key_digest(settings, key)):
+        return None
+    now = utcnow()
+    stale = now - timedelta(minutes=1)
+    if record.last_used_at is None or record.last_used_at < stale:
+        # At most once a minute per key (a write per request would cost more than the read).
+        await db.execute(KEY_USED, key_id=record.id, stale=stale, now=now)
+    team = TeamID(record.team_id)
+    cache.put(key, team)
+    return team
 
 
 def revoke_api_key(*, session: Session, key_id: str) -> ApiKey:

@@ -1,0 +1,38 @@
+"""JSON answers for the reads clients poll, built from plain data: serialized once, in pydantic's own format
+(UTC times with `Z`, NaN and infinities as null), with an ETag so that a client that sends it back in
+If-None-Match gets a bodiless 304 while nothing changed."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic_core import to_json
+
+# Every client revalidates (the answer changes as the job moves); only the client itself may keep a copy.
+CACHE_CONTROL = "private, no-cache"
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    # Weak comparison (RFC 9110 13.1.2): W/"x" matches "x".
+    return if_none_match.strip() == "*" or any(
+        tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(",")
+    )
+
+
+def encode(content: Any) -> bytes:
+    """`content` (dicts, lists, scalars, datetimes) as the response models would write it."""
+    return to_json(content, inf_nan_mode="null")
+
+
+def json_answer(request: Request, content: Any, status_code: int = 200) -> Response:
+    """`content` as JSON with its ETag; 304 without a body when the request's If-None-Match names it."""
+    body = encode(content)
+    etag = f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and _matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)

@@ -1,0 +1,116 @@
+"""The reads clients poll (a job, pages of jobs, a job's metrics) on the API's event loop: one autocommit
+round trip each (shared/db.py AsyncDatabase), the columns the answer shows and nothing else, rows rather than
+ORM objects. The statements are built once, with named parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Integer, Select, bindparam, select, tuple_
+
+from shared.db import AsyncDatabase
+from shared.errors import NotFound
+from shared.models import Job, JobMetric
+from shared.services.jobs import _decode_cursor, _encode_cursor
+from shared.states import JobStatus
+from shared.tenancy import TeamID
+
+# What a job's answer shows (api/schemas.py job_answer).
+JOB_COLUMNS = (
+    Job.id,
+    Job.status,
+    Job.method,
+    Job.base_model,
+    Job.dataset_uri,
+    Job.validation_uri,
+    Job.spec,
+    Job.priority,
+    Job.user_metadata.label("user_metadata"),  # the column is named metadata
+    Job.attempt,
+    Job.error_code,
+    Job.error_message,
+    Job.trainable_params,
+    Job.total_params,
+    Job.trained_tokens,
+    Job.result,
+    Job.plan,
+    Job.input_digests,
+    Job.created_at,
+    Job.updated_at,
+    Job.started_at,
+    Job.finished_at,
+)
+METRIC_COLUMNS = (
+    JobMetric.split,
+    JobMetric.step,
+    JobMetric.epoch,
+    JobMetric.loss,
+    JobMetric.learning_rate,
+    JobMetric.grad_norm,
+    JobMetric.tokens_per_second,
+    JobMetric.num_tokens,
+    JobMetric.attempt,
+    JobMetric.created_at,
+)
+
+
+def _job_page_query(by_status: bool, after: bool) -> Select:
+    query = select(*JOB_COLUMNS).where(Job.team_id == bindparam("team_id"))
+    if by_status:
+        query = query.where(Job.status == bindparam("status"))
+    if after:
+        # shared.db.beyond, newest first, with the anchor as parameters.
+        after_created = bindparam("after_created", type_=Job.created_at.type)
+        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(after_created, bindparam("after_id")))
+    return query.order_by(Job.created_at.desc(), Job.id.desc()).limit(bindparam("limit", type_=Integer))
+
+
+JOB = select(*JOB_COLUMNS).where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id"))
+JOB_PAGES = {(s, a): _job_page_query(s, a) for s in (False, True) for a in (False, True)}
+# The job outer-joined to its points: no row means no such job of the team, one row with a null step a job
+# without points. In the order of the (job_id, split, step) index.
+METRICS = (
+    select(Job.id.label("job_id"), *METRIC_COLUMNS)
+    .select_from(Job)
+    .outerjoin(JobMetric, JobMetric.job_id == Job.id)
+    .where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id"))
+    .order_by(JobMetric.split, JobMetric.step)
+)
+
+
+async def read_job(*, db: AsyncDatabase, team_id: TeamID, job_id: str) -> Any:
+    """Returns a team's job (a row of JOB_COLUMNS), or raises NotFound (also for another team's job)."""
+    row = await db.fetch_one(JOB, job_id=job_id, team_id=team_id)
+    if row is None:
+        raise NotFound(f"job {job_id} not found", param="job_id")
+    return row
+
+
+async def read_job_page(
+    *,
+    db: AsyncDatabase,
+    team_id: TeamID,
+    status: JobStatus | None = None,
+    limit: int = 20,
+    cursor: str | None = None,
+) -> tuple[list[Any], str | None]:
+    """Returns a page of a team's jobs, newest first, and the cursor of the next page (keyset pagination on
+    the (team_id, created_at, id) and (team_id, status, created_at, id) indexes)."""
+    params: dict[str, Any] = {"team_id": team_id, "limit": limit + 1}
+    if status is not None:
+        params["status"] = status.value
+    if cursor:
+        params["after_created"], params["after_id"] = _decode_cursor(cursor)
+    rows = await db.fetch_all(JOB_PAGES[status is not None, bool(cursor)], **params)
+    next_cursor = (
+        _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    )
+    return rows[:limit], next_cursor
+
+
+async def read_metrics(*, db: AsyncDatabase, team_id: TeamID, job_id: str) -> list[Any]:
+    """Returns a team's job's metric points (rows of METRIC_COLUMNS) by split, then step; raises NotFound."""
+    rows = await db.fetch_all(METRICS, job_id=job_id, team_id=team_id)
+    if not rows:
+        raise NotFound(f"job {job_id} not found", param="job_id")
+    return [row for row in rows if row.step is not None]

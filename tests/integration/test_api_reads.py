@@ -1,0 +1,143 @@
+"""The reads clients poll, on real PostgreSQL, Redis and S3: conditional GETs, pages of jobs by status, metric
+curves; and the API when its database or its broker does not answer (503 with Retry-After; submissions
+accepted and sent by the sweeper once Redis is back)."""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from api.main import create_app
+from cli.local_service import free_port
+from shared.db import session_scope
+from shared.models import Job, JobEvent, JobMetric
+from shared.queue import queued_messages
+from tests.conftest import TINY_MODEL
+from tests.helpers import color_messages, to_jsonl, upload_dataset
+
+
+@pytest.fixture
+def team_client(settings, tiny_model_dir, make_team, store):
+    """A client of a team of its own, with a dataset uploaded."""
+    team_id, key = make_team(max_queued_jobs=1000)
+    with session_scope(settings.database_url) as session:
+        dataset = upload_dataset(session, settings, store, to_jsonl(color_messages(8)), team_id=team_id).id
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}) as client:
+        yield client, team_id, dataset
+
+
+def submit(client, dataset: str, **extra) -> dict:
+    body = {"base_model": TINY_MODEL, "dataset": dataset, "hyperparameters": {"max_steps": 5}} | extra
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_a_poller_gets_304_until_the_job_changes(team_client):
+    client, _, dataset = team_client
+    job = submit(client, dataset)
+    first = client.get(f"/v1/jobs/{job['id']}")
+    assert first.status_code == 200
+    # The same answer as the submission's (sending it to the broker has since moved updated_at).
+    assert first.json() | {"updated_at": None} == job | {"updated_at": None}
+    etag = first.headers["etag"]
+    again = client.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag})
+    assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", etag)
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    changed = client.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.json()["status"] == "cancelled"
+    assert changed.headers["etag"] != etag
+    # Another team's job is not found, ETag or not.
+    assert client.get("/v1/jobs/ftjob-nope", headers={"If-None-Match": "*"}).status_code == 404
+
+
+def test_pages_by_status_walk_every_job_once_newest_first(team_client):
+    client, _, dataset = team_client
+    made = [submit(client, dataset)["id"] for _ in range(7)]
+    for job_id in made[:3]:
+        client.post(f"/v1/jobs/{job_id}/cancel")
+    seen: dict[str | None, list[str]] = {}
+    for status in (None, "cancelled", "validating"):
+        cursor, ids = None, []
+        while True:
+            params = (
+                {"limit": 2} | ({"status": status} if status else {}) | ({"cursor": cursor} if cursor else {})
+            )
+            page = client.get("/v1/jobs", params=params).json()
+            ids += [job["id"] for job in page["data"]]
+            assert all(status is None or job["status"] == status for job in page["data"])
+            if not page["has_more"]:
+                break
+            cursor = page["next_cursor"]
+        seen[status] = ids
+    assert seen[None] == made[::-1]
+    assert seen["cancelled"] == made[:3][::-1]
+    assert seen["validating"] == made[3:][::-1]
+    bad = client.get("/v1/jobs", params={"cursor": "bm9wZQ"})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "cursor"
+
+
+def test_metrics_come_by_split_and_step_with_nan_as_null(team_client, settings):
+    client, _, dataset = team_client
+    job = submit(client, dataset)
+    with session_scope(settings.database_url) as session:
+        for step in (3, 1, 2):
+            session.add(JobMetric(job_id=job["id"], attempt=1, split="train", step=step, loss=1.0 / step))
+        session.add(JobMetric(job_id=job["id"], attempt=1, split="eval", step=2, loss=math.nan))
+    curves = client.get(f"/v1/jobs/{job['id']}/metrics").json()
+    assert [p["step"] for p in curves["train"]] == [1, 2, 3]
+    assert curves["train"][1]["loss"] == 0.5 and curves["train"][1]["attempt"] == 1
+    assert curves["eval"][0]["loss"] is None
+    empty = submit(client, dataset)
+    assert client.get(f"/v1/jobs/{empty['id']}/metrics").json() == {
+        "job_id": empty["id"],
+        "train": [],
+        "eval": [],
+    }
+    assert client.get("/v1/jobs/ftjob-nope/metrics").status_code == 404
+
+
+def test_without_its_database_the_api_answers_503_with_retry_after(settings, api_key):
+    # A database URL where nothing listens: what the API sees while PostgreSQL is down.
+    away = settings.model_copy(update={"database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/x"})
+    with TestClient(create_app(away), headers={"Authorization": f"Bearer {api_key}"}) as client:
+        for method, path in (
+            ("GET", "/v1/jobs/ftjob-x"),
+            ("GET", "/v1/jobs"),
+            ("GET", "/v1/files"),
+            ("POST", "/v1/jobs"),
+            ("GET", "/v1/fine_tuning/jobs"),
+        ):
+            response = client.request(method, path, json={"base_model": TINY_MODEL, "dataset": "file-x"})
+            assert response.status_code == 503, (path, response.text)
+            assert response.headers["retry-after"] == "2", path
+        assert client.get("/v1/jobs").json()["error"]["code"] == "database_unavailable"
+        assert client.get("/healthz").status_code == 200
+
+
+def test_without_redis_submissions_are_accepted_and_the_sweeper_sends_them(settings, api_key, store):
+    from worker.maintenance import resend_lost_jobs
+
+    prefix = f"{settings.queue_prefix}-away-{secrets.token_hex(3)}"
+    away = settings.model_copy(
+        update={"broker_url": f"redis://127.0.0.1:{free_port()}/0", "queue_prefix": prefix}
+    )
+    with session_scope(settings.database_url) as session:
+        dataset = upload_dataset(session, settings, store, to_jsonl(color_messages(8))).id
+    with TestClient(create_app(away), headers={"Authorization": f"Bearer {api_key}"}) as client:
+        job = submit(client, dataset)
+    with session_scope(settings.database_url) as session:
+        row = session.get(Job, job["id"])
+        assert (row.status, row.enqueued_at) == ("validating", None)
+        events = session.scalars(select(JobEvent.message).where(JobEvent.job_id == job["id"])).all()
+    assert any("broker did not take the job" in message for message in events)
+    # Redis is back: the sweeper (every worker runs it) sends what no queue holds.
+    back = settings.model_copy(update={"queue_prefix": prefix})
+    assert job["id"] in resend_lost_jobs(back)
+    assert job["id"] in (queued_messages(back) or "")
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, job["id"]).enqueued_at is not None
