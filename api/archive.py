@@ -35,10 +35,22 @@ def _padding(size: int) -> bytes:
     return b"\0" * (-size % BLOCK)
 
 
-def stream_tar(root: str, members: list[ArchiveMember]) -> Iterator[bytes]:
+def _sums(members: list[ArchiveMember]) -> bytes:
+    return "".join(f"{m.sha256}  {m.name}\n" for m in members).encode()
+
+
+def tar_size(root: str, members: list[ArchiveMember], mtime: float) -> int:
+    """The length of the archive `stream_tar(root, members, mtime)` yields."""
+    size = 2 * BLOCK
+    for name, length in [*((m.name, m.size) for m in members), ("SHA256SUMS", len(_sums(members)))]:
+        size += len(_header(f"{root}/{name}", length, mtime)) + length + len(_padding(length))
+    return size
+
+
+def stream_tar(root: str, members: list[ArchiveMember], mtime: float | None = None) -> Iterator[bytes]:
     """Yields a tar archive of `members` under `root/`, plus a SHA256SUMS file; each member's bytes are
     checked against its recorded sha256 as they pass (a mismatch aborts the stream)."""
-    now = time.time()
+    now = time.time() if mtime is None else mtime
     for member in members:
         yield _header(f"{root}/{member.name}", member.size, now)
         digest = hashlib.sha256()
@@ -51,7 +63,7 @@ def stream_tar(root: str, members: list[ArchiveMember]) -> Iterator[bytes]:
             member.on_damage(digest.hexdigest())
             raise IntegrityError(f"{member.name}: stored bytes do not match the recorded size and sha256")
         yield _padding(member.size)
-    sums = "".join(f"{m.sha256}  {m.name}\n" for m in members).encode()
+    sums = _sums(members)
     yield _header(f"{root}/SHA256SUMS", len(sums), now)
     yield sums + _padding(len(sums))
     yield b"\0" * (2 * BLOCK)

@@ -9,20 +9,26 @@ not match the sha256 recorded when they were stored.
   (curl exits 18, httpx raises) instead of saving the bytes. The object is marked damaged at once, so the
   next request for it (the SDK's retry) gets the plain `artifact_corrupted` answer.
 - Tar archives check each member as it passes and end the archive early on a mismatch, the same way.
+
+Streams read storage in STREAM_CHUNK pieces on one thread of their own (`pumped`), a few chunks ahead of the
+socket, so reading and hashing overlap with sending and the event loop never waits on storage.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime
 
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.orm import Session
 
-from api.archive import ArchiveMember, stream_tar
+from api.archive import ArchiveMember, stream_tar, tar_size
 from shared.errors import StoredDataDamaged
 from shared.models import Artifact, UploadedFile
 from shared.services import artifacts as artifact_service
@@ -31,6 +37,8 @@ from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 VERIFY_FIRST_BYTES = 16 * 2**20
+STREAM_CHUNK = 8 * 2**20
+AHEAD = 2  # chunks read ahead of the socket, per stream
 
 # Records that a stored object was found damaged (opens its own transaction: the request's may be closed).
 DamageRecorder = Callable[[str], None]
@@ -52,6 +60,53 @@ def primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
     """Starts a storage stream before the response does, so a missing object is a 404, not a cut download."""
     first = next(chunks, b"")
     return itertools.chain([first], chunks)
+
+
+async def pumped(chunks: Iterator[bytes], ahead: int = AHEAD) -> AsyncIterator[bytes]:
+    """Iterates a blocking iterator on a thread of its own, at most `ahead` chunks ahead of the consumer: one
+    thread for the whole stream instead of a threadpool hop per chunk. Its errors are raised here; when the
+    consumer stops early (the client went away) the thread stops too and closes the iterator."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[bytes | None, BaseException | None]] = asyncio.Queue()
+    room = threading.Semaphore(ahead)
+    stopped = threading.Event()
+
+    def hand_over(item: tuple[bytes | None, BaseException | None]) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone (the server is shutting down)
+            stopped.set()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                while not room.acquire(timeout=1.0):
+                    if stopped.is_set():
+                        return
+                if stopped.is_set():
+                    return
+                hand_over((chunk, None))
+            hand_over((None, None))
+        except BaseException as exc:
+            hand_over((None, exc))
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    threading.Thread(target=produce, name="tuneforge-download", daemon=True).start()
+    try:
+        while True:
+            chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                return
+            room.release()
+            yield chunk
+    finally:
+        stopped.set()
+        room.release()
 
 
 def damaged(what: str, expected: str, actual: str | None = None) -> StoredDataDamaged:
@@ -107,11 +162,17 @@ def stream_object(
     """One stored object with its length, checked against its recorded size and sha256 (see above)."""
     if damaged_at is not None:
         raise damaged(what, sha256)
-    chunks = _verified(store.iter_chunks(key), what=what, size=size, sha256=sha256, on_damage=on_damage)
+    chunks = _verified(
+        store.iter_chunks(key, chunk_size=STREAM_CHUNK),
+        what=what,
+        size=size,
+        sha256=sha256,
+        on_damage=on_damage,
+    )
     headers = {"Content-Length": str(size), **headers}
     if size <= VERIFY_FIRST_BYTES:
         return Response(b"".join(chunks), media_type=media_type, headers=headers)
-    return StreamingResponse(primed(chunks), media_type=media_type, headers=headers)
+    return StreamingResponse(pumped(primed(chunks)), media_type=media_type, headers=headers)
 
 
 def artifact_response(
@@ -168,13 +229,19 @@ def stream_archive(
             name=a.name.removeprefix(strip),
             size=a.size_bytes,
             sha256=a.sha256,
-            chunks=lambda key=a.storage_key: store.iter_chunks(key),
+            chunks=lambda key=a.storage_key: store.iter_chunks(key, chunk_size=STREAM_CHUNK),
             on_damage=_recorder(factory, artifact_service.mark_damaged, a.id),
         )
         for a in artifacts
     ]
+    mtime = time.time()
+    # With its length known, the archive is sent as is (no chunked framing), and a damaged member that ends
+    # it early leaves it short of Content-Length: every client reports it incomplete.
     return StreamingResponse(
-        stream_tar(root, members),
+        pumped(stream_tar(root, members, mtime)),
         media_type="application/x-tar",
-        headers={"Content-Disposition": f'attachment; filename="{root}.tar"'},
+        headers={
+            "Content-Disposition": f'attachment; filename="{root}.tar"',
+            "Content-Length": str(tar_size(root, members, mtime)),
+        },
     )

@@ -4,7 +4,7 @@ import tarfile
 
 import pytest
 
-from api.archive import ArchiveMember, stream_tar
+from api.archive import ArchiveMember, stream_tar, tar_size
 from shared.storage import IntegrityError
 
 
@@ -23,7 +23,10 @@ def test_streamed_archive_is_a_valid_tar_with_checksums():
         "adapter_model.safetensors": bytes(range(256)) * 9,
         "a/b.txt": b"",
     }
-    archive = b"".join(stream_tar("job-adapter", [member(n, d) for n, d in files.items()]))
+    members = [member(n, d) for n, d in files.items()]
+    archive = b"".join(stream_tar("job-adapter", members, 1.0e9))
+    # Sent with this Content-Length: a stream that ends early is seen as incomplete by every client.
+    assert tar_size("job-adapter", members, 1.0e9) == len(archive)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         for name, data in files.items():
             assert tar.extractfile(f"job-adapter/{name}").read() == data
@@ -36,3 +39,8 @@ def test_a_corrupt_member_aborts_the_stream():
     stream = stream_tar("x", [member("bad.bin", b"payload", sha="0" * 64)])
     with pytest.raises(IntegrityError, match=r"bad\.bin"):
         b"".join(stream)
+
+
+def test_the_announced_length_counts_long_names_too():
+    members = [member("a" * 300 + "/weights.bin", b"w" * 5000), member("b.json", b"{}")]
+    assert tar_size("r" * 120, members, 12345.0) == len(b"".join(stream_tar("r" * 120, members, 12345.0)))
