@@ -47,7 +47,13 @@ def migrate(revision: str = "head") -> None:
 def api(
     host: Annotated[str | None, typer.Option(help="default: TUNEFORGE_API_HOST")] = None,
     port: Annotated[int | None, typer.Option(help="default: TUNEFORGE_API_PORT")] = None,
-    workers: int = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="API processes sharing the port, about one per core; default: TUNEFORGE_API_WORKERS (1)",
+        ),
+    ] = None,
 ) -> None:
     """Serves the HTTP API."""
     import uvicorn
@@ -58,7 +64,7 @@ def api(
         factory=True,
         host=host or settings.api_host,
         port=port or settings.api_port,
-        workers=workers,
+        workers=workers or settings.api_workers,
         log_level=settings.log_level.lower(),
     )
 
