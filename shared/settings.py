@@ -217,6 +217,11 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
 
+    @field_validator("ray_address")
+    @classmethod
+    def _empty_means_none(cls, value: str | None) -> str | None:
+        return value or None
+
     @model_validator(mode="after")
     def _fill_defaults_and_refuse_unsafe(self) -> Settings:
         home = self.home.expanduser().resolve()

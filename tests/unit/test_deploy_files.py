@@ -175,7 +175,19 @@ def pyproject() -> dict[str, Any]:
 
 
 def test_compose_has_the_production_services() -> None:
-    expected = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "validator", "flower"}
+    expected = {
+        "postgres",
+        "redis",
+        "minio",
+        "minio-init",
+        "migrate",
+        "api",
+        "worker",
+        "validator",
+        "flower",
+        "ray-head",
+        "ray-worker",
+    }
     assert set(services()) == expected
     assert "x-tuneforge-env" in compose()
 
@@ -187,7 +199,8 @@ def test_tuneforge_services_share_the_anchor_environment() -> None:
         # A service may add its own variables (the worker names its GPUs), never change the shared ones.
         assert {k: v for k, v in environment.items() if k in anchor} == anchor, name
     assert anchor["TUNEFORGE_ENVIRONMENT"] == "production"
-    assert services()["worker"]["environment"]["TUNEFORGE_WORKER_GPUS"] == "1"
+    # One worker per node drives every GPU it is given: it names none, it uses all it sees.
+    assert "TUNEFORGE_WORKER_GPUS" not in services()["worker"]["environment"]
 
 
 def test_every_tuneforge_variable_is_a_settings_field() -> None:
