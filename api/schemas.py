@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.models import Artifact, Checkpoint, Job, JobEvent, JobMetric, Plan, UploadedFile
+from shared.models import Artifact, Attempt, Checkpoint, Job, JobEvent, JobMetric, Plan, UploadedFile
 from shared.schemas import (
     AdapterSpec,
     ExportSpec,
@@ -27,6 +27,23 @@ class ErrorBody(BaseModel):
     code: str
     message: str
     param: str | None = None
+
+
+class Placement(BaseModel):
+    """Where the job's latest attempt runs (or ran)."""
+
+    worker_id: str | None
+    host: str
+    gpu_indices: list[int] = Field(description="the node's GPUs the attempt holds (CUDA_VISIBLE_DEVICES)")
+    launcher: str = Field(description="process, torchrun, or ray (a job spanning nodes)")
+
+
+class QueuePlace(BaseModel):
+    """Where a queued job stands."""
+
+    position: int = Field(description="1 + the queued jobs ahead of it by priority, then age")
+    gpus: int = Field(description="the GPUs it waits for, in all")
+    nodes: int
 
 
 class JobOut(BaseModel):
@@ -66,6 +83,10 @@ class JobOut(BaseModel):
     updated_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    placement: Placement | None = Field(None, description="where the latest attempt runs or ran")
+    queue: QueuePlace | None = Field(
+        None, description="while it waits: its place in the queue and the GPUs it waits for (GET of one job)"
+    )
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -137,7 +158,63 @@ def job_answer(job: Any) -> dict[str, Any]:
         "updated_at": job.updated_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
+        "placement": _placement(job),
+        "queue": _queue_place(job),
     }
+
+
+def _placement(job: Any) -> dict[str, Any] | None:
+    host = getattr(job, "placement_host", None)
+    if host is None:
+        return None
+    return {
+        "worker_id": job.worker_id,
+        "host": host,
+        "gpu_indices": list(job.placement_gpu_indices or []),
+        "launcher": job.placement_launcher,
+    }
+
+
+def _queue_place(job: Any) -> dict[str, Any] | None:
+    position = getattr(job, "queue_position", None)
+    if position is None or job.status != "queued":
+        return None
+    return {"position": position, "gpus": job.gpus, "nodes": job.nodes}
+
+
+class AttemptOut(BaseModel):
+    """One run of a job: where, on which GPUs, with which launcher, and how it ended."""
+
+    number: int
+    worker_id: str
+    host: str
+    gpu_indices: list[int]
+    gpus: int
+    launcher: str
+    started_at: datetime
+    ended_at: datetime | None
+    outcome: str | None = Field(description="the job's status when the attempt ended; null while it runs")
+    gpu_seconds: float = Field(description="GPU-seconds charged to the team for it so far")
+
+    @classmethod
+    def of(cls, attempt: Attempt) -> AttemptOut:
+        return cls(
+            number=attempt.number,
+            worker_id=attempt.worker_id,
+            host=attempt.host,
+            gpu_indices=list(attempt.gpu_indices),
+            gpus=attempt.gpus,
+            launcher=attempt.launcher,
+            started_at=attempt.started_at,
+            ended_at=attempt.ended_at,
+            outcome=attempt.outcome,
+            gpu_seconds=round(attempt.charged_gpu_seconds, 3),
+        )
+
+
+class AttemptList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AttemptOut]
 
 
 class JobPage(BaseModel):

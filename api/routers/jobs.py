@@ -16,6 +16,8 @@ from api.idempotency import IdempotencyKeyHeader, idempotent_call, replayed
 from api.schemas import (
     ArtifactList,
     ArtifactOut,
+    AttemptList,
+    AttemptOut,
     CheckpointList,
     CheckpointOut,
     EventOut,
@@ -186,6 +188,13 @@ def list_artifacts(job_id: str, session: SessionDep, team: CallerTeam) -> Artifa
         archive_url=f"/v1/jobs/{job_id}/artifacts/{main}.tar" if main else None,
         archive_urls={kind: f"/v1/jobs/{job_id}/artifacts/{kind}.tar" for kind in kinds},
     )
+
+
+@router.get("/{job_id}/attempts", response_model=AttemptList)
+def list_attempts(job_id: str, session: SessionDep, team: CallerTeam) -> AttemptList:
+    """Lists the job's attempts: the host and GPU indices each ran on, its launcher, and how it ended."""
+    attempts = job_service.list_attempts(session=session, team_id=team, job_id=job_id)
+    return AttemptList(data=[AttemptOut.of(a) for a in attempts])
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Integer, Select, bindparam, select, tuple_
+from sqlalchemy import Integer, Select, and_, bindparam, case, func, literal_column, or_, select, tuple_
+from sqlalchemy.orm import aliased
 
 from shared.db import AsyncDatabase
 from shared.errors import NotFound
-from shared.models import Job, JobMetric
+from shared.models import Attempt, Job, JobMetric
 from shared.services.jobs import _decode_cursor, _encode_cursor
 from shared.states import JobStatus
 from shared.tenancy import TeamID
@@ -39,7 +40,33 @@ JOB_COLUMNS = (
     Job.updated_at,
     Job.started_at,
     Job.finished_at,
+    Job.worker_id,
+    Job.gpus,
+    Job.nodes,
+    Attempt.host.label("placement_host"),
+    Attempt.gpu_indices.label("placement_gpu_indices"),
+    Attempt.launcher.label("placement_launcher"),
 )
+# The latest attempt (one probe of the (job_id, number) index).
+LATEST_ATTEMPT = and_(Attempt.job_id == Job.id, Attempt.number == Job.attempt)
+_AHEAD = aliased(Job)
+# 1 + the queued jobs ahead of a queued one by priority, then age (the queued-jobs index), for one job's GET.
+QUEUED = literal_column("'queued'")  # a literal, not a parameter: these statements bind named values only
+QUEUE_POSITION = case(
+    (
+        Job.status == QUEUED,
+        select(func.count() + literal_column("1"))
+        .where(
+            _AHEAD.status == QUEUED,
+            or_(
+                _AHEAD.priority_rank < Job.priority_rank,
+                and_(_AHEAD.priority_rank == Job.priority_rank, _AHEAD.created_at < Job.created_at),
+            ),
+        )
+        .scalar_subquery(),
+    ),
+    else_=None,
+).label("queue_position")
 METRIC_COLUMNS = (
     JobMetric.split,
     JobMetric.step,
@@ -55,7 +82,7 @@ METRIC_COLUMNS = (
 
 
 def _job_page_query(by_status: bool, after: bool) -> Select:
-    query = select(*JOB_COLUMNS).where(Job.team_id == bindparam("team_id"))
+    query = select(*JOB_COLUMNS).outerjoin(Attempt, LATEST_ATTEMPT).where(Job.team_id == bindparam("team_id"))
     if by_status:
         query = query.where(Job.status == bindparam("status"))
     if after:
@@ -65,7 +92,11 @@ def _job_page_query(by_status: bool, after: bool) -> Select:
     return query.order_by(Job.created_at.desc(), Job.id.desc()).limit(bindparam("limit", type_=Integer))
 
 
-JOB = select(*JOB_COLUMNS).where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id"))
+JOB = (
+    select(*JOB_COLUMNS, QUEUE_POSITION)
+    .outerjoin(Attempt, LATEST_ATTEMPT)
+    .where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id"))
+)
 JOB_PAGES = {(s, a): _job_page_query(s, a) for s in (False, True) for a in (False, True)}
 # The job outer-joined to its points: no row means no such job of the team, one row with a null step a job
 # without points. In the order of the (job_id, split, step) index.

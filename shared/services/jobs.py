@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
-from shared.models import PRIORITY_RANK, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
+from shared.models import PRIORITY_RANK, Attempt, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
 from shared.planning import ModelConfigError, ModelShape, feature_refusals, fit_to_model, static_refusals
 from shared.schemas import AVAILABLE_METHODS, LORA_METHODS, JobSpec, Method, job_sources
 from shared.services.models import model_config
@@ -310,6 +310,12 @@ def add_event(
     session.add(event)
     session.flush()
     return event
+
+
+def list_attempts(*, session: Session, team_id: TeamID, job_id: str) -> list[Attempt]:
+    """Returns a team's job's attempts in order: where each ran, on which GPUs, and how it ended."""
+    get_job(session=session, team_id=team_id, job_id=job_id)
+    return list(session.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)))
 
 
 def list_events(

@@ -433,3 +433,41 @@ def test_a_node_runs_jobs_side_by_side_on_disjoint_gpus_and_gets_them_back(db, s
         agent.stop(timeout=30)
     with session_scope(settings.database_url) as session:
         assert session.get(Node, settings.worker_id) is None  # it left the pool
+
+
+def test_the_job_shows_where_it_runs_and_while_it_waits_its_place_in_the_queue(db):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from shared.services.auth import create_api_key
+
+    a = team(db, "alpha")
+    with session_scope(db.database_url) as session:
+        _, key = create_api_key(session=session, settings=db, team_id=a, name="pool")
+    first = queue(db, a, at=utcnow() - timedelta(minutes=5))
+    second = queue(db, a, gpus=2, at=utcnow() - timedelta(minutes=4))
+    urgent = queue(db, a, priority="high", at=utcnow() - timedelta(minutes=1))
+    with TestClient(create_app(db), headers={"Authorization": f"Bearer {key}"}) as client:
+        waiting = client.get(f"/v1/jobs/{second}").json()
+        assert waiting["queue"] == {"position": 3, "gpus": 2, "nodes": 1} and waiting["placement"] is None
+        assert client.get(f"/v1/jobs/{urgent}").json()["queue"]["position"] == 1
+        started = claim(db, node("gpu-node-7", total=8, busy=(0, 1, 2)), utcnow())
+        assert started.job_id == urgent
+        running = client.get(f"/v1/jobs/{urgent}").json()
+        assert running["queue"] is None
+        assert running["placement"] == {
+            "worker_id": "gpu-node-7",
+            "host": "gpu-node-7.test",
+            "gpu_indices": [3],
+            "launcher": "process",
+        }
+        assert client.get(f"/v1/jobs/{first}").json()["queue"]["position"] == 1
+        listed = {j["id"]: j for j in client.get("/v1/jobs").json()["data"]}
+        assert listed[urgent]["placement"]["gpu_indices"] == [3] and listed[first]["queue"] is None
+        [attempt] = client.get(f"/v1/jobs/{urgent}/attempts").json()["data"]
+        assert attempt["number"] == 1 and attempt["host"] == "gpu-node-7.test" and attempt["ended_at"] is None
+        other_team, other_key = team(db, "stranger"), None
+        with session_scope(db.database_url) as session:
+            _, other_key = create_api_key(session=session, settings=db, team_id=other_team, name="x")
+        stranger = client.get(f"/v1/jobs/{urgent}/attempts", headers={"Authorization": f"Bearer {other_key}"})
+        assert stranger.status_code == 404
