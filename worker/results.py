@@ -81,8 +81,9 @@ def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_d
         stored = store.put_tree(f"artifacts/{team_id}/{job_id}/attempt-{attempt}/{kind}", output)
         names = [p.relative_to(output).as_posix() for p in sorted(output.rglob("*")) if p.is_file()]
     metrics = result["metrics"]
-    times = metrics.setdefault("time_seconds", {})
-    times["upload"] = round(times.get("upload", 0.0) + time.perf_counter() - uploading, 3)
+    times = metrics.get("time_seconds")
+    if times is not None:  # a job that trained: where its time went, the upload included
+        times["upload"] = round(times.get("upload", 0.0) + time.perf_counter() - uploading, 3)
 
     def succeed(session: Session) -> JobStatus | None:
         job = session.get(Job, job_id)

@@ -141,7 +141,7 @@ def test_qlora_trains_and_the_loss_falls(
     spec = recipe.ctx.spec
     result = recipe.run()
 
-    losses = recipe.losses
+    losses = recipe.progress.losses
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     assert result.metrics["steps"] == 12 and not result.stopped
@@ -210,7 +210,7 @@ def test_saved_adapter_reloads_with_identical_logits(model_dir, dataset_file, tm
     recipe.setup()  # step by step rather than run(), which frees the model once saved
     recipe.train()
     result = recipe.save(tmp_path / "adapter")
-    assert recipe.last_eval_loss is not None
+    assert recipe.progress.last_eval_loss is not None
     trained = recipe.model
     assert_still_4bit(trained)
 
