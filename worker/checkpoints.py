@@ -15,6 +15,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,12 @@ from shared.db import session_scope
 from shared.models import Job
 from shared.services import artifacts as artifact_service
 from shared.settings import Settings
-from shared.storage import ObjectStore
+from shared.storage import ObjectStore, StoredObject
 from worker.reporting import AttemptWriter
 
 log = logging.getLogger(__name__)
+# Files other ranks stored for one checkpoint: (name under the checkpoint's prefix, the stored object).
+Parts = Sequence[tuple[str, StoredObject]]
 
 
 class CheckpointUploader:
@@ -44,14 +47,17 @@ class CheckpointUploader:
         self.staging = staging
         self.seconds = 0.0  # spent uploading and recording, all checkpoints together
         self._changed = threading.Condition()
-        self._next: tuple[int, Path, dict[str, Any]] | None = None
+        self._next: tuple[int, Path, dict[str, Any], Parts, str | None] | None = None
         self._busy = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def save(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
-        """Hands `folder` over to be uploaded, then recorded as the checkpoint of `step`; returns at once.
-        Raises the error of an earlier upload that failed."""
+    def save(
+        self, step: int, folder: Path, metrics: dict[str, Any], parts: Parts = (), unique: str | None = None
+    ) -> None:
+        """Hands `folder` over to be uploaded, then recorded as the checkpoint of `step` together with `parts`
+        (files other ranks stored already, under the prefix `unique`); returns at once. Raises the error of
+        an earlier upload that failed."""
         self._raise_failure()
         if self.staging is not None:
             self.staging.mkdir(parents=True, exist_ok=True)
@@ -61,7 +67,7 @@ class CheckpointUploader:
         with self._changed:
             if self._next is not None:  # never started: the newer checkpoint supersedes it
                 self._discard(self._next[1])
-            self._next = (step, folder, metrics)
+            self._next = (step, folder, metrics, tuple(parts), unique)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._upload_each, name="checkpoint-upload", daemon=True
@@ -87,11 +93,11 @@ class CheckpointUploader:
             with self._changed:
                 while self._next is None:
                     self._changed.wait()
-                (step, folder, metrics), self._next = self._next, None
+                (step, folder, metrics, parts, unique), self._next = self._next, None
                 self._busy = True
             started = time.perf_counter()
             try:
-                self.store_and_record(step, folder, metrics)
+                self.store_and_record(step, folder, metrics, parts, unique)
             except BaseException as exc:
                 log.warning("checkpoint of step %d could not be stored: %s", step, exc)
                 self._error = exc
@@ -107,19 +113,36 @@ class CheckpointUploader:
         if self.staging is not None and folder.parent == self.staging:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def store_and_record(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
-        """Uploads `folder`, then records it as the checkpoint of `step`."""
+    def unique_prefix(self, step: int, unique: str | None = None) -> str:
+        """Where the files of one save of `step` go: keys of this save alone, so that an upload that outlives
+        its attempt (its worker killed mid-upload, the job resumed elsewhere and saved the same step) lands
+        beside the recorded files, never on them."""
+        unique = unique or f"attempt-{self.writer.attempt}-{secrets.token_hex(4)}"
+        return f"artifacts/{self.team_id}/{self.writer.job_id}/checkpoints/{artifact_service.checkpoint_prefix(step)}/{unique}"
+
+    def upload_part(self, step: int, folder: Path, unique: str) -> list[tuple[str, StoredObject]]:
+        """Stores this rank's own files of a checkpoint (a rank whose folder is not on rank 0's disk: its
+        optimizer shards, its RNG state) under the save's prefix; rank 0 records them with its own."""
         prefix = artifact_service.checkpoint_prefix(step)
-        job_id, attempt = self.writer.job_id, self.writer.attempt
-        # Keys of this save alone: an upload that outlives its attempt (its worker was killed mid-upload, the
-        # job resumed elsewhere and saved the same step) lands beside the recorded files, never on them.
-        unique = f"attempt-{attempt}-{secrets.token_hex(4)}"
-        stored = self.store.put_tree(
-            f"artifacts/{self.team_id}/{job_id}/checkpoints/{prefix}/{unique}", folder
-        )
+        stored = self.store.put_tree(self.unique_prefix(step, unique), folder)
         names = [
             f"{prefix}/{p.relative_to(folder).as_posix()}" for p in sorted(folder.rglob("*")) if p.is_file()
         ]
+        return list(zip(names, stored, strict=True))
+
+    def store_and_record(
+        self, step: int, folder: Path, metrics: dict[str, Any], parts: Parts = (), unique: str | None = None
+    ) -> None:
+        """Uploads `folder`, then records it (with `parts`) as the checkpoint of `step`."""
+        prefix = artifact_service.checkpoint_prefix(step)
+        job_id = self.writer.job_id
+        stored = self.store.put_tree(self.unique_prefix(step, unique), folder)
+        names = [
+            f"{prefix}/{p.relative_to(folder).as_posix()}" for p in sorted(folder.rglob("*")) if p.is_file()
+        ]
+        own = list(zip(names, stored, strict=True))
+        # Rank 0's copy of a file wins over another rank's (both may write one, e.g. the trainer state).
+        files = own + [part for part in parts if part[0] not in set(names)]
 
         def record(session: Session) -> None:
             job = session.get(Job, job_id)
@@ -129,7 +152,7 @@ class CheckpointUploader:
                 job=job,
                 attempt=self.writer.attempt,
                 step=step,
-                stored=list(zip(names, stored, strict=True)),
+                stored=files,
                 metrics=metrics,
             )
 

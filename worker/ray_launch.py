@@ -108,6 +108,8 @@ def train_rank(config: dict[str, Any]) -> None:
 
     settings = get_settings()
     rank = ray.train.get_context().get_world_rank()
+    # Each rank keeps its checkpoint files on its own node's disk: they are stored rank by rank.
+    os.environ["TUNEFORGE_RANKS_SHARE_DISK"] = "0"
     launch = LaunchSpec(**config["launch"])
     actor = ray.get_actor(config["endings"], namespace=config["namespace"])
     work_dir = Path(tempfile.mkdtemp(prefix=f"tuneforge-{launch.job_id}-rank{rank}-"))

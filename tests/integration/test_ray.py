@@ -33,16 +33,21 @@ HP = {"max_steps": 6, "learning_rate": 1e-2, "seed": 11}
 
 
 @pytest.fixture(scope="module")
-def ray_settings(settings, tiny_model_dir):
+def ray_cluster():
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
-        yield settings.model_copy(update={"ray_address": cluster.address, "environment": "test"})
+        yield cluster
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_settings(settings, tiny_model_dir, ray_cluster):
+    return settings.model_copy(update={"ray_address": ray_cluster.address, "environment": "test"})
 
 
 def submit(settings, store, *, nodes: int, zero_stage: int, batch_size: int, **hp) -> str:
@@ -89,11 +94,10 @@ def one_process(ray_settings, store):
     return job_id
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3], ids=["zero-2", "zero-3"])
-def test_a_two_node_job_follows_one_process_and_saves_a_loadable_adapter(
-    ray_settings, store, one_process, tiny_model_dir, tmp_path, zero_stage
+def test_a_two_node_zero_2_job_follows_one_process_and_saves_a_loadable_adapter(
+    ray_settings, store, one_process, tiny_model_dir, tmp_path
 ):
-    job_id = submit(ray_settings, store, nodes=2, zero_stage=zero_stage, batch_size=2)
+    job_id = submit(ray_settings, store, nodes=2, zero_stage=2, batch_size=2)
     status = runner.run_job(ray_settings, job_id)
     done = job(ray_settings, job_id)
     assert status is JobStatus.succeeded, (
@@ -150,3 +154,59 @@ def test_cancelling_a_ray_job_stops_it_within_seconds(ray_settings, store):
     took = time.monotonic() - asked
     assert ended == [JobStatus.cancelled] and job(ray_settings, job_id).status == "cancelled"
     assert took < 10, took
+
+
+def test_a_zero_3_job_that_loses_a_node_resumes_from_its_checkpoint_and_follows_one_process(
+    ray_settings, ray_cluster, store, one_process, tiny_model_dir, tmp_path
+):
+    from shared.models import Checkpoint
+
+    settings = ray_settings.model_copy(update={"max_attempts": 2, "retry_backoff_seconds": 0.0})
+    job_id = submit(settings, store, nodes=2, zero_stage=3, batch_size=2, checkpoint_steps=3)
+    ended: list = []
+    thread = threading.Thread(target=lambda: ended.append(runner.run_job(settings, job_id)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while True:
+        with session_scope(settings.database_url) as session:
+            if session.query(Checkpoint).filter(Checkpoint.job_id == job_id).count():
+                break
+        assert time.monotonic() < deadline and thread.is_alive(), "no checkpoint was stored"
+        time.sleep(0.2)
+    # The second node goes away with the rank it ran: the Ray job fails, the attempt ends as a crash.
+    ray_cluster.remove_node(next(iter(ray_cluster.worker_nodes)))
+    thread.join(240)
+    assert ended == [JobStatus.queued], job(settings, job_id).error_message
+    ray_cluster.add_node(num_cpus=1)  # a replacement node
+    ray_cluster.wait_for_nodes()
+    with session_scope(settings.database_url) as session:
+        [step] = [c.step for c in session.query(Checkpoint).filter(Checkpoint.job_id == job_id)]
+        files = {
+            a.name
+            for a in artifact_service.list_artifacts(
+                session=session, team_id=TEAM, job_id=job_id, kind="checkpoint"
+            )
+        }
+    # Every rank's ZeRO shard is in the stored checkpoint, not only rank 0's.
+    shards = {name for name in files if "zero_pp_rank_" in name}
+    assert any("zero_pp_rank_0_" in n for n in shards) and any("zero_pp_rank_1_" in n for n in shards), files
+    assert runner.run_job(settings, job_id) is JobStatus.succeeded, job(settings, job_id).error_message
+    done = job(settings, job_id)
+    assert done.attempt == 2
+    assert any(e.type == "resume" and e.attempt == 2 for e in events(settings, job_id))
+    with session_scope(settings.database_url) as session:
+        points = job_service.get_metrics(session=session, team_id=TEAM, job_id=job_id)["train"]
+    assert [p.step for p in points] == list(range(1, HP["max_steps"] + 1))
+    assert {p.attempt for p in points if p.step > step} == {2} and {
+        p.attempt for p in points if p.step <= step
+    } == {1}
+    # Resumed across the lost node, the ZeRO-3 run still follows the one-process curve.
+    assert [p.loss for p in points] == pytest.approx(losses(settings, one_process), rel=1e-4, abs=1e-5)
+    with session_scope(settings.database_url) as session:
+        adapter = artifact_service.list_artifacts(
+            session=session, team_id=TEAM, job_id=job_id, kind="adapter"
+        )
+    folder = tmp_path / "adapter"
+    for artifact in adapter:
+        store.get_file(artifact.storage_key, folder / artifact.name, expected_sha256=artifact.sha256)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)

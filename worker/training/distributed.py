@@ -44,6 +44,26 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def ranks_share_disk() -> bool:
+    """Whether every rank writes its checkpoint files into one folder (one node under torchrun), or each rank
+    to a disk of its own (a Ray job's ranks: TUNEFORGE_RANKS_SHARE_DISK=0)."""
+    return os.environ.get("TUNEFORGE_RANKS_SHARE_DISK", "1") != "0" or world_size() == 1
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    values: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def deepspeed_config(spec: JobSpec) -> dict[str, Any] | None:
     """The DeepSpeed config for a job (None for ZeRO stage 0). Batch sizes, accumulation, clipping and
     precision stay "auto": the Trainer fills them from the job's hyperparameters."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import resource
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -277,10 +278,19 @@ class ProgressCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         # Every rank has written its part of the checkpoint before rank 0 hands the folder over.
         distributed.barrier()
+        parts, unique = [], None
+        if not distributed.ranks_share_disk():
+            # Ranks on other nodes (a Ray job) wrote their shards to their own disks: each stores its own
+            # files under this save's prefix, and rank 0 records them with its folder.
+            unique = distributed.broadcast(f"attempt-{sink.writer.attempt}-{secrets.token_hex(4)}")
+            mine = [] if state.is_world_process_zero else sink.upload_part(state.global_step, folder, unique)
+            parts = [part for rank_parts in distributed.gather(mine) for part in rank_parts]
         if state.is_world_process_zero:
             losses = self.progress.losses
             # Stored and recorded by the sink's own thread while the next steps run.
-            sink.save(state.global_step, folder, {"train_loss": losses[-1] if losses else None})
+            sink.save(
+                state.global_step, folder, {"train_loss": losses[-1] if losses else None}, parts, unique
+            )
         distributed.barrier()
         now = time.perf_counter()
         self.progress.add_time("checkpoint", now - self.mark)
