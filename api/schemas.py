@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -281,19 +282,24 @@ class MetricPoint(BaseModel):
         )
 
 
-def metric_answer(row: Any) -> dict[str, Any]:
-    """MetricPoint of a metric row as plain data (tests/unit/test_answers.py checks it equals MetricPoint)."""
-    return {
-        "step": row.step,
-        "epoch": row.epoch,
-        "loss": row.loss,
-        "learning_rate": row.learning_rate,
-        "grad_norm": row.grad_norm,
-        "tokens_per_second": row.tokens_per_second,
-        "num_tokens": row.num_tokens,
-        "attempt": row.attempt,
-        "recorded_at": row.created_at,
-    }
+def metric_curves(rows: Iterable[Sequence[Any]]) -> dict[str, list[dict[str, Any]]]:
+    """MetricPoints by split, as plain data, from tuples of shared.services.job_reads.METRIC_COLUMNS' values
+    (tests/unit/test_answers.py checks each equals MetricPoint)."""
+    curves: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    for split, step, epoch, loss, lr, grad_norm, tps, tokens, attempt, created_at in rows:
+        point = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_second": tps,
+            "num_tokens": tokens,
+            "attempt": attempt,
+            "recorded_at": created_at,
+        }
+        curves.setdefault(split, []).append(point)
+    return curves
 
 
 class MetricsOut(BaseModel):

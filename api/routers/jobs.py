@@ -27,7 +27,7 @@ from api.schemas import (
     JobPage,
     MetricsOut,
     job_answer,
-    metric_answer,
+    metric_curves,
 )
 from shared.errors import NotFound
 from shared.models import Job
@@ -171,9 +171,7 @@ def stream_events(job_id: str, request: Request, session: SessionDep, team: Call
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
 async def get_metrics(job_id: str, request: Request, team: CallerTeam) -> Response:
     """Returns the job's loss curves (train and eval), by step."""
-    curves: dict[str, list[dict]] = {"train": [], "eval": []}
-    for row in await job_reads.read_metrics(db=request.app.state.db, team_id=team, job_id=job_id):
-        curves.setdefault(row.split, []).append(metric_answer(row))
+    curves = metric_curves(await job_reads.read_metrics(db=request.app.state.db, team_id=team, job_id=job_id))
     return json_answer(request, {"job_id": job_id, "train": curves["train"], "eval": curves["eval"]})
 
 

@@ -1,4 +1,4 @@
-"""The answers built from plain data (api/schemas.py job_answer, metric_answer; api/answers.py) say exactly what
+"""The answers built from plain data (api/schemas.py job_answer, metric_curves; api/answers.py) say exactly what
 the response models say, in the same JSON, and conditional GETs answer 304 only for the current ETag."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 from starlette.requests import Request
 
 from api.answers import encode, json_answer
-from api.schemas import JobOut, MetricPoint, job_answer, metric_answer
+from api.schemas import JobOut, MetricPoint, job_answer, metric_curves
 from shared.models import Job
 from shared.schemas import JobSpec
+from shared.services.job_reads import METRIC_COLUMNS
 
 CREATED = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -96,7 +97,7 @@ def test_times_are_written_as_the_response_models_write_them():
     assert b'"created_at":"2026-11-30T12:00:00.123456Z"' in encode(job_answer(JOBS[0]))
 
 
-def test_the_metric_answer_is_what_MetricPoint_says_and_nan_is_null():
+def test_metric_points_are_what_MetricPoint_says_and_nan_is_null():
     row = SimpleNamespace(
         split="train",
         step=7,
@@ -109,8 +110,12 @@ def test_the_metric_answer_is_what_MetricPoint_says_and_nan_is_null():
         attempt=2,
         created_at=CREATED,
     )
-    answer = json.loads(encode(metric_answer(row)))
-    assert answer == json.loads(MetricPoint.of(row).model_dump_json())
+    values = tuple(getattr(row, column.key) for column in METRIC_COLUMNS)
+    eval_point = ("eval", 8, *values[2:])
+    curves = json.loads(encode(metric_curves([values, eval_point])))
+    assert curves["train"] == [json.loads(MetricPoint.of(row).model_dump_json())]
+    assert curves["eval"][0]["step"] == 8
+    answer = curves["train"][0]
     assert answer["loss"] is None and answer["grad_norm"] is None and answer["step"] == 7
 
 
