@@ -132,10 +132,13 @@ def _cached(cache_dir: Path | None, key: str, measure: Any) -> Any:
     value = measure()
     if path is not None:
         known[key] = value
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(known, indent=2))
-        temporary.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(known, indent=2))
+            temporary.replace(path)
+        except OSError:  # measured again next time
+            log.warning("could not keep the measurement in %s", path, exc_info=True)
     return value
 
 
