@@ -37,6 +37,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -624,4 +625,6 @@ def bench_packing(client: Any, model_dir: Path, mixed: Path, work: Path, args: A
 
 
 if __name__ == "__main__":
+    # Stopped with SIGTERM, the benchmark still stops the service it started (the finally above).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     raise SystemExit(main())
