@@ -33,7 +33,7 @@ from shared.errors import StoredDataDamaged
 from shared.models import Artifact, UploadedFile
 from shared.services import artifacts as artifact_service
 from shared.services import files as file_service
-from shared.storage import ObjectStore
+from shared.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 VERIFY_FIRST_BYTES = 16 * 2**20
@@ -54,6 +54,27 @@ def _recorder(factory: Callable[[], Session], mark: Callable[..., None], row_id:
             log.exception("could not mark %s as damaged", row_id)
 
     return record
+
+
+def _mark(factory: Callable[[], Session], mark: Callable[..., None], row_id: object) -> Callable[[], None]:
+    def record() -> None:
+        with factory() as session:
+            mark(session=session, row_id=row_id)
+            session.commit()
+
+    return record
+
+
+def _still_damaged(store: ObjectStore, key: str, size: int, sha256: str) -> bool:
+    """Reads an object marked damaged once more: an operator may have restored it from a backup since."""
+    digest, count = hashlib.sha256(), 0
+    try:
+        for chunk in store.iter_chunks(key, chunk_size=STREAM_CHUNK):
+            digest.update(chunk)
+            count += len(chunk)
+    except ObjectNotFound:
+        return True
+    return count != size or digest.hexdigest() != sha256
 
 
 def primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -156,12 +177,16 @@ def stream_object(
     sha256: str,
     damaged_at: datetime | None,
     on_damage: DamageRecorder,
+    on_repair: Callable[[], None],
     media_type: str,
     headers: dict[str, str],
 ) -> Response:
-    """One stored object with its length, checked against its recorded size and sha256 (see above)."""
+    """One stored object with its length, checked against its recorded size and sha256 (see above). An object
+    marked damaged is read once more first: restored from a backup, it is served again (and unmarked)."""
     if damaged_at is not None:
-        raise damaged(what, sha256)
+        if _still_damaged(store, key, size, sha256):
+            raise damaged(what, sha256)
+        on_repair()
     chunks = _verified(
         store.iter_chunks(key, chunk_size=STREAM_CHUNK),
         what=what,
@@ -187,6 +212,7 @@ def artifact_response(
         sha256=artifact.sha256,
         damaged_at=artifact.damaged_at,
         on_damage=_recorder(factory, artifact_service.mark_damaged, artifact.id),
+        on_repair=_mark(factory, artifact_service.clear_damaged, artifact.id),
         media_type="application/octet-stream",
         headers={"ETag": f'"{artifact.sha256}"', "X-Checksum-Sha256": artifact.sha256, **headers},
     )
@@ -202,15 +228,20 @@ def file_response(factory: Callable[[], Session], store: ObjectStore, record: Up
         sha256=record.sha256,
         damaged_at=record.damaged_at,
         on_damage=_recorder(factory, file_service.mark_damaged, record.id),
+        on_repair=_mark(factory, file_service.clear_damaged, record.id),
         media_type="application/jsonl",
         headers={"X-Checksum-Sha256": record.sha256},
     )
 
 
-def refuse_damaged(artifact: Artifact) -> None:
-    """Raises artifact_corrupted for an artifact already found damaged (before handing out a presigned URL)."""
-    if artifact.damaged_at is not None:
+def refuse_damaged(factory: Callable[[], Session], store: ObjectStore, artifact: Artifact) -> None:
+    """Raises artifact_corrupted for an artifact found damaged that still is (read once more: it may have been
+    restored from a backup, and is then unmarked); before a presigned URL or an archive is handed out."""
+    if artifact.damaged_at is None:
+        return
+    if _still_damaged(store, artifact.storage_key, artifact.size_bytes, artifact.sha256):
         raise damaged(f"{artifact.kind} file {artifact.name} of job {artifact.job_id}", artifact.sha256)
+    _mark(factory, artifact_service.clear_damaged, artifact.id)()
 
 
 def stream_archive(
@@ -223,7 +254,7 @@ def stream_archive(
 ) -> StreamingResponse:
     """Artifacts as one tar archive under `root/` with a SHA256SUMS file (names without `strip`)."""
     for artifact in artifacts:
-        refuse_damaged(artifact)
+        refuse_damaged(factory, store, artifact)
     members = [
         ArchiveMember(
             name=a.name.removeprefix(strip),

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         description="a high-priority job that cannot fit makes the lowest-priority running jobs on one node "
         "checkpoint and go back to the queue",
     )
+    warm_runtime: bool = Field(
+        True,
+        description="fork each attempt's training processes from a process that has imported the training stack "
+        "once (seconds faster per job); off: each attempt starts fresh processes under torchrun",
+    )
     claim_poll_seconds: float = Field(
         2.0, gt=0, description="how often an idle node looks for work that fits (besides the broker's nudges)"
     )

@@ -20,6 +20,7 @@ from worker import runner
 from worker.gpus import GpuAllocator
 from worker.lease import Lease
 from worker.supervisor import SHUTDOWN
+from worker.warm import runtime_for
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class NodeAgent:
         # Jobs that span several nodes run on Ray; this worker drives up to `ray_drivers` of them at once.
         self.ray_drivers = ray_drivers if settings.ray_address else 0
         self.running: dict[str, _Running] = {}
+        # Attempts fork from one process that has imported the training stack (worker/warm.py).
+        self.warm = runtime_for(settings)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()  # no more claims
@@ -133,7 +136,7 @@ class NodeAgent:
 
     def _run(self, claim: Claim, lease: Lease, devices: list[str]) -> None:
         try:
-            runner.run_attempt(self.settings, lease, devices)
+            runner.run_attempt(self.settings, lease, devices, warm=self.warm)
         except Exception:
             log.exception("attempt %d of job %s broke its thread", claim.attempt, claim.job_id)
         finally:

@@ -37,6 +37,7 @@ from worker.lease import Lease
 from worker.reporting import AttemptWriter, patient_store
 from worker.results import store_result
 from worker.supervisor import SHUTDOWN, supervise
+from worker.warm import WarmRuntime, runtime_for
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,15 @@ def run_job(settings: Settings, job_id: str) -> JobStatus | None:
         return None
     lease = Lease(settings, job_id, attempt)
     with lease.keep():
-        return run_attempt(settings, lease)
+        return run_attempt(settings, lease, warm=runtime_for(settings))
 
 
-def run_attempt(settings: Settings, lease: Lease, devices: Sequence[str] = ()) -> JobStatus | None:
-    """Runs a claimed attempt to its end on `devices` (the GPUs it holds), whose lease someone keeps; returns
-    the job's status after it (None: the attempt lost the job)."""
+def run_attempt(
+    settings: Settings, lease: Lease, devices: Sequence[str] = (), warm: WarmRuntime | None = None
+) -> JobStatus | None:
+    """Runs a claimed attempt to its end on `devices` (the GPUs it holds), whose lease someone keeps, its
+    processes forked from `warm` when given; returns the job's status after it (None: the attempt lost the
+    job)."""
     job_id, attempt = lease.job_id, lease.attempt
     writer = AttemptWriter(settings, job_id, attempt)
     work_dir = Path(tempfile.mkdtemp(prefix=f"tuneforge-{job_id}-"))
@@ -75,7 +79,7 @@ def run_attempt(settings: Settings, lease: Lease, devices: Sequence[str] = ()) -
     try:
         with job_context(job_id, attempt):
             log.info("job %s attempt %d started", job_id, attempt)
-            return _run_attempt(settings, writer, lease, work_dir, started, devices)
+            return _run_attempt(settings, writer, lease, work_dir, started, devices, warm)
     except Exception as exc:
         log.exception("job %s attempt %d broke", job_id, attempt)
         return outcomes.retry_or_fail(
@@ -94,6 +98,7 @@ def _run_attempt(
     work_dir: Path,
     started: float,
     devices: Sequence[str],
+    warm: WarmRuntime | None,
 ) -> JobStatus | None:
     with session_scope(settings.database_url) as session:
         job = session.get(Job, writer.job_id)
@@ -107,8 +112,12 @@ def _run_attempt(
         return outcomes.fail_or_retry(writer, failure.code, failure.message)
     except StorageError as exc:
         return outcomes.retry_or_fail(writer, storage_code(exc), f"object storage failed: {exc}")
+    forked = warm is not None and spec.resources.nodes == 1
     writer.event(
-        "worker", f"running {spec.method.value} on {settings.worker_id}", data={"worker": settings.worker_id}
+        "worker",
+        f"running {spec.method.value} on {settings.worker_id}"
+        + (" (forked from the warm training runtime)" if forked else " (fresh training processes)"),
+        data={"worker": settings.worker_id, "warm": forked},
     )
     limit_minutes = spec.resources.max_runtime_minutes or settings.default_max_runtime_minutes
 
@@ -128,6 +137,7 @@ def _run_attempt(
             writer=writer,
             seconds_left=60 * limit_minutes - job.runtime_seconds - (time.monotonic() - started),
             devices=devices,
+            warm=warm,
         )
         log.info("job %s attempt %d: training process ended: %s", writer.job_id, writer.attempt, outcome.kind)
         if outcome.kind == "lost":

@@ -23,6 +23,10 @@ from worker.launch import FAILURE_FILE, OUTCOME_PREFIX, RESULT_FILE, STOP_FILE
 from worker.lease import Lease
 from worker.reporting import AttemptWriter
 from worker.training.distributed import child_environment
+from worker.warm import WarmRuntime
+
+# What a forked attempt takes from the worker's environment besides its TUNEFORGE_* settings.
+WARM_ENV = ("CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
 
 # Set when the worker is asked to shut down warm (SIGTERM): running jobs checkpoint and go back to the queue.
 SHUTDOWN = threading.Event()
@@ -68,18 +72,64 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def stop_group(proc: subprocess.Popen[bytes], grace_seconds: float) -> None:
+class TrainingProcesses:
+    """An attempt's training process group: started fresh (Popen, under torchrun for several ranks) or forked
+    from the warm runtime (worker/warm.py). Its pid is the group's id either way."""
+
+    def __init__(
+        self, popen: subprocess.Popen[bytes] | None = None, *, warm: WarmRuntime | None = None, pid: int = 0
+    ):
+        self.popen, self.warm = popen, warm
+        self.pid = popen.pid if popen is not None else pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.popen.poll() if self.popen is not None else self.warm.exit_code(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        if self.popen is not None:
+            try:
+                return self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        assert self.warm is not None
+        self.returncode = self.warm.wait(self.pid, timeout)
+        return self.returncode
+
+
+def start_training(
+    spec: JobSpec, work_dir: Path, log_path: Path, env: dict[str, str], warm: WarmRuntime | None
+) -> TrainingProcesses:
+    """Starts the training process group: forked from the warm runtime for jobs on this node when there is
+    one, else as a fresh process (torchrun for several ranks, the Ray driver for jobs spanning nodes)."""
+    resources = spec.resources
+    if warm is not None and resources.nodes == 1:
+        group = resources.gpus > 1 or resources.zero_stage > 0  # DeepSpeed wants a process group even alone
+        only = {k: v for k, v in env.items() if k.startswith("TUNEFORGE_") or k in WARM_ENV}
+        return TrainingProcesses(warm=warm, pid=warm.spawn(work_dir, log_path, resources.gpus, only, group))
+    with log_path.open("ab") as log_file:
+        return TrainingProcesses(
+            subprocess.Popen(
+                training_command(spec, work_dir),
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+
+
+def stop_group(proc: TrainingProcesses, grace_seconds: float) -> None:
     """Stops a whole process group: SIGTERM, then SIGKILL after the grace period."""
     for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 30.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
-        try:
-            proc.wait(timeout=wait)
+        if proc.wait(wait) is not None:
             return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _ranks_ended(work_dir: Path) -> list[dict[str, str | None]]:
@@ -121,10 +171,11 @@ def supervise(
     writer: AttemptWriter,
     seconds_left: float,
     devices: Sequence[str] = (),
+    warm: WarmRuntime | None = None,
 ) -> Outcome:
     """Runs the training process group on `devices` (its CUDA_VISIBLE_DEVICES) until it ends, is cancelled,
     runs past `seconds_left` or must stop (a warm shutdown of the worker, or a preemption: it checkpoints
-    first)."""
+    first). With `warm`, the processes are forked from the warm runtime."""
     for path in [
         *work_dir.glob(f"{OUTCOME_PREFIX}*.json"),
         *(work_dir / n for n in (RESULT_FILE, FAILURE_FILE, STOP_FILE)),
@@ -139,14 +190,7 @@ def supervise(
     )
     log_path = work_dir / LOG_FILE
     deadline = time.monotonic() + seconds_left
-    with log_path.open("ab") as log_file:
-        proc = subprocess.Popen(
-            training_command(spec, work_dir),
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_training(spec, work_dir, log_path, env, warm)
     stop_asked_at: float | None = None
     while proc.poll() is None:
         time.sleep(POLL_SECONDS)
@@ -172,7 +216,7 @@ def supervise(
         if stop_asked_at is not None and time.monotonic() - stop_asked_at > settings.shutdown_grace_seconds:
             stop_group(proc, settings.kill_grace_seconds)
             return Outcome("stopped", detail="no checkpoint in time; resuming from the last one")
-    code = proc.returncode
+    code = proc.poll()
     said = _what_the_ranks_said(work_dir)
     if said is not None:
         said.code = code

@@ -249,7 +249,7 @@ def download_artifact(
         session=session, team_id=team, job_id=job_id, kind=kind, name=name
     )
     if redirect:
-        refuse_damaged(artifact)
+        refuse_damaged(request.app.state.session_factory, store, artifact)
         url = store.presigned_url(artifact.storage_key, settings.presigned_url_ttl_seconds)
         if url:
             # The client downloads from storage directly: it must check the bytes against X-Checksum-Sha256.

@@ -92,6 +92,11 @@ def get_artifact(*, session: Session, team_id: TeamID, job_id: str, kind: str, n
     return artifact
 
 
+def clear_damaged(*, session: Session, row_id: object) -> None:
+    """Unmarks stored bytes found intact again (restored from a backup)."""
+    session.execute(update(Artifact).where(Artifact.id == row_id).values(damaged_at=None))
+
+
 def mark_damaged(*, session: Session, row_id: int) -> None:
     """Records that an artifact's stored bytes no longer match its sha256: it is never served again."""
     session.execute(

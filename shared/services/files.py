@@ -150,6 +150,11 @@ def upload_file(
     return record
 
 
+def clear_damaged(*, session: Session, row_id: object) -> None:
+    """Unmarks stored bytes found intact again (restored from a backup)."""
+    session.execute(update(UploadedFile).where(UploadedFile.id == row_id).values(damaged_at=None))
+
+
 def mark_damaged(*, session: Session, row_id: str) -> None:
     """Records that an uploaded file's stored bytes no longer match its sha256: it is never served again."""
     session.execute(

@@ -191,3 +191,15 @@ def test_out_of_memory_on_two_processes_halves_the_micro_batch(two_gpu_settings,
     assert done.attempt == 1 and len(oom) == 1
     assert done.spec["hyperparameters"]["batch_size"] == 1
     assert done.spec["hyperparameters"]["gradient_accumulation_steps"] == 2
+
+
+def test_without_the_warm_runtime_a_two_process_job_runs_under_torchrun_and_matches(
+    two_gpu_settings, store, single_process_run
+):
+    # A deployment may turn the warm runtime off: fresh processes under torchrun, the same losses.
+    settings = two_gpu_settings.model_copy(update={"warm_runtime": False})
+    job_id = run(settings, store, gpus=2, zero_stage=2, batch_size=2)
+    assert losses(settings, job_id) == pytest.approx(losses(settings, single_process_run), rel=1e-4, abs=1e-5)
+    with session_scope(settings.database_url) as session:
+        [started] = session.query(JobEvent).filter(JobEvent.job_id == job_id, JobEvent.type == "worker").all()
+    assert started.data["warm"] is False and "fresh training processes" in started.message

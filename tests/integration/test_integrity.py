@@ -467,3 +467,18 @@ def test_a_rewritten_metric_point_says_which_attempt_wrote_it_and_when(settings,
     [point] = api_client.get(f"/v1/jobs/{job_id}/metrics").json()["train"]
     assert point["attempt"] == 2 and point["loss"] == 1.5
     assert point["recorded_at"] > first["recorded_at"]
+
+
+def test_an_artifact_restored_from_a_backup_is_served_again(settings, store, make_team, api_only):
+    team_id, key = make_team()
+    job_id = finished_job(settings, store, team_id, {"adapter_model.safetensors": SMALL})
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"{api_only.base_url}/v1/jobs/{job_id}/artifacts/adapter/adapter_model.safetensors"
+    stored_key = storage_key(settings, job_id, "adapter_model.safetensors")
+    flip_a_byte(store, stored_key, at=3)
+    assert httpx.get(url, headers=headers).status_code == 500
+    assert httpx.get(url, headers=headers).status_code == 500  # still damaged: still refused
+    store.put_bytes(stored_key, SMALL)  # an operator restores the object
+    restored = httpx.get(url, headers=headers)
+    assert restored.status_code == 200 and restored.content == SMALL
+    assert damaged_at(settings, job_id, "adapter_model.safetensors") is None
