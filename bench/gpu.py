@@ -248,6 +248,109 @@ def gib(value: float | None) -> str:
     return f"{value / 2**30:8.2f}" if value else "       -"
 
 
+def gpu_utilization() -> dict[int, float]:
+    """Each GPU's utilization now (percent, from nvidia-smi); empty without GPUs."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+    return {
+        int(i): float(u) for i, u in (line.split(",") for line in out.strip().splitlines() if "," in line)
+    }
+
+
+def pool(args: argparse.Namespace) -> int:
+    """Twice as many 1-GPU jobs as GPUs, submitted at once to one node worker driving every GPU: how busy each
+    GPU is while they run (sampled every half second), how many jobs run at once, and the makespan."""
+    import threading
+
+    import torch
+
+    gpus = args.gpus or max(1, torch.cuda.device_count())
+    work = Path(tempfile.mkdtemp(prefix="tuneforge-gpu-pool-"))
+    model_dir, params, _ = build_model(work / "model", args.size, args.seq)
+    data = work / "train.jsonl"
+    write_dataset(data, rows=max(64, args.steps * args.batch), words_per_row=args.seq)
+    env = dict(os.environ)
+    env.update(
+        {
+            "TUNEFORGE_HOME": str(work / "home"),
+            "TUNEFORGE_MODELS": json.dumps({"bench": {"location": f"file://{model_dir}"}}),
+            "TUNEFORGE_LOG_LEVEL": "WARNING",
+            "TUNEFORGE_MAX_GPUS_PER_JOB": str(gpus),
+            "TUNEFORGE_WORKER_GPUS": str(gpus),
+            "TUNEFORGE_CHECKPOINT_STEPS": str(10**6),
+            "TUNEFORGE_TEAM_MAX_RUNNING_JOBS": str(4 * gpus),
+        }
+    )
+    print(
+        f"model: {args.size} Llama, {params / 1e6:,.1f} M parameters; {2 * gpus} 1-GPU jobs on {gpus} GPU(s)"
+    )
+    service = Service(env, work / "service.log")
+    samples: dict[int, list[float]] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            for index, value in gpu_utilization().items():
+                samples.setdefault(index, []).append(value)
+
+    try:
+        service.start()
+        client = service.client(timeout=120)
+        file_id = client.upload_file(data)["id"]
+        spec = {
+            "base_model": "bench",
+            "dataset": file_id,
+            "adapter": {"rank": args.rank, "alpha": 2 * args.rank, "target_modules": "all-linear"},
+            "hyperparameters": {
+                "max_steps": args.steps,
+                "batch_size": args.batch,
+                "max_seq_length": args.seq,
+            },
+            "resources": {"gpus": 1},
+        }
+        threading.Thread(target=sample, daemon=True).start()
+        started = time.perf_counter()
+        jobs = [client.create_job(spec)["id"] for _ in range(2 * gpus)]
+        done = [client.wait(job_id, poll_interval=1.0) for job_id in jobs]
+        makespan = time.perf_counter() - started
+        stop.set()
+        attempts = [a for job_id in jobs for a in client._get(f"/v1/jobs/{job_id}/attempts")["data"]]
+    finally:
+        stop.set()
+        service.stop()
+    from datetime import datetime
+
+    spans = [
+        (datetime.fromisoformat(a["started_at"]), datetime.fromisoformat(a["ended_at"])) for a in attempts
+    ]
+    begin = min(a for a, _ in spans)
+    most = max(sum(1 for a, b in spans if a <= moment < b) for moment, _ in spans)
+    print(f"succeeded: {sum(j['status'] == 'succeeded' for j in done)} of {len(done)}; most at once: {most}")
+    for a in attempts:
+        print(
+            f"  attempt on GPUs {a['gpu_indices']}: {(datetime.fromisoformat(a['started_at']) - begin).total_seconds():6.1f}"
+            f" -> {(datetime.fromisoformat(a['ended_at']) - begin).total_seconds():6.1f} s"
+        )
+    figures = {"pool_makespan_s": round(makespan, 1), "pool_most_jobs_at_once": most}
+    for index, values in sorted(samples.items()):
+        figures[f"gpu{index}_utilization_pct"] = round(sum(values) / len(values), 1)
+    if not samples:
+        print("no GPU utilization: nvidia-smi is not here (on CPU the slots stand for GPUs)")
+    print()
+    for name, value in figures.items():
+        print(f"{name} {value}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -265,7 +368,15 @@ def main() -> int:
     parser.add_argument(
         "--skip-bare", action="store_true", help="leave out the comparison with a bare script"
     )
+    parser.add_argument(
+        "--pool",
+        action="store_true",
+        help="instead: submit twice as many 1-GPU jobs as there are GPUs at once and report each GPU's "
+        "utilization while the node runs them side by side",
+    )
     args = parser.parse_args()
+    if args.pool:
+        return pool(args)
 
     import torch
 

@@ -238,8 +238,37 @@ class WarmRuntime:
         self._proc: subprocess.Popen[bytes] | None = None
         self._replies: dict[int, int] = {}
         self._exits: dict[int, int] = {}
+        self._owners: dict[int, subprocess.Popen[bytes]] = {}  # leader pid -> the zygote that forked it
         self._changed = threading.Condition()
         self._next_id = 0
+        # The zygote dies with the thread that started it (PR_SET_PDEATHSIG follows the parent thread, not
+        # the process): a thread of its own, alive as long as the worker, starts (and restarts) it.
+        self._wanted = threading.Event()
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        threading.Thread(target=self._keep, name="warm-runtime-keeper", daemon=True).start()
+
+    def _keep(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._proc is None or self._proc.poll() is not None:
+                try:
+                    self._proc, self._start_error = self._start(), None
+                except BaseException as exc:
+                    self._start_error = exc
+            self._started.set()
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        """The zygote, started (by the keeper thread) if it is not running."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._started.clear()
+            self._wanted.set()
+            self._started.wait()
+            if self._start_error is not None:
+                raise RuntimeError(f"the warm training runtime did not start: {self._start_error}")
+        assert self._proc is not None
+        return self._proc
 
     def _start(self) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
@@ -275,8 +304,7 @@ class WarmRuntime:
     ) -> int:
         """Starts an attempt's training processes; returns the leader's pid (= its process group)."""
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._proc = self._start()
+            proc = self._running()
             self._next_id += 1
             request_id = self._next_id
             request = {
@@ -288,23 +316,26 @@ class WarmRuntime:
                 "process_group": process_group,
                 "env": dict(env),
             }
-            assert self._proc.stdin is not None
-            self._proc.stdin.write(json.dumps(request).encode() + b"\n")
-            self._proc.stdin.flush()
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            proc.stdin.flush()
         with self._changed:
             while request_id not in self._replies:
-                if self._proc.poll() is not None:
+                if proc.poll() is not None:
                     raise RuntimeError("the warm training runtime died while starting an attempt")
                 self._changed.wait(1.0)
-            return self._replies.pop(request_id)
+            pid = self._replies.pop(request_id)
+            self._owners[pid] = proc
+            return pid
 
     def exit_code(self, pid: int) -> int | None:
         """The leader's exit code once it ended (-signal when killed by one), None while it runs."""
         with self._changed:
             if pid in self._exits:
                 return self._exits[pid]
-            if self._proc is not None and self._proc.poll() is not None:
-                return -signal.SIGKILL  # the zygote died, and its attempts with it
+            owner = self._owners.get(pid)
+            if owner is not None and owner.poll() is not None:
+                return -signal.SIGKILL  # its zygote died, and the attempt with it
             return None
 
     def wait(self, pid: int, timeout: float) -> int | None:
@@ -312,7 +343,9 @@ class WarmRuntime:
         with self._changed:
             while (code := self.exit_code(pid)) is None and time.monotonic() < deadline:
                 self._changed.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-            self._exits.pop(pid, None) if code is not None else None
+            if code is not None:
+                self._exits.pop(pid, None)
+                self._owners.pop(pid, None)
             return code
 
     def stop(self) -> None:
