@@ -3,10 +3,6 @@ real runner. Each saves a complete adapter and follows the single-process loss c
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from peft import PeftModel
@@ -34,20 +30,6 @@ HP = {"max_steps": 6, "learning_rate": 1e-2, "seed": 11}
 def two_gpu_settings(work_dir, pg_url, redis_url, s3_server, tiny_model_dir):
     settings = make_settings(
         work_dir=work_dir, pg_url=pg_url, redis_url=redis_url, s3=s3_server, max_gpus_per_job=2
-    )
-    # DeepSpeed JIT-compiles its shared-memory op at the first multi-process start: build it once up front
-    # (cached in TORCH_EXTENSIONS_DIR) so that no job's run time includes it.
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from deepspeed.accelerator import get_accelerator; "
-            "get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)",
-        ],
-        env=os.environ | {"DS_ACCELERATOR": "cpu"},
-        check=True,
-        capture_output=True,
-        timeout=900,
     )
     return settings
 

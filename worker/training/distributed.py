@@ -6,6 +6,7 @@ N processes over gloo). ZeRO stage 0 is plain data parallelism; stages 2 and 3 g
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -116,6 +117,16 @@ def deepspeed_config(spec: JobSpec) -> dict[str, Any] | None:
 def ddp_backend() -> str | None:
     """gloo between CPU processes; the Trainer's default (NCCL) on GPUs."""
     return "gloo" if on_cpu() and world_size() > 1 else None
+
+
+def skip_cpu_shm_op(spec: JobSpec) -> None:
+    """On CPU, DeepSpeed would compile a shared-memory all-reduce op the first time its communication layer
+    starts (minutes on a fresh machine) for a speed-up only CPU training sees; gloo's all-reduce is as exact.
+    Call before the training arguments exist: they may start that layer."""
+    if spec.resources.zero_stage and on_cpu():
+        # The module itself: the package's attribute of that name is PyTorch.
+        backend = importlib.import_module("deepspeed.comm.torch")
+        backend.build_shm_op = lambda: None
 
 
 def init_process_group(spec: JobSpec) -> None:

@@ -191,6 +191,7 @@ def training_args(
     """trl's SFTConfig for a job: its hyperparameters and kernels, checkpoints when the job keeps them, and
     DeepSpeed or data parallelism for multi-GPU jobs. Build it before loading the model: under ZeRO-3 the model
     is partitioned while it loads. The datasets come tokenized, cut and packed (training_datasets)."""
+    distributed.skip_cpu_shm_op(ctx.spec)
     args = SFTConfig(
         output_dir=str(ctx.work_dir / "trainer"),
         num_train_epochs=hp.epochs or 1,
