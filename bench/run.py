@@ -404,7 +404,8 @@ def main() -> int:
     data = work / "train.jsonl"
     write_dataset(data, 256)
     mixed = work / "mixed.jsonl"
-    write_mixed_dataset(mixed, 96, max_words=3 * args.packing_length // 8)
+    # From a few tokens to about max_seq_length (some 4 tokens a word with the small models' tokenizer).
+    write_mixed_dataset(mixed, 96, max_words=args.packing_length // 5)
     peak = measure_peak()
 
     env = {k: v for k, v in os.environ.items()}
