@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,13 +127,35 @@ def render_sample(sample: EncodedSample, tokenizer: Any, max_seq_length: int) ->
     }
 
 
+# The plan measures a dataset on at most this many samples, spread over it (a job's checks answer in a fraction
+# of a second even for large datasets; every line's format is still checked): counts are then estimates.
+PLAN_SAMPLES = 1000
+
+
+def _spread(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The first record (the plan renders it) and a random but repeatable choice of the others, in order
+    (an even stride would follow any period in the data)."""
+    if len(records) <= limit:
+        return records
+    chosen = sorted(random.Random(len(records)).sample(range(1, len(records)), limit - 1))
+    return [records[0], *(records[i] for i in chosen)]
+
+
 def dataset_report(
-    records: list[dict[str, Any]], fmt: DatasetFormat, tokenizer: Any, max_seq_length: int
+    records: list[dict[str, Any]],
+    fmt: DatasetFormat,
+    tokenizer: Any,
+    max_seq_length: int,
+    sample_limit: int = PLAN_SAMPLES,
 ) -> dict[str, Any]:
     """Token statistics of a dataset as the recipe encodes it: lengths (total, mean, max, p95), how many
     samples max_seq_length cuts and how many lose every trained token to it, how many tokens carry the loss,
-    and the first sample rendered with its loss mask. Raises JobFailure where encoding would fail."""
-    encoded = encode_dataset(records, fmt, tokenizer, max_seq_length)
+    and the first sample rendered with its loss mask. A dataset larger than `sample_limit` is measured on
+    that many samples spread over it, and its counts scaled (`measured_samples` says so). Raises JobFailure
+    where encoding would fail."""
+    measured = _spread(records, sample_limit)
+    scale = len(records) / len(measured) if measured else 1.0
+    encoded = encode_dataset(measured, fmt, tokenizer, max_seq_length)
     lengths = sorted(len(s.input_ids) for s in encoded.samples)
     kept_lengths = [min(n, max_seq_length) for n in lengths]
     trained_within = [
@@ -140,22 +163,27 @@ def dataset_report(
     ]
     trained_total = sum(s.trained_tokens for s in encoded.samples)
     count = len(encoded.samples)
+
+    def scaled(value: int) -> int:
+        return round(value * scale)
+
     return {
         "format": fmt.value,
-        "samples": count,
+        "samples": len(records),
+        "measured_samples": count,
         "tokens": {
-            "total": encoded.total_tokens,
+            "total": scaled(encoded.total_tokens),
             "mean": round(encoded.total_tokens / count, 2) if count else 0,
             "max": lengths[-1] if lengths else 0,
             "p95": _percentile(lengths, 0.95),
-            "after_truncation": sum(kept_lengths),
+            "after_truncation": scaled(sum(kept_lengths)),
         },
         "max_seq_length": max_seq_length,
-        "truncated_samples": encoded.truncated,
-        "trained_tokens": sum(trained_within),
-        "trained_tokens_before_truncation": trained_total,
+        "truncated_samples": scaled(encoded.truncated),
+        "trained_tokens": scaled(sum(trained_within)),
+        "trained_tokens_before_truncation": scaled(trained_total),
         "trained_token_share": round(sum(trained_within) / sum(kept_lengths), 4) if kept_lengths else 0,
-        "samples_without_trained_tokens": sum(1 for n in trained_within if n == 0),
+        "samples_without_trained_tokens": scaled(sum(1 for n in trained_within if n == 0)),
         "longest_kept_sequence": max(kept_lengths, default=0),
         "first_sample": render_sample(encoded.samples[0], tokenizer, max_seq_length) if count else None,
     }

@@ -141,6 +141,18 @@ def test_pure_counts_agree_with_peft_on_a_llama(model_dir):
 # b. Dataset reports, one per format.
 
 
+def test_a_large_dataset_is_measured_on_a_spread_sample(tokenizer):
+    rows = color_messages(3000, seed=9)
+    exact = dataset_report(rows, DatasetFormat.messages, tokenizer, 24, sample_limit=10**9)
+    sampled = dataset_report(rows, DatasetFormat.messages, tokenizer, 24, sample_limit=300)
+    assert (exact["measured_samples"], sampled["measured_samples"]) == (3000, 300)
+    assert sampled["samples"] == exact["samples"] == 3000
+    assert sampled["first_sample"] == exact["first_sample"]
+    for key in ("truncated_samples", "trained_tokens", "samples_without_trained_tokens"):
+        assert sampled[key] == pytest.approx(exact[key], rel=0.15, abs=30), key
+    assert sampled["tokens"]["total"] == pytest.approx(exact["tokens"]["total"], rel=0.05)
+
+
 def test_dataset_report_messages(tokenizer):
     rows = color_messages(12)
     report = dataset_report(rows, DatasetFormat.messages, tokenizer, 64)
