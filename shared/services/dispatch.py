@@ -40,6 +40,9 @@ class Dispatch:
     # An event when the broker does not take the message (the sweeper, which retries every round, says nothing).
     warn_unsent: bool = True
     sent: bool | None = None
+    # Known when the job was just created in this transaction: its task, queue and priority (its send time is
+    # recorded in that same transaction; nothing is read or written afterwards unless the broker refuses).
+    route: tuple[str, str, str] | None = None
 
 
 def send_after_commit(
@@ -47,7 +50,17 @@ def send_after_commit(
 ) -> Dispatch:
     """Sends "look at job `job_id`" once `session` commits, to the queue the job's status then calls for
     (validation for `validating`, the training queue of its GPU count for `queued`; nothing otherwise)."""
-    return _hold(session, Dispatch(settings, "job", job_id, note, warn_unsent))
+    return _hold(session, Dispatch(settings, "job", job_id, note=note, warn_unsent=warn_unsent))
+
+
+def send_new_job_after_commit(session: Session, settings: Settings, job: Job) -> Dispatch:
+    """Sends "validate job X" for a job created in this transaction, once it commits. The send time is written
+    with the job (the sweeper leaves a job it believes sent alone for resend_grace_seconds), and put back to
+    none if the broker refuses, so that the sweeper sends the job at its next round."""
+    route = _route(settings, job)
+    assert route is not None, "a new job waits for validation"
+    job.enqueued_at = utcnow()
+    return _hold(session, Dispatch(settings, "job", job.id, route=(*route, job.priority)))
 
 
 def send_plan_after_commit(session: Session, settings: Settings, plan_id: str) -> Dispatch:
@@ -69,8 +82,31 @@ def _route(settings: Settings, job: Job) -> tuple[str, str] | None:
     return None
 
 
+def _send_new_job(dispatch: Dispatch) -> None:
+    settings = dispatch.settings
+    assert dispatch.route is not None
+    task, queue, priority = dispatch.route
+    dispatch.sent = enqueue(settings, task, dispatch.target_id, queue, priority)
+    if dispatch.sent:
+        return
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, dispatch.target_id)
+        if job is not None:
+            job.enqueued_at = None
+            add_event(
+                session=session,
+                job_id=job.id,
+                type="queue",
+                level="warning",
+                message="the broker did not take the job; it will be re-sent when the broker is back",
+            )
+
+
 def _send_job(dispatch: Dispatch) -> None:
     settings = dispatch.settings
+    if dispatch.route is not None:
+        _send_new_job(dispatch)
+        return
     with session_scope(settings.database_url) as session:
         job = session.get(Job, dispatch.target_id)
         route = _route(settings, job) if job is not None else None

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from shared.models import Job
 from shared.schemas import AdapterSource, ExportSpec, JobSpec, Method
-from shared.services.dispatch import send_after_commit
+from shared.services.dispatch import send_new_job_after_commit
 from shared.services.idempotency import IdempotentCall, Replay
 from shared.services.jobs import create_job, get_job
 from shared.settings import Settings
@@ -40,7 +40,7 @@ def submit_job(
     try:
         job = create_job(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
         idempotency.complete(session, CREATED, answer(job))
-        send_after_commit(session, settings, job.id)
+        send_new_job_after_commit(session, settings, job)
         session.commit()
     except BaseException:
         session.rollback()
