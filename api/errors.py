@@ -76,7 +76,8 @@ def describe(exc: Exception, request: Request) -> ErrorParts:
 def install_error_handlers(app: FastAPI) -> None:
     async def _native(request: Request, exc: Exception) -> JSONResponse:
         status, code, message, param, headers = describe(exc, request)
-        response = _error(status, code, message, param)
+        details = getattr(exc, "details", None) if isinstance(exc, TuneforgeError) else None
+        response = _error(status, code, message, param, **({"details": details} if details else {}))
         response.headers.update(headers)
         return response
 

@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from api.deps import refuse_unstorable_text
 from api.errors import install_error_handlers
 from api.openai import routes as openai_routes
-from api.routers import files, health, jobs, metrics, models, plans, webhooks
+from api.routers import console, docs, files, health, jobs, metrics, models, plans, webhooks
 from shared.db import AsyncDatabase, session_factory
 from shared.services.auth import KeyCache
 from shared.settings import Settings, get_settings
@@ -19,7 +19,8 @@ from shared.storage import make_store
 DESCRIPTION = """
 Fine-tune LLMs with parameter-efficient methods. Upload a dataset (`POST /v1/files`), submit a job
 (`POST /v1/jobs`), follow it (`GET /v1/jobs/{id}`, `/events`, `/metrics`) and download the adapter
-(`GET /v1/jobs/{id}/artifacts/adapter.tar`), ready for `PeftModel.from_pretrained`.
+(`GET /v1/jobs/{id}/artifacts/adapter.tar`), ready for `PeftModel.from_pretrained`. The web console is at
+[/ui](/ui).
 """
 
 
@@ -38,6 +39,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         dependencies=[Depends(refuse_unstorable_text)],
         lifespan=lifespan,
+        # Served by api/routers/docs.py with local assets, not from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.database_url)
@@ -46,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = make_store(settings)
     install_error_handlers(app)
     # Routes are matched in this order: the ones clients poll first.
-    for module in (health, jobs, files, models, metrics, webhooks, openai_routes, plans):
+    for module in (health, jobs, files, models, metrics, webhooks, openai_routes, plans, docs, console):
         app.include_router(module.router)
+    app.mount(docs.ASSETS_PATH, docs.assets(), name="docs-assets")
+    app.mount(console.ASSETS_PATH, console.assets(), name="console-assets")
     return app

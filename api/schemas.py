@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +14,7 @@ from shared.schemas import (
     ExportSpec,
     FusionSpec,
     Hyperparameters,
+    Integration,
     JobSpec,
     MergeSpec,
     Metadata,
@@ -47,6 +48,20 @@ class QueuePlace(BaseModel):
     nodes: int
 
 
+class Progress(BaseModel):
+    """How far a training job is, from its latest logged step."""
+
+    step: int = Field(description="the latest logged training step")
+    total_steps: int | None = Field(
+        None, description="max_steps, or the steps its epochs take (from the latest step's epoch)"
+    )
+    fraction: float | None = Field(None, description="step / total_steps, in [0, 1]")
+    estimated_finish: datetime | None = Field(
+        None, description="when training should end at the current attempt's pace so far"
+    )
+    updated_at: datetime = Field(description="when the latest step was logged")
+
+
 class JobOut(BaseModel):
     object: Literal["job"] = "job"
     id: str
@@ -64,6 +79,12 @@ class JobOut(BaseModel):
     resources: Resources
     priority: str
     metadata: dict[str, str]
+    integrations: list[Integration] = Field(
+        default_factory=list, description="experiment trackers it logs to"
+    )
+    eval_prompts: list[str] | None = None
+    eval_samples: int | None = None
+    eval_max_new_tokens: int | None = None
     attempt: int = Field(description="how many times a worker has started this job")
     error: ErrorBody | None = Field(None, description="why the job failed, when it did")
     trainable_params: int | None = None
@@ -88,6 +109,7 @@ class JobOut(BaseModel):
     queue: QueuePlace | None = Field(
         None, description="while it waits: its place in the queue and the GPUs it waits for (GET of one job)"
     )
+    progress: Progress | None = Field(None, description="while it trains: its step, total steps and finish")
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -108,6 +130,10 @@ class JobOut(BaseModel):
             resources=spec.resources,
             priority=job.priority,
             metadata=job.user_metadata or {},
+            integrations=spec.integrations,
+            eval_prompts=spec.eval_prompts,
+            eval_samples=spec.eval_samples,
+            eval_max_new_tokens=spec.eval_max_new_tokens,
             attempt=job.attempt,
             error=ErrorBody(code=job.error_code, message=job.error_message or "") if job.error_code else None,
             trainable_params=job.trainable_params,
@@ -145,6 +171,10 @@ def job_answer(job: Any) -> dict[str, Any]:
         "resources": spec["resources"],
         "priority": job.priority,
         "metadata": job.user_metadata or {},
+        "integrations": spec.get("integrations") or [],
+        "eval_prompts": spec.get("eval_prompts"),
+        "eval_samples": spec.get("eval_samples"),
+        "eval_max_new_tokens": spec.get("eval_max_new_tokens"),
         "attempt": job.attempt,
         "error": {"code": job.error_code, "message": job.error_message or "", "param": None}
         if job.error_code
@@ -161,6 +191,7 @@ def job_answer(job: Any) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "placement": _placement(job),
         "queue": _queue_place(job),
+        "progress": _progress(job),
     }
 
 
@@ -173,6 +204,30 @@ def _placement(job: Any) -> dict[str, Any] | None:
         "host": host,
         "gpu_indices": list(job.placement_gpu_indices or []),
         "launcher": job.placement_launcher,
+    }
+
+
+def _progress(job: Any) -> dict[str, Any] | None:
+    step = getattr(job, "progress_step", None)
+    if step is None:
+        return None
+    hp = job.spec.get("hyperparameters") or {}
+    epoch = job.progress_epoch
+    total = hp.get("max_steps")
+    if not total and hp.get("epochs") and epoch:
+        # The trainer logs the epoch as steps so far over steps per epoch.
+        total = max(round(step * hp["epochs"] / epoch), step)
+    finish = None
+    first_step, first_at = job.progress_first_step, job.progress_first_at
+    if total and first_step is not None and step > first_step:
+        per_step = (job.progress_at - first_at).total_seconds() / (step - first_step)
+        finish = job.progress_at + timedelta(seconds=max(total - step, 0) * per_step)
+    return {
+        "step": step,
+        "total_steps": total,
+        "fraction": round(min(step / total, 1.0), 4) if total else None,
+        "estimated_finish": finish,
+        "updated_at": job.progress_at,
     }
 
 
@@ -211,6 +266,23 @@ class AttemptOut(BaseModel):
             outcome=attempt.outcome,
             gpu_seconds=round(attempt.charged_gpu_seconds, 3),
         )
+
+
+class LogPage(BaseModel):
+    """A page of whole lines of one attempt's training output (every rank and the launcher)."""
+
+    job_id: str
+    attempt: int | None = Field(description="the attempt read; null before the job's first attempt")
+    attempts: list[int] = Field(description="the job's attempts, each with a log of its own")
+    offset: int = Field(description="the byte offset of the first line")
+    next_offset: int = Field(description="where the next page starts (offset=...); while it runs, new output")
+    size: int = Field(description="bytes of the log so far")
+    lines: list[str]
+    has_more: bool = Field(description="more bytes are there already: read on from next_offset")
+    complete: bool = Field(description="the attempt has ended and this page reaches the end of its log")
+    truncated: bool = Field(description="the output went past TUNEFORGE_LOG_MAX_BYTES; the rest was dropped")
+    stored: bool = Field(description="the whole log is in object storage (the attempt ended)")
+    sha256: str | None = Field(description="the stored log's sha256")
 
 
 class AttemptList(BaseModel):
@@ -335,6 +407,35 @@ class ArtifactList(BaseModel):
     archive_urls: dict[str, str] = Field(
         default_factory=dict, description="one tar archive per artifact kind"
     )
+
+
+class EvaluationSample(BaseModel):
+    source: Literal["eval_prompts", "validation"] = Field(description="where the prompt came from")
+    prompt: str
+    reference: str | None = Field(None, description="the validation set's own answer")
+    base: str = Field(description="the base model's answer")
+    adapter: str = Field(description="the answer with the trained adapter")
+
+
+class Perplexity(BaseModel):
+    before: float | None = Field(description="the base model's, on the validation samples")
+    after: float | None = Field(description="with the adapter, on the same samples")
+    samples: int
+
+
+class EvaluationOut(BaseModel):
+    """The base model's and the adapter's answers side by side, and the validation perplexity before and after
+    training (greedy answers of at most max_new_tokens tokens)."""
+
+    object: Literal["evaluation"] = "evaluation"
+    job_id: str
+    status: str
+    base_model: str | None
+    max_new_tokens: int | None
+    perplexity: Perplexity | None
+    samples: list[EvaluationSample]
+    note: str | None = None
+    sha256: str = Field(description="of the stored evaluation artifact (samples.json)")
 
 
 class CheckpointOut(BaseModel):

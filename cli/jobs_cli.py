@@ -1,4 +1,4 @@
-"""The user commands of `tuneforge`: submit, list, status, events, cancel, download, files.
+"""The user commands of `tuneforge`: submit, list, status, events, logs, cancel, download, files.
 
 Every call goes through the SDK (the tuneforge_sdk package). The API's URL and key come from --url / --api-key, or
 TUNEFORGE_URL / TUNEFORGE_API_KEY, or (the key) the embedded default's file $TUNEFORGE_HOME/api-key.
@@ -666,6 +666,40 @@ def events(
 
 
 @_handles_errors
+def logs(
+    job_id: str,
+    attempt: Annotated[int | None, typer.Option(min=1, help="the attempt; default: the latest")] = None,
+    tail: Annotated[int | None, typer.Option(min=1, help="only the last N lines")] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-F", help="print new output as it comes, until the job ends")
+    ] = False,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Prints a job's training output (every rank and the launcher), attempt by attempt."""
+    with Tuneforge(base_url=url, api_key=api_key) as client:
+        if follow:
+            shown: int | None = None
+            for number, line in client.follow_logs(job_id, attempt=attempt, tail=tail):
+                if number != shown and attempt is None:
+                    _err().print(f"[dim]-- attempt {number} --[/dim]")
+                    shown = number
+                typer.echo(line)
+            return
+        page = client.logs(job_id, attempt=attempt, tail=tail)
+        while True:
+            for line in page["lines"]:
+                typer.echo(line)
+            if not page["has_more"]:
+                break
+            page = client.logs(job_id, attempt=page["attempt"], offset=page["next_offset"])
+        if page["attempt"] is None:
+            _err().print(f"job {job_id} has not started training yet: no output")
+        elif page["truncated"]:
+            _err().print("[yellow]the output was longer than the server keeps; the rest was dropped[/yellow]")
+
+
+@_handles_errors
 def cancel(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
     """Cancels a job: at once if it waits, within seconds if it trains."""
     with Tuneforge(base_url=url, api_key=api_key) as client:
@@ -747,6 +781,7 @@ def register(app: typer.Typer) -> None:
     app.command("list")(list_jobs)
     app.command("status")(status)
     app.command("events")(events)
+    app.command("logs")(logs)
     app.command("cancel")(cancel)
     app.command("download")(download)
     app.add_typer(files_app, name="files")

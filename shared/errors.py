@@ -11,10 +11,19 @@ class TuneforgeError(Exception):
     status_code = 400
     code = "invalid_request"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        details: list[dict[str, object]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        # One entry per problem, when there are several (e.g. a dataset's bad lines: line and message).
+        self.details = details
         if code is not None:
             self.code = code
 

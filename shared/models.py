@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -205,6 +206,27 @@ class Attempt(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     outcome: Mapped[str | None] = mapped_column(String(16))  # the job's status when the attempt ended
     charged_gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # The output of its training processes: bytes shipped so far (live chunks while it runs), and once it
+    # ended, the object holding all of it (its first log_max_bytes; log_truncated when there was more).
+    log_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    log_key: Mapped[str | None] = mapped_column(String(1024))
+    log_sha256: Mapped[str | None] = mapped_column(String(64))
+    log_truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class AttemptLogChunk(Base):
+    """A piece of a running attempt's output at byte `offset` of its log; the chunks of an attempt are removed
+    once its whole log is in object storage."""
+
+    __tablename__ = "attempt_log_chunks"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", "offset", name="uq_attempt_log_chunks_offset"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Node(Base):

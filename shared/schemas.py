@@ -329,6 +329,63 @@ def _field_error(field: str, message: str) -> ValidationError:
     )
 
 
+# W&B names hold no slashes; MLflow experiments may (e.g. /Shared/team). No control characters in either.
+WandbName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f/\\\\]+$")]
+TrackerName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")]
+TrackerTag = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
+
+
+class WandbIntegration(BaseModel):
+    """Where a job's run goes in Weights & Biases (OpenAI's `integrations[].wandb`). The deployment supplies the
+    key (TUNEFORGE_WANDB_API_KEY)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: WandbName = Field(description="the W&B project")
+    name: TrackerName | None = Field(None, description="the run's display name; default: the job id")
+    entity: WandbName | None = Field(None, description="the W&B team or user; default: the key's")
+    tags: list[TrackerTag] = Field(default_factory=list, max_length=16, description="at most 16 tags")
+
+
+class MlflowIntegration(BaseModel):
+    """Where a job's run goes in the deployment's MLflow tracking server (TUNEFORGE_MLFLOW_TRACKING_URI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: TrackerName = Field("tuneforge", description="the MLflow experiment (created when missing)")
+    run_name: TrackerName | None = Field(None, description="the run's name; default: the job id")
+
+
+class Integration(BaseModel):
+    """An experiment tracker a training job logs to: its parameters, every logged step's metrics, the final
+    metrics and the adapter. A tracker that is down never fails or slows the job; the job gets an event
+    saying what was not logged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wandb", "mlflow"]
+    wandb: WandbIntegration | None = None
+    mlflow: MlflowIntegration | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_the_type(self) -> Integration:
+        if self.type == "wandb" and self.wandb is None:
+            raise ValueError("an integration of type wandb needs `wandb` with at least its project")
+        if self.type == "mlflow" and self.mlflow is None:
+            self.mlflow = MlflowIntegration()
+        other = "mlflow" if self.type == "wandb" else "wandb"
+        if getattr(self, other) is not None:
+            raise ValueError(f"`{other}` does not apply to an integration of type {self.type}")
+        return self
+
+
+EvalPrompt = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+MAX_EVAL_PROMPTS = 16
+# Prompts a job with a validation dataset (and no eval_prompts) takes from it by default.
+DEFAULT_EVAL_SAMPLES = 4
+DEFAULT_EVAL_MAX_NEW_TOKENS = 64
+
+
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 MAX_METADATA_KEYS = 16
@@ -380,6 +437,33 @@ class JobSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     priority: Priority = Priority.normal
     metadata: Metadata = Field(default_factory=dict)
+    integrations: list[Integration] = Field(
+        default_factory=list,
+        max_length=4,
+        description="experiment trackers the job logs to (training methods): "
+        '[{"type": "wandb", "wandb": {"project", "name", "entity", "tags"}}] or '
+        '[{"type": "mlflow", "mlflow": {"experiment", "run_name"}}]',
+    )
+    eval_prompts: Annotated[list[EvalPrompt], Field(min_length=1, max_length=MAX_EVAL_PROMPTS)] | None = (
+        Field(
+            None,
+            description="prompts that the base model and the trained adapter both answer when training ends "
+            "(adapter methods); their answers are stored side by side (GET /v1/jobs/{id}/evaluation)",
+        )
+    )
+    eval_samples: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_EVAL_PROMPTS,
+        description="prompts taken from the validation dataset for the same comparison; default "
+        f"{DEFAULT_EVAL_SAMPLES} with a validation_dataset and no eval_prompts, else 0 (off)",
+    )
+    eval_max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description=f"longest answer generated per prompt; default {DEFAULT_EVAL_MAX_NEW_TOKENS}",
+    )
 
     @model_validator(mode="after")
     def _fields_of_the_method(self) -> JobSpec:
@@ -400,6 +484,7 @@ class JobSpec(BaseModel):
                 raise _field_error(name, f"method {method.value} needs `{name}`")
             if method is not owner and value is not None:
                 raise _field_error(name, f"`{name}` applies only to method {owner.value}")
+        self._check_trackers_and_evaluation()
         if method in LORA_METHODS:
             self.adapter = self.adapter or AdapterSpec()
             self._resolve_adapter_flags()
@@ -426,6 +511,34 @@ class JobSpec(BaseModel):
                 # A handful of mixing weights need far larger steps than millions of adapter weights.
                 self.hyperparameters.learning_rate = 2e-2 if method is Method.fusion else 2e-4
         return self
+
+    def _check_trackers_and_evaluation(self) -> None:
+        method = self.method
+        if self.integrations and method not in DATASET_METHODS:
+            raise _field_error("integrations", f"method {method.value} does not train; remove integrations")
+        seen: set[str] = set()
+        for index, integration in enumerate(self.integrations):
+            if integration.type in seen:
+                raise _field_error(
+                    f"integrations.{index}.type", f"give at most one {integration.type} integration"
+                )
+            seen.add(integration.type)
+        if method not in LORA_METHODS:
+            for name in ("eval_prompts", "eval_samples", "eval_max_new_tokens"):
+                if getattr(self, name) is not None:
+                    raise _field_error(
+                        name, f"method {method.value} trains no new adapter to evaluate; remove {name}"
+                    )
+            return
+        if self.eval_samples and self.validation_dataset is None:
+            raise _field_error(
+                "eval_samples", "eval_samples takes prompts from a validation_dataset; give one"
+            )
+        if self.eval_samples is None:
+            default = self.validation_dataset is not None and self.eval_prompts is None
+            self.eval_samples = DEFAULT_EVAL_SAMPLES if default else 0
+        if self.eval_max_new_tokens is None:
+            self.eval_max_new_tokens = DEFAULT_EVAL_MAX_NEW_TOKENS
 
     def _resolve_adapter_flags(self) -> None:
         adapter = self.adapter

@@ -166,6 +166,36 @@ class Settings(BaseSettings):
         description="how long a worker retries unreachable object storage (reporting each retry as a job event) "
         "before the attempt fails with storage_unavailable",
     )
+    log_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=4096,
+        description="the most of an attempt's training output kept (GET /v1/jobs/{id}/logs); the rest is "
+        "dropped and the log marked truncated",
+    )
+    log_ship_interval_seconds: float = Field(
+        1.0, gt=0, description="how often a worker ships new training output to the database while it runs"
+    )
+    # Experiment trackers (a job's `integrations`). The training process logs to them from a thread of its own.
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="the MLflow tracking server jobs with an mlflow integration log to (http://host:5000); "
+        "unset: such jobs are refused at submission",
+    )
+    wandb_api_key: SecretStr | None = Field(
+        None,
+        description="the W&B key jobs with a wandb integration log with; unset: refused unless wandb_mode is offline",
+    )
+    wandb_base_url: str | None = Field(None, description="a self-hosted W&B server; default: W&B's cloud")
+    wandb_mode: Literal["online", "offline"] = Field(
+        "online",
+        description="offline: W&B runs are written to the worker's disk only (wandb sync uploads them)",
+    )
+    tracker_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="how long a finished training process waits for its trackers to take what it logged (the "
+        "adapter included); what they have not taken by then is named in a job event",
+    )
     # Test hook: a micro-batch above this raises a (simulated) out-of-memory error. Only in the test environment.
     test_oom_above_micro_batch: int | None = None
     # Test hook: the training process of this rank fails the job (invalid_config) as it starts. Only in test.
@@ -317,7 +347,7 @@ class Settings(BaseSettings):
     def public_summary(self) -> dict[str, object]:
         """Returns the settings without secrets, for logs and diagnostics."""
         data = json.loads(self.model_dump_json())
-        for key in ("secret_key", "s3_secret_access_key", "metrics_token"):
+        for key in ("secret_key", "s3_secret_access_key", "metrics_token", "wandb_api_key"):
             data.pop(key, None)
         return data
 

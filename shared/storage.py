@@ -154,6 +154,17 @@ class ObjectStore(ABC):
             raise
         return StoredObject(bucket, key, size, actual)
 
+    def read_range(self, key: str, start: int, length: int, *, bucket: str | None = None) -> bytes:
+        """Returns up to `length` bytes of an object from byte `start` (fewer at its end)."""
+        data, seen = bytearray(), 0
+        for chunk in self.iter_chunks(key, bucket=bucket):
+            if seen + len(chunk) > start:
+                data += chunk[max(0, start - seen) :]
+            seen += len(chunk)
+            if len(data) >= length:
+                break
+        return bytes(data[:length])
+
     def read_bytes(self, key: str, *, bucket: str | None = None, limit: int = 1024 * 1024) -> bytes:
         """Returns a small object's bytes; refuses objects larger than `limit`."""
         data = bytearray()
@@ -219,6 +230,14 @@ class LocalObjectStore(ObjectStore):
         with path.open("rb") as handle:
             while chunk := handle.read(chunk_size):
                 yield chunk
+
+    def read_range(self, key: str, start: int, length: int, *, bucket: str | None = None) -> bytes:
+        path = self._path(bucket or self.bucket, key)
+        if not path.is_file():
+            raise ObjectNotFound(f"{key} does not exist")
+        with path.open("rb") as handle:
+            handle.seek(start)
+            return handle.read(length)
 
     def list_keys(self, prefix: str, *, bucket: str | None = None) -> list[str]:
         base = self.root / (bucket or self.bucket)
@@ -317,6 +336,26 @@ class S3ObjectStore(ObjectStore):
             raise self._client_error(exc) from exc
         finally:
             body.close()
+
+    def read_range(self, key: str, start: int, length: int, *, bucket: str | None = None) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if length <= 0:
+            return b""
+        try:
+            response = self.client.get_object(
+                Bucket=bucket or self.bucket, Key=check_key(key), Range=f"bytes={start}-{start + length - 1}"
+            )
+            return response["Body"].read()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in {"404", "NoSuchKey", "NotFound"}:
+                raise ObjectNotFound(f"{key} does not exist") from exc
+            if code == "InvalidRange":  # at or past the end
+                return b""
+            raise self._client_error(exc) from exc
+        except BotoCoreError as exc:
+            raise self._client_error(exc) from exc
 
     def list_keys(self, prefix: str, *, bucket: str | None = None) -> list[str]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -425,6 +464,11 @@ class PatientStore(ObjectStore):
 
     def iter_chunks(self, key: str, *, bucket: str | None = None, chunk_size: int = CHUNK) -> Iterator[bytes]:
         return self.inner.iter_chunks(key, bucket=bucket, chunk_size=chunk_size)
+
+    def read_range(self, key: str, start: int, length: int, *, bucket: str | None = None) -> bytes:
+        return self._patiently(
+            f"reading {key}", lambda: self.inner.read_range(key, start, length, bucket=bucket)
+        )
 
     def list_keys(self, prefix: str, *, bucket: str | None = None) -> list[str]:
         return self._patiently(f"listing {prefix}", lambda: self.inner.list_keys(prefix, bucket=bucket))

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -295,3 +296,73 @@ def service(settings: Settings, tiny_model_dir: Path, tmp_path_factory: pytest.T
         yield procs
     finally:
         procs.stop()
+
+
+class MlflowServer:
+    """A real MLflow tracking server (`mlflow server`: SQLite backend store, local artifact root, artifacts
+    proxied by the server). It takes half a minute to start (imports, then the store's schema), so it starts as
+    soon as the collected tests show that one needs it, and boots while the tests before that one run."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.folder = Path(tempfile.mkdtemp(prefix="tuneforge-mlflow-"))
+
+    def start(self) -> None:
+        if self.proc is not None:
+            return
+        mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent))
+        if mlflow is None:
+            pytest.fail("the `mlflow` command is not installed (pip install -e '.[trackers,dev]')")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [
+                mlflow,
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=(self.folder / "server.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith(("TUNEFORGE_", "MLFLOW_"))},
+        )
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+MLFLOW = MlflowServer()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in items):
+        MLFLOW.start()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[str]:
+    """The MLflow server's URL, once it answers."""
+    MLFLOW.start()
+    try:
+        wait_http(MLFLOW.url + "/health", timeout=180, process=MLFLOW.proc)
+        yield MLFLOW.url
+    finally:
+        MLFLOW.stop()

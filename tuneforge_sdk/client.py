@@ -360,9 +360,61 @@ class Tuneforge:
             if not seen:
                 time.sleep(poll_interval)
 
+    # ------------------------------------------------------------------------------------------------ logs
+
+    def logs(
+        self,
+        job_id: str,
+        *,
+        attempt: int | None = None,
+        offset: int | None = None,
+        tail: int | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """One page of an attempt's training output (the latest attempt by default): {attempt, attempts,
+        lines, offset, next_offset, has_more, complete, truncated, ...}, from byte `offset` or the last `tail`
+        lines."""
+        params = {"attempt": attempt, "offset": offset, "tail": tail, "limit": limit}
+        return self._get(f"/v1/jobs/{job_id}/logs", **{k: v for k, v in params.items() if v is not None})
+
+    def follow_logs(
+        self, job_id: str, *, attempt: int | None = None, tail: int | None = None, poll_interval: float = 1.0
+    ) -> Iterator[tuple[int, str]]:
+        """Yields (attempt, line) for each line of the training output as it is printed, and returns when the
+        job has ended and its output is all read. Without `attempt` it follows the latest one and moves on to
+        each new attempt (a retry, a resume) as it starts."""
+        current, offset = attempt, None
+        while True:
+            page = self.logs(job_id, attempt=current, offset=offset, tail=tail if offset is None else None)
+            number = page["attempt"]
+            for line in page["lines"]:
+                yield number, line
+            if page["has_more"]:
+                offset = page["next_offset"]
+                continue
+            if number is None:  # not started yet
+                if self.get_job(job_id)["status"] in TERMINAL_STATUSES:
+                    return
+                time.sleep(poll_interval)
+                continue
+            current, offset = number, page["next_offset"]
+            if page["complete"]:
+                newer = [n for n in page["attempts"] if n > number]
+                if attempt is None and newer:
+                    current, offset, tail = newer[0], None, None
+                    continue
+                if attempt is not None or self.get_job(job_id)["status"] in TERMINAL_STATUSES:
+                    return
+            time.sleep(poll_interval)
+
     def metrics(self, job_id: str) -> dict[str, Any]:
         """The job's curves: {"train": [{step, epoch, loss, learning_rate, ...}], "eval": [...]}."""
         return self._get(f"/v1/jobs/{job_id}/metrics")
+
+    def evaluation(self, job_id: str) -> dict[str, Any]:
+        """A finished adapter job's evaluation: {"samples": [{prompt, reference, base, adapter}], "perplexity":
+        {before, after, samples}} (the base model's and the adapter's answers side by side)."""
+        return self._get(f"/v1/jobs/{job_id}/evaluation")
 
     # ---------------------------------------------------------------------------------------- artifacts
 

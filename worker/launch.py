@@ -8,6 +8,7 @@ failure.json (rank 0, on a job failure), and STOP (created by the worker: checkp
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -121,6 +122,7 @@ def train_attempt(
     from worker.reporting import AttemptWriter, patient_store
     from worker.training.recipes import recipe_for
     from worker.training.recipes.base import JobStopped, TrainingContext
+    from worker.training.trackers import job_trackers
 
     settings = get_settings()
     spec = JobSpec.model_validate(launch.spec)
@@ -129,6 +131,10 @@ def train_attempt(
     writer.start_background()
     # Rank 0 speaks for the job; the others would only repeat it.
     reporter = writer if rank == 0 else QuietReporter()
+    # Rank 0 also logs to TensorBoard and the job's experiment trackers, each from a thread of its own.
+    trackers = job_trackers(settings, spec, launch.job_id, work_dir) if rank == 0 else None
+    if trackers is not None:
+        reporter = trackers.reporting_to(writer)
     stop_file = work_dir / STOP_FILE
     try:
         try:
@@ -166,8 +172,28 @@ def train_attempt(
             dataset_sha256=dataset_digests(launch),
             device_peak_tflops=settings.device_peak_tflops,
         )
+        log.info(
+            "rank %d: %s of %s, attempt %d%s",
+            rank,
+            spec.method.value,
+            spec.base_model,
+            launch.attempt,
+            f", resuming from {Path(launch.resume_from).name}" if launch.resume_from else "",
+        )
         recipe = recipe_for(spec.method)(ctx)
         result = recipe.run()
+        log.info("rank %d: %s", rank, "stopped at a checkpoint" if result.stopped else "finished")
+        extras = {kind: str(folder) for kind, folder in result.extras.items()}
+        if trackers is not None:
+            trackers.close(
+                writer,
+                timeout=settings.tracker_timeout_seconds,
+                succeeded=True,
+                metrics=result.metrics,
+                adapter_dir=result.output_dir if recipe.artifact_kind == "adapter" else None,
+            )
+            if trackers.tensorboard_dir is not None and trackers.tensorboard_dir.is_dir():
+                extras["tensorboard"] = str(trackers.tensorboard_dir)
         writer.flush()
         return Ending(
             "ok",
@@ -178,6 +204,8 @@ def train_attempt(
                 "total_params": result.total_params,
                 "trained_tokens": result.trained_tokens,
                 "metrics": result.metrics,
+                # Folders stored as artifacts of their own kind (evaluation answers, TensorBoard event files).
+                "extras": extras,
             },
         )
     except JobStopped:
@@ -194,6 +222,12 @@ def train_attempt(
         log.warning("object storage failed: %s", exc)
         writer.flush()
         return Ending("failed", storage_code(exc).value, f"a checkpoint could not be stored: {exc}")
+    finally:
+        if trackers is not None and not trackers.closed:
+            # The run ended without a result (stopped, failed, crashed): the trackers mark it so, briefly.
+            trackers.close(writer, timeout=min(settings.tracker_timeout_seconds, 5.0), succeeded=False)
+            with contextlib.suppress(Exception):
+                writer.flush(timeout=10.0)
 
 
 EXIT_CODES = {"ok": EXIT_OK, "failed": EXIT_FAILED, "oom": EXIT_OUT_OF_MEMORY, "stopped": EXIT_STOPPED}

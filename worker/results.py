@@ -66,6 +66,11 @@ def efficiency_event(metrics: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def names_of(folder: Path) -> list[str]:
+    """The files of a folder as put_tree stores them (relative paths, sorted)."""
+    return [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
 def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_dir: Path) -> JobStatus | None:
     """Uploads the training process's result folder and marks the job succeeded; None when the attempt no
     longer holds the job. Raises StorageError when the upload fails."""
@@ -79,7 +84,18 @@ def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_d
     else:
         output = Path(result["output_dir"])
         stored = store.put_tree(f"artifacts/{team_id}/{job_id}/attempt-{attempt}/{kind}", output)
-        names = [p.relative_to(output).as_posix() for p in sorted(output.rglob("*")) if p.is_file()]
+        names = names_of(output)
+    # Evaluation answers and TensorBoard event files, each its own artifact kind. A folder that is not on this
+    # machine (a Ray job's rank 0 wrote it on its own node) is left out.
+    extras = [
+        (
+            extra,
+            names_of(Path(folder)),
+            store.put_tree(f"artifacts/{team_id}/{job_id}/attempt-{attempt}/{extra}", Path(folder)),
+        )
+        for extra, folder in (result.get("extras") or {}).items()
+        if Path(folder).is_dir()
+    ]
     metrics = result["metrics"]
     times = metrics.get("time_seconds")
     if times is not None:  # a job that trained: where its time went, the upload included
@@ -93,6 +109,10 @@ def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_d
         artifact_service.record_artifacts(
             session=session, job=job, kind=kind, stored=zip(names, stored, strict=True)
         )
+        for extra, extra_names, extra_stored in extras:
+            artifact_service.record_artifacts(
+                session=session, job=job, kind=extra, stored=zip(extra_names, extra_stored, strict=True)
+            )
         memory = memory_event(metrics, job.plan)
         if memory is not None:
             job_service.add_event(session=session, job_id=job_id, type="memory", attempt=attempt, **memory)

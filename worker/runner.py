@@ -34,9 +34,10 @@ from worker.assets import storage_code
 from worker.checkpoints import fetch_latest_checkpoint
 from worker.inputs import fetch_inputs
 from worker.lease import Lease
+from worker.logs import LogShipper
 from worker.reporting import AttemptWriter, patient_store
 from worker.results import store_result
-from worker.supervisor import SHUTDOWN, supervise
+from worker.supervisor import LOG_FILE, SHUTDOWN, supervise
 from worker.warm import WarmRuntime, runtime_for
 
 log = logging.getLogger(__name__)
@@ -127,36 +128,48 @@ def _run_attempt(
         except StorageError as exc:
             return outcomes.retry_or_fail(writer, storage_code(exc), f"could not store the result: {exc}")
 
-    while True:
-        launch.write(work_dir)
-        outcome = supervise(
-            settings=settings,
-            spec=spec,
-            work_dir=work_dir,
-            lease=lease,
-            writer=writer,
-            seconds_left=60 * limit_minutes - job.runtime_seconds - (time.monotonic() - started),
-            devices=devices,
-            warm=warm,
-        )
-        log.info("job %s attempt %d: training process ended: %s", writer.job_id, writer.attempt, outcome.kind)
-        if outcome.kind == "lost":
-            log.warning(
-                "job %s attempt %d lost its lease; stopped without writing", writer.job_id, writer.attempt
+    # The training output, shipped while it runs (tail and follow) and stored when the attempt ends.
+    shipper = LogShipper(
+        writer,
+        work_dir / LOG_FILE,
+        max_bytes=settings.log_max_bytes,
+        interval=settings.log_ship_interval_seconds,
+    ).start()
+    try:
+        while True:
+            launch.write(work_dir)
+            outcome = supervise(
+                settings=settings,
+                spec=spec,
+                work_dir=work_dir,
+                lease=lease,
+                writer=writer,
+                seconds_left=60 * limit_minutes - job.runtime_seconds - (time.monotonic() - started),
+                devices=devices,
+                warm=warm,
             )
-        settled = outcomes.settle(
-            outcome, writer=writer, spec=spec, limit_minutes=limit_minutes, finish=finish
-        )
-        if not isinstance(settled, outcomes.TryAgain):
-            return settled
-        # Out of memory: the inputs are fetched already; only the spec and the checkpoint to resume from change.
-        spec = settled.spec
-        try:
-            resume_from = fetch_latest_checkpoint(settings, store, writer.job_id, work_dir)
-        except StorageError as exc:
-            return outcomes.retry_or_fail(writer, storage_code(exc), f"object storage failed: {exc}")
-        launch.spec = spec.model_dump(mode="json")
-        launch.resume_from = str(resume_from) if resume_from else None
+            log.info(
+                "job %s attempt %d: training process ended: %s", writer.job_id, writer.attempt, outcome.kind
+            )
+            if outcome.kind == "lost":
+                log.warning(
+                    "job %s attempt %d lost its lease; stopped without writing", writer.job_id, writer.attempt
+                )
+            settled = outcomes.settle(
+                outcome, writer=writer, spec=spec, limit_minutes=limit_minutes, finish=finish
+            )
+            if not isinstance(settled, outcomes.TryAgain):
+                return settled
+            # Out of memory: the inputs are fetched already; only the spec and the checkpoint to resume from change.
+            spec = settled.spec
+            try:
+                resume_from = fetch_latest_checkpoint(settings, store, writer.job_id, work_dir)
+            except StorageError as exc:
+                return outcomes.retry_or_fail(writer, storage_code(exc), f"object storage failed: {exc}")
+            launch.spec = spec.model_dump(mode="json")
+            launch.resume_from = str(resume_from) if resume_from else None
+    finally:
+        shipper.finish(job.team_id)
 
 
 def _add_runtime(writer: AttemptWriter, seconds: float) -> None:

@@ -18,7 +18,8 @@ Mapping onto a JobSpec (the job is an ordinary Tuneforge job, also visible under
   Idempotency-Key must describe the same job).
 - method.type must be "supervised"; "dpo" and "reinforcement" are refused (400, param method.type).
 - suffix is kept in the job's metadata under `tuneforge.suffix` (hidden from this surface's `metadata`).
-- integrations: none are supported; a non-empty list is refused.
+- integrations -> integrations, in OpenAI's shape: {"type": "wandb", "wandb": {project, name, entity, tags}};
+  Tuneforge also takes {"type": "mlflow", "mlflow": {experiment, run_name}}.
 - The `tuneforge` body field (the client's extra_body) carries the PEFT settings, each the JobSpec field of
   the same name: {"method": "lora|dora|rslora|qlora", "adapter": {...}, "quantization": {...},
   "hyperparameters": {...any JobSpec hyperparameter, e.g. max_steps...}, "resources": {...}, "priority"}.

@@ -143,7 +143,11 @@ class FineTuningJobCreate(BaseModel):
     )
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="default 42 (retries stay idempotent)")
     metadata: dict[str, str] | None = None
-    integrations: list[dict[str, Any]] | None = Field(None, description="none are supported (give [])")
+    integrations: list[dict[str, Any]] | None = Field(
+        None,
+        description='experiment trackers: [{"type": "wandb", "wandb": {"project", "name", "entity", "tags"}}] '
+        'and Tuneforge\'s [{"type": "mlflow", "mlflow": {"experiment", "run_name"}}]',
+    )
     tuneforge: TuneforgeOptions | None = None
 
 
@@ -262,6 +266,7 @@ class FineTuningJobOut(BaseModel):
             training_file=job.dataset_uri,
             validation_file=job.validation_uri,
             metadata=metadata,
+            integrations=[i.model_dump(exclude_none=True) for i in spec.integrations],
             method=MethodOut(supervised=SupervisedMethodOut(hyperparameters=resolved)),
             user_provided_suffix=suffix,
             tuneforge=TuneforgeJobInfo(

@@ -39,10 +39,6 @@ def to_job_spec(body: FineTuningJobCreate) -> tuple[JobSpec, Origins]:
     """Maps an OpenAI create request onto a JobSpec (see the module's docstring)."""
     origins = Origins()
     options = body.tuneforge or TuneforgeOptions()
-    if body.integrations:
-        raise InvalidRequest(
-            "integrations are not supported by Tuneforge; leave them out", param="integrations"
-        )
     openai_hp, prefix = body.hyperparameters, "hyperparameters"
     if body.method is not None:
         kind = body.method.type
@@ -118,6 +114,8 @@ def to_job_spec(body: FineTuningJobCreate) -> tuple[JobSpec, Origins]:
         "resources": options.resources.model_dump() if options.resources else None,
         "priority": options.priority,
         "metadata": metadata,
+        # OpenAI's shape is the JobSpec's: [{"type": "wandb", "wandb": {...}}], plus {"type": "mlflow", ...}.
+        "integrations": body.integrations,
     }
     try:
         spec = JobSpec.model_validate({k: v for k, v in values.items() if v is not None})

@@ -20,11 +20,13 @@ from api.schemas import (
     AttemptOut,
     CheckpointList,
     CheckpointOut,
+    EvaluationOut,
     EventOut,
     EventPage,
     ExportRequest,
     JobOut,
     JobPage,
+    LogPage,
     MetricsOut,
     job_answer,
     metric_curves,
@@ -33,7 +35,7 @@ from shared.errors import NotFound
 from shared.models import Job
 from shared.schemas import JobSpec
 from shared.services import artifacts as artifact_service
-from shared.services import job_reads, submission
+from shared.services import evaluations, job_logs, job_reads, submission
 from shared.services import jobs as job_service
 from shared.services.idempotency import Replay, request_hash
 from shared.states import JobStatus
@@ -158,11 +160,19 @@ def list_events(
 
 
 @router.get("/{job_id}/events/stream", response_class=StreamingResponse)
-def stream_events(job_id: str, request: Request, session: SessionDep, team: CallerTeam) -> StreamingResponse:
+def stream_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    team: CallerTeam,
+    metrics: Annotated[
+        bool, Query(description="also stream each new metric point, as `metric` events (the loss curves)")
+    ] = False,
+) -> StreamingResponse:
     """Streams a job's events as server-sent events until the job ends."""
     job_service.get_job(session=session, team_id=team, job_id=job_id)  # 404 before the stream starts
     return StreamingResponse(
-        job_event_stream(request.app.state.session_factory, team, job_id),
+        job_event_stream(request.app.state.session_factory, team, job_id, metrics=metrics),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )
@@ -173,6 +183,46 @@ async def get_metrics(job_id: str, request: Request, team: CallerTeam) -> Respon
     """Returns the job's loss curves (train and eval), by step."""
     curves = metric_curves(await job_reads.read_metrics(db=request.app.state.db, team_id=team, job_id=job_id))
     return json_answer(request, {"job_id": job_id, "train": curves["train"], "eval": curves["eval"]})
+
+
+@router.get("/{job_id}/evaluation", response_model=EvaluationOut)
+def get_evaluation(job_id: str, session: SessionDep, store: StoreDep, team: CallerTeam) -> dict:
+    """Returns a finished adapter job's evaluation: the base model's and the adapter's answers to its
+    eval_prompts (and to prompts of its validation set) side by side, and the validation perplexity before and
+    after training. 404 until the job has one."""
+    return evaluations.read_evaluation(session=session, store=store, team_id=team, job_id=job_id)
+
+
+@router.get("/{job_id}/logs", response_model=LogPage)
+def get_logs(
+    job_id: str,
+    session: SessionDep,
+    store: StoreDep,
+    team: CallerTeam,
+    attempt: Annotated[int | None, Query(ge=1, description="the attempt; default: the latest")] = None,
+    offset: Annotated[
+        int | None, Query(ge=0, description="the byte offset to read from (next_offset)")
+    ] = None,
+    limit: Annotated[
+        int, Query(ge=1, le=job_logs.MAX_PAGE_BYTES, description="the most bytes of lines in the page")
+    ] = job_logs.DEFAULT_PAGE_BYTES,
+    tail: Annotated[
+        int | None, Query(ge=1, le=job_logs.MAX_TAIL_LINES, description="the last N lines instead of offset")
+    ] = None,
+) -> dict:
+    """Returns a page of an attempt's training output, in whole lines. While the attempt runs, the output so
+    far (shipped by its worker every second); once it ended, the log stored in object storage. Follow a
+    running attempt by asking again from `next_offset` until `complete`."""
+    return job_logs.read_log(
+        session=session,
+        store=store,
+        team_id=team,
+        job_id=job_id,
+        attempt=attempt,
+        offset=offset,
+        limit=limit,
+        tail=tail,
+    )
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)

@@ -77,7 +77,10 @@ def store_upload(
                 summary = scan_jsonl(handle)
         except DatasetInvalid as exc:
             raise InvalidRequest(
-                f"the dataset has invalid lines: {exc}", param="file", code="invalid_dataset"
+                f"the dataset has invalid lines: {exc}",
+                param="file",
+                code="invalid_dataset",
+                details=[{"param": "file", "line": p.line, "message": p.message} for p in exc.problems],
             ) from exc
         except UnicodeDecodeError as exc:
             raise InvalidRequest("the file is not UTF-8 text", param="file", code="invalid_dataset") from exc

@@ -67,6 +67,27 @@ QUEUE_POSITION = case(
     ),
     else_=None,
 ).label("queue_position")
+# A training job's progress, read only while it trains (a few probes of the (job_id, split, step) index): its
+# latest training point (step, epoch, when) and the first point of its current attempt (step, when), from which
+# api/schemas.py job_answer estimates the total steps and the time left.
+TRAINING = literal_column("'running'"), literal_column("'cancelling'")
+_TRAIN_POINT = and_(JobMetric.job_id == Job.id, JobMetric.split == literal_column("'train'"))
+_THIS_ATTEMPT = and_(_TRAIN_POINT, JobMetric.attempt == Job.attempt)
+
+
+def _while_training(column: Any, where: Any, newest: bool, label: str) -> Any:
+    order = JobMetric.step.desc() if newest else JobMetric.step.asc()
+    point = select(column).where(where).order_by(order).limit(literal_column("1")).scalar_subquery()
+    return case((Job.status.in_(TRAINING), point), else_=None).label(label)
+
+
+PROGRESS_COLUMNS = (
+    _while_training(JobMetric.step, _TRAIN_POINT, True, "progress_step"),
+    _while_training(JobMetric.epoch, _TRAIN_POINT, True, "progress_epoch"),
+    _while_training(JobMetric.created_at, _TRAIN_POINT, True, "progress_at"),
+    _while_training(JobMetric.step, _THIS_ATTEMPT, False, "progress_first_step"),
+    _while_training(JobMetric.created_at, _THIS_ATTEMPT, False, "progress_first_at"),
+)
 METRIC_COLUMNS = (
     JobMetric.split,
     JobMetric.step,
@@ -82,7 +103,11 @@ METRIC_COLUMNS = (
 
 
 def _job_page_query(by_status: bool, after: bool) -> Select:
-    query = select(*JOB_COLUMNS).outerjoin(Attempt, LATEST_ATTEMPT).where(Job.team_id == bindparam("team_id"))
+    query = (
+        select(*JOB_COLUMNS, *PROGRESS_COLUMNS)
+        .outerjoin(Attempt, LATEST_ATTEMPT)
+        .where(Job.team_id == bindparam("team_id"))
+    )
     if by_status:
         query = query.where(Job.status == bindparam("status"))
     if after:
@@ -93,7 +118,7 @@ def _job_page_query(by_status: bool, after: bool) -> Select:
 
 
 JOB = (
-    select(*JOB_COLUMNS, QUEUE_POSITION)
+    select(*JOB_COLUMNS, QUEUE_POSITION, *PROGRESS_COLUMNS)
     .outerjoin(Attempt, LATEST_ATTEMPT)
     .where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id"))
 )

@@ -169,6 +169,7 @@ def check_spec(
             f"unknown base model {spec.base_model!r}; available: {known}", param="base_model"
         )
     _check_resources(settings=settings, spec=spec)
+    _check_integrations(settings=settings, spec=spec)
     hp = spec.hyperparameters
     if hp is not None and hp.max_seq_length is not None and hp.max_seq_length > settings.max_seq_length:
         raise InvalidRequest(
@@ -187,6 +188,26 @@ def check_spec(
         if value is not None
     }
     return CheckedSpec(spec, datasets.get("dataset"), datasets.get("validation_dataset"))
+
+
+def _check_integrations(*, settings: Settings, spec: JobSpec) -> None:
+    """Refuses trackers this deployment cannot log to (no MLflow server, no W&B key)."""
+    for index, integration in enumerate(spec.integrations):
+        if integration.type == "mlflow" and not settings.mlflow_tracking_uri:
+            raise InvalidRequest(
+                "this deployment has no MLflow tracking server (TUNEFORGE_MLFLOW_TRACKING_URI); remove the "
+                "mlflow integration",
+                param=f"integrations.{index}",
+            )
+        if (
+            integration.type == "wandb"
+            and settings.wandb_api_key is None
+            and settings.wandb_mode != "offline"
+        ):
+            raise InvalidRequest(
+                "this deployment has no W&B key (TUNEFORGE_WANDB_API_KEY); remove the wandb integration",
+                param=f"integrations.{index}",
+            )
 
 
 def _fit_to_model(*, settings: Settings, store: ObjectStore, spec: JobSpec) -> JobSpec:
@@ -423,6 +444,13 @@ def record_metric(
     for name, value in values.items():
         setattr(existing, name, value)
     session.flush()
+
+
+def metric_points_after(*, session: Session, job_id: str, after: int, limit: int = 500) -> list[JobMetric]:
+    """Returns a job's metric points recorded after point id `after` (new points; a resumed attempt's rewrite
+    of a step keeps its id), oldest first. The caller has checked that the job is the team's."""
+    query = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.id > after)
+    return list(session.scalars(query.order_by(JobMetric.id).limit(limit)))
 
 
 def get_metrics(*, session: Session, team_id: TeamID, job_id: str) -> dict[str, list[JobMetric]]:

@@ -124,6 +124,49 @@ def test_list_status_and_events(finished_job, cli):
     assert followed.stdout.splitlines() == lines
 
 
+def stored_log(sdk, job_id: str) -> dict:
+    """The job's latest log page once the worker has stored it (a few seconds after the job ends)."""
+    deadline = time.monotonic() + 60
+    while not (page := sdk.logs(job_id))["stored"]:
+        assert time.monotonic() < deadline, page
+        time.sleep(0.5)
+    return page
+
+
+def test_logs_of_the_training_processes(finished_job, cli, sdk):
+    job_id, _ = finished_job
+    page = stored_log(sdk, job_id)
+    assert page["attempt"] == 1 and page["complete"] and not page["has_more"]
+    # The training process logs JSON lines carrying the job and the attempt.
+    records = [json.loads(line) for line in page["lines"] if line.startswith('{"time"')]
+    assert records and all((r["job_id"], r["attempt"]) == (job_id, 1) for r in records)
+    assert {"time", "level", "logger", "message", "pid"} <= set(records[0])
+
+    printed = cli("logs", job_id)
+    assert printed.exit_code == 0, printed.output
+    assert printed.stdout.splitlines() == page["lines"]
+    tail = cli("logs", job_id, "--tail", "2")
+    assert tail.stdout.splitlines() == page["lines"][-2:]
+    followed = cli("logs", job_id, "--follow")  # a finished job: everything, then it returns
+    assert followed.exit_code == 0 and followed.stdout.splitlines() == page["lines"]
+    missing = cli("logs", job_id, "--attempt", "5")
+    assert missing.exit_code == 1 and "no attempt 5" in missing.output
+
+
+def test_follow_logs_while_the_job_trains(sdk, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(to_jsonl(color_messages(16, seed=4)))
+    file_id = sdk.upload_file(train)["id"]
+    job = sdk.create_job(
+        {"base_model": TINY_MODEL, "dataset": file_id, "hyperparameters": {"max_steps": 20, "batch_size": 4}}
+    )
+    followed = list(sdk.follow_logs(job["id"]))  # from before the job starts until its log is complete
+    assert sdk.get_job(job["id"])["status"] == "succeeded"
+    assert {attempt for attempt, _ in followed} == {1}
+    assert [line for _, line in followed] == stored_log(sdk, job["id"])["lines"]
+    assert any(f'"job_id": "{job["id"]}"' in line for _, line in followed)
+
+
 def test_download_is_verified(finished_job, cli, sdk, tmp_path):
     job_id, _ = finished_job
     result = cli("download", job_id, "--dest", str(tmp_path))

@@ -77,7 +77,14 @@ def test_lora_job_end_to_end(client, service, tiny_model_dir, tmp_path):
     assert metrics["eval"][-1]["loss"] < metrics["eval"][0]["loss"]
 
     listing = client.get(f"/v1/jobs/{job['id']}/artifacts").json()
-    recorded = {a["name"]: a["sha256"] for a in listing["data"]}
+    # Besides the adapter: TensorBoard event files, and the evaluation (prompts from the validation set).
+    assert {a["kind"] for a in listing["data"]} == {"adapter", "tensorboard", "evaluation"}
+    evaluation = client.get(f"/v1/jobs/{job['id']}/evaluation").json()
+    assert [s["source"] for s in evaluation["samples"]] == ["validation"] * 4
+    assert all(isinstance(s["base"], str) and isinstance(s["adapter"], str) for s in evaluation["samples"])
+    assert evaluation["perplexity"]["after"] < evaluation["perplexity"]["before"]
+    assert job["result"]["validation_perplexity_after"] == evaluation["perplexity"]["after"]
+    recorded = {a["name"]: a["sha256"] for a in listing["data"] if a["kind"] == "adapter"}
     archive = client.get(listing["archive_url"])
     assert archive.status_code == 200
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:

@@ -27,6 +27,7 @@ TABLES = {
     "nodes",
     "attempts",
     "gpu_usage",
+    "attempt_log_chunks",
 }
 
 

@@ -296,7 +296,9 @@ def test_dpo_and_reinforcement_are_refused(client, training_file, kind):
         ),
         ({"suffix": "no spaces please"}, "suffix"),
         ({"metadata": {"k": "v" * 513}}, "metadata.k"),
-        ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
+        # No W&B key in the tests' deployment; no such tracker as comet.
+        ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations.0"),
+        ({"integrations": [{"type": "comet"}]}, "integrations.0.type"),
         ({"extra_body": {"unexpected": 1}}, "unexpected"),
         ({"extra_body": {"tuneforge": {"method": "prefix-tuning"}}}, "tuneforge.method"),
         ({"extra_body": {"tuneforge": {"adapter": {"rank": 0}}}}, "tuneforge.adapter.rank"),

@@ -8,6 +8,7 @@ and where the time went)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import resource
 import secrets
@@ -35,6 +36,8 @@ from worker.training.efficiency import (
 )
 from worker.training.recipes.base import TrainingContext
 from worker.training.tokenized import TokenizedDataset, cached_tokenize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,7 @@ class ProgressCallback(TrainerCallback):
         if "eval_loss" in logs:
             self.ctx.reporter.metric("eval", step, {"loss": logs["eval_loss"], "epoch": logs.get("epoch")})
             self.progress.last_eval_loss = logs["eval_loss"]
+            log.info("step %d/%d: eval loss %.4f", step, state.max_steps, logs["eval_loss"])
             return
         if "loss" not in logs:
             return
@@ -323,6 +327,14 @@ class ProgressCallback(TrainerCallback):
         rate = (tokens - self.last_tokens) / elapsed if elapsed > 0 and tokens else None
         self.last_time, self.last_tokens = now, tokens
         self.progress.losses.append(loss)
+        log.info(
+            "step %d/%d: loss %.4f, learning rate %.3g%s",
+            step,
+            state.max_steps,
+            loss,
+            logs.get("learning_rate") or 0.0,
+            f", {rate:,.0f} tokens/s" if rate else "",
+        )
         # Queued: the attempt's writer stores it in the background.
         self.ctx.reporter.metric(
             "train",

@@ -76,6 +76,9 @@ class TrainingResult:
     trained_tokens: int
     metrics: dict[str, Any]
     stopped: bool = False
+    # Other folders to store as artifacts of their own kind (e.g. "evaluation": the base model's and the
+    # adapter's answers side by side).
+    extras: dict[str, Path] = field(default_factory=dict)
 
 
 class Recipe(ABC):

@@ -15,6 +15,7 @@ from trl import SFTTrainer
 from shared.schemas import Method
 from worker.training import distributed
 from worker.training.adapters import load_tokenizer, name_base_model
+from worker.training.evaluation import Evaluation, evaluate_adapter
 from worker.training.lora_config import lora_config
 from worker.training.model_card import write_model_card
 from worker.training.recipes.base import Recipe, TrainingContext, TrainingResult
@@ -42,6 +43,7 @@ class LoraRecipe(Recipe):
         self.trainer: SFTTrainer | None = None
         self.model: PeftModel | None = None
         self.tokenizer: Any = None
+        self.evaluation = Evaluation({}, None)
 
     @property
     def kernels(self) -> Kernels:
@@ -96,6 +98,13 @@ class LoraRecipe(Recipe):
     def train(self) -> None:
         assert self.trainer is not None
         train(self.ctx, self.trainer, self.progress)
+        if not self.progress.stopped:
+            # The base model's and the adapter's answers, and the validation perplexity before and after.
+            evaluating = time.perf_counter()
+            self.evaluation = evaluate_adapter(
+                self.ctx, self.model, self.tokenizer, self.trainer, self.trainer.eval_dataset
+            )
+            self.progress.add_time("evaluate", time.perf_counter() - evaluating)
 
     def save(self, output_dir: Path) -> TrainingResult:
         assert self.model is not None and self.trainer is not None
@@ -116,7 +125,7 @@ class LoraRecipe(Recipe):
         self.tokenizer.save_pretrained(output_dir)
         name_base_model(output_dir, spec.base_model)
         tokens = trained_tokens(self.trainer)
-        metrics = training_metrics(self.trainer, self.progress, self.ctx)
+        metrics = training_metrics(self.trainer, self.progress, self.ctx) | self.evaluation.metrics
         write_model_card(
             output_dir,
             job_id=self.ctx.job_id,
@@ -133,6 +142,7 @@ class LoraRecipe(Recipe):
             trained_tokens=tokens,
             metrics=metrics,
             stopped=self.progress.stopped,
+            extras={"evaluation": self.evaluation.folder} if self.evaluation.folder else {},
         )
 
     def cleanup(self) -> None:
