@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     test_job_failure_on_rank: int | None = None
 
     max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    upload_limits: dict[Literal["jsonl", "parquet", "csv"], int] = Field(
+        default_factory=dict,
+        description="bytes an upload (or http download) of each file kind may have, JSON; a kind not named "
+        "gets max_upload_bytes",
+    )
     max_gpus_per_job: int = Field(1, ge=1, description="largest GPU count any worker pool here offers")
     max_seq_length: int = Field(32768, ge=16)
     allowed_file_roots: list[Path] = Field(default_factory=list)
@@ -270,6 +275,10 @@ class Settings(BaseSettings):
             if self.storage_backend == "s3" and secret in {"minioadmin", "changeme", ""}:
                 raise ValueError("TUNEFORGE_S3_SECRET_ACCESS_KEY is a default secret; set a real one")
         return self
+
+    def upload_limit(self, kind: str) -> int:
+        """The bytes a dataset file of this kind (jsonl, parquet, csv) may have."""
+        return self.upload_limits.get(kind, self.max_upload_bytes)  # type: ignore[call-overload]
 
     @property
     def broker_folder(self) -> Path:

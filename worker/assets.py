@@ -11,10 +11,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared.datasets import SAVED_MARKERS, SUFFIXES, kind_of_name
 from shared.errors import InvalidRequest, JobErrorCode, JobFailure
 from shared.models import Artifact, Job, UploadedFile
 from shared.schemas import AdapterSource
@@ -24,6 +26,7 @@ from shared.uris import check_own_objects, resolve_dataset_uri
 from shared.urlpolicy import OutboundError, OutboundPolicy, URLRefused, open_url
 
 COMPLETE = ".tuneforge-complete"
+DATASET_SUFFIXES = (".jsonl", *SUFFIXES)
 
 
 def storage_code(exc: StorageError) -> JobErrorCode:
@@ -147,7 +150,7 @@ class AssetCache:
             raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {exc.message}") from exc
         if source.kind == "local":
             assert source.path is not None
-            if not source.path.is_file():
+            if not source.path.exists():
                 raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {source.path} does not exist")
             return source.path
         if source.kind == "http":
@@ -164,10 +167,14 @@ class AssetCache:
             bucket, key = source.bucket, source.key
             head = self.store.head(key, bucket=bucket)
             if head is None:
+                if self._is_saved_dataset(bucket, key):
+                    return self._saved_dataset(bucket, key, uri=uri, param=param)
                 raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {uri} does not exist")
             sha = head.sha256 or None
         name = sha or hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()
-        target = self.root / "datasets" / f"{name}.jsonl"
+        # The file keeps its kind's ending (.jsonl, .parquet, .csv): that is how it is read.
+        suffix = Path(key).suffix.lower() if Path(key).suffix.lower() in DATASET_SUFFIXES else ".jsonl"
+        target = self.root / "datasets" / f"{name}{suffix}"
         if sha and target.exists():
             return target
         try:
@@ -180,10 +187,28 @@ class AssetCache:
             raise JobFailure(storage_code(exc), f"{param}: could not fetch {uri}: {exc}") from exc
         return target
 
+    def _is_saved_dataset(self, bucket: str, key: str) -> bool:
+        return any(self.store.head(f"{key}/{marker}", bucket=bucket) for marker in SAVED_MARKERS)
+
+    def _saved_dataset(self, bucket: str, key: str, *, uri: str, param: str) -> Path:
+        """Fetches a Hugging Face dataset saved to disk (a folder of objects); afresh each time, as an s3://
+        folder may change (validation pins its digest all the same)."""
+        target = self.root / "datasets" / hashlib.sha256(f"{bucket}/{key}/".encode()).hexdigest()
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            self.store.get_tree(key, target, bucket=bucket)
+        except ObjectNotFound as exc:
+            raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {uri} is empty") from exc
+        except StorageError as exc:
+            raise JobFailure(storage_code(exc), f"{param}: could not fetch {uri}: {exc}") from exc
+        return target
+
     def _download_dataset(self, url: str, *, param: str) -> Path:
         """Downloads an http(s) dataset through the outbound URL policy (every hop re-checked), at most
         max_upload_bytes within http_dataset_timeout_seconds; returns it cached under its sha256."""
-        limit = self.settings.max_upload_bytes
+        suffix = Path(urlsplit(url).path).suffix.lower()
+        suffix = suffix if suffix in DATASET_SUFFIXES else ".jsonl"
+        limit = self.settings.upload_limit(kind_of_name(f"dataset{suffix}"))
         deadline = time.monotonic() + self.settings.http_dataset_timeout_seconds
         folder = self.root / "datasets"
         folder.mkdir(parents=True, exist_ok=True)
@@ -212,7 +237,7 @@ class AssetCache:
                     raise JobFailure(
                         JobErrorCode.invalid_dataset,
                         f"{param}: {url} is {int(declared)} bytes, "
-                        f"more than the {limit} bytes allowed (max_upload_bytes)",
+                        f"more than the {limit} bytes allowed (max_upload_bytes, upload_limits)",
                     )
                 size = 0
                 # Raw bytes: a compressed answer is not inflated here, so the limit holds for what is stored.
@@ -221,7 +246,7 @@ class AssetCache:
                     if size > limit:
                         raise JobFailure(
                             JobErrorCode.invalid_dataset,
-                            f"{param}: {url} is more than the {limit} bytes allowed (max_upload_bytes)",
+                            f"{param}: {url} is more than the {limit} bytes allowed (max_upload_bytes, upload_limits)",
                         )
                     if time.monotonic() > deadline:
                         raise JobFailure(
@@ -244,6 +269,6 @@ class AssetCache:
         except BaseException:
             staging.unlink(missing_ok=True)
             raise
-        target = folder / f"{digest.hexdigest()}.jsonl"
+        target = folder / f"{digest.hexdigest()}{suffix}"
         staging.replace(target)
         return target

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from shared.datasets import DatasetInvalid, DatasetSummary, read_dataset
+from shared.datasets import DatasetInvalid, DatasetSummary, dataset_digest, read_dataset
 from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job, Plan
@@ -21,10 +21,12 @@ from shared.services import validation as validation_service
 from shared.services.plans import finish_plan
 from shared.settings import Settings
 from shared.states import JobStatus
-from shared.storage import make_store, sha256_file
+from shared.storage import make_store
 from worker.assets import AssetCache
 
 log = logging.getLogger(__name__)
+# The split each dataset parameter reads from a saved DatasetDict (a single split is read whatever its name).
+SPLITS = {"dataset": "train", "validation_dataset": "validation"}
 STORAGE_CODES = frozenset({JobErrorCode.storage_error, JobErrorCode.storage_unavailable})
 
 
@@ -54,13 +56,11 @@ def check_inputs(
         if not uri:
             continue
         path = cache.dataset_file(uri, session=session, team_id=team_id, param=param)
-        digests[param] = sha256_file(path)
+        digests[param] = dataset_digest(path)
         try:
-            summaries[param] = read_dataset(path)
+            summaries[param] = read_dataset(path, split=SPLITS[param])
         except DatasetInvalid as exc:
             raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: the file is not UTF-8 text") from exc
     for source in job_sources(spec):
         cache.adapter_dir(source, session=session, team_id=team_id)
     assert spec.base_model is not None
