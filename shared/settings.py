@@ -70,6 +70,18 @@ class Settings(BaseSettings):
     models: dict[str, ModelEntry] = Field(default_factory=dict, description="inline registry, JSON")
 
     cache_dir: Path | None = Field(None, description="worker cache of base models and datasets")
+    hub_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hugging Face Hub organizations (`org`) and repositories (`org/name`) jobs may name as "
+        "base models, JSON; empty: the Hub is off",
+    )
+    hub_token: SecretStr | None = Field(
+        None, description="the token workers send to the Hub (gated, private)"
+    )
+    hub_endpoint: str | None = Field(None, description="a mirror of the Hub; default: the Hub itself")
+    hub_cache_dir: Path | None = Field(
+        None, description="the workers' Hugging Face cache (the hub's own layout); default cache_dir/hub"
+    )
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     queue_prefix: str = "tuneforge"
     heartbeat_interval_seconds: float = Field(5.0, gt=0)
@@ -244,6 +256,8 @@ class Settings(BaseSettings):
             self.storage_root = home / "storage"
         if self.cache_dir is None:
             self.cache_dir = home / "cache"
+        if self.hub_cache_dir is None:
+            self.hub_cache_dir = self.cache_dir / "hub"
         if self.model_registry_file is None:
             self.model_registry_file = home / "models.yaml"
         if not self.allowed_s3_buckets:

@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session
 
 from shared.datasets import SAVED_MARKERS, SUFFIXES, kind_of_name
 from shared.errors import InvalidRequest, JobErrorCode, JobFailure
+from shared.hub import check_hub_allowed, hub_model_location, parse_hub_id
 from shared.models import Artifact, Job, UploadedFile
 from shared.schemas import AdapterSource
-from shared.settings import Settings
+from shared.settings import ModelEntry, Settings
 from shared.storage import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable, parse_s3_uri
 from shared.uris import check_own_objects, resolve_dataset_uri
 from shared.urlpolicy import OutboundError, OutboundPolicy, URLRefused, open_url
@@ -59,9 +60,27 @@ class AssetCache:
         assert settings.cache_dir is not None
         self.root = settings.cache_dir
 
+    def pin_model(self, name: str) -> str:
+        """The base model's name as jobs record it: a Hub id's revision pinned to its commit (its snapshot
+        stored in object storage), a registered name as it is."""
+        ref = parse_hub_id(name) if name not in self.settings.model_registry() else None
+        if ref is None or ref.pinned:
+            return name
+        from worker.hub import pin_hub_model
+
+        return str(pin_hub_model(self.settings, self.store, ref))
+
     def model_dir(self, name: str) -> Path:
-        """Returns a local folder holding the registered base model `name`."""
+        """Returns a local folder holding the base model `name`: a registered one, or a pinned Hub id stored by
+        pin_model."""
         entry = self.settings.model_registry().get(name)
+        ref = parse_hub_id(name) if entry is None else None
+        if ref is not None and ref.pinned:
+            try:
+                check_hub_allowed(ref, self.settings, param="base_model")
+            except InvalidRequest as exc:
+                raise JobFailure(JobErrorCode.invalid_model, exc.message) from exc
+            entry = ModelEntry(location=hub_model_location(self.settings, ref))
         if entry is None:
             raise JobFailure(JobErrorCode.invalid_model, f"base model {name!r} is no longer in the registry")
         if entry.location.startswith("file://"):

@@ -38,6 +38,7 @@ class Inputs:
     model_dir: Path
     # sha256 of each dataset file as read here; the runner trains only on the same content.
     digests: dict[str, str]
+    base_model: str  # as the job records it: a Hub id pinned to its commit
 
 
 def check_inputs(
@@ -64,7 +65,8 @@ def check_inputs(
     for source in job_sources(spec):
         cache.adapter_dir(source, session=session, team_id=team_id)
     assert spec.base_model is not None
-    return Inputs(summaries, cache.model_dir(spec.base_model), digests)
+    base_model = cache.pin_model(spec.base_model)
+    return Inputs(summaries, cache.model_dir(base_model), digests, base_model)
 
 
 def fitted(spec: JobSpec, inputs: Inputs) -> JobSpec:
@@ -72,6 +74,7 @@ def fitted(spec: JobSpec, inputs: Inputs) -> JobSpec:
     read the model's config)."""
     from worker.planning import model_shape
 
+    spec = spec.model_copy(update={"base_model": inputs.base_model})
     if spec.hyperparameters is None:
         return spec
     return fit_to_model(spec, model_shape(inputs.model_dir))

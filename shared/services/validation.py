@@ -144,7 +144,22 @@ def accept(
             message=f"{param}: {summary.num_samples} valid samples in {summary.format.value} format",
             data={"param": param, "format": summary.format.value, "samples": summary.num_samples},
         )
-    values: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "input_digests": digests}
+    values: dict[str, Any] = {
+        "spec": spec.model_dump(mode="json"),
+        "input_digests": digests,
+        "base_model": spec.base_model,
+    }
+    submitted = session.scalar(select(Job.base_model).where(Job.id == job_id))
+    if spec.base_model != submitted:
+        # A Hub revision (a branch or tag) is pinned to the commit it named when checked: every attempt, and
+        # any job that reruns this one, trains on the same weights.
+        add_event(
+            session=session,
+            job_id=job_id,
+            type="model",
+            message=f"base model {submitted} is pinned to {spec.base_model}",
+            data={"submitted": submitted, "pinned": spec.base_model},
+        )
     if plan is not None:
         values["plan"] = plan
         memory = (plan.get("memory") or {}).get("total")
