@@ -33,6 +33,7 @@ class FileKind(StrEnum):
     parquet = "parquet"
     csv = "csv"
     saved = "saved"  # a Hugging Face dataset saved to disk (save_to_disk): a folder of Arrow files
+    repo = "repo"  # a dataset repository's folder (from the Hub): data files, split by their names
 
 
 # File name endings of each kind that can be uploaded (anything else is read as JSONL).
@@ -40,6 +41,8 @@ SUFFIXES = {".parquet": FileKind.parquet, ".pq": FileKind.parquet, ".csv": FileK
 PARQUET_MAGIC = b"PAR1"
 # What save_to_disk writes: a Dataset (state.json) or a DatasetDict (dataset_dict.json) folder.
 SAVED_MARKERS = ("state.json", "dataset_dict.json")
+# The data files a dataset repository's folder is read from.
+REPO_DATA = (".parquet", ".jsonl", ".csv", ".json", ".arrow")
 ROWS_PER_BATCH = 1024
 
 
@@ -263,10 +266,11 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     yield from bad
 
 
-def _saved_rows(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
-    from datasets import Dataset, load_from_disk
+def _saved_rows(path: Path, split: str | None, kind: FileKind) -> Iterator[tuple[int, Any]]:
+    from datasets import Dataset, load_dataset, load_from_disk
 
-    loaded = load_from_disk(str(path))
+    # A repository's files are split by their names (train, validation, test…) as the Hub's dataset viewer does.
+    loaded = load_from_disk(str(path)) if kind is FileKind.saved else load_dataset(str(path))
     if not isinstance(loaded, Dataset):
         splits = list(loaded)
         if split not in loaded:
@@ -289,7 +293,7 @@ def file_kind(path: Path, name: str | None = None) -> FileKind:
     """The kind of a dataset file: a saved dataset's folder, Parquet (by its magic bytes or name), CSV (by its
     name), or else JSONL."""
     if path.is_dir():
-        return FileKind.saved
+        return FileKind.saved if any((path / m).is_file() for m in SAVED_MARKERS) else FileKind.repo
     with path.open("rb") as handle:
         if handle.read(4) == PARQUET_MAGIC:
             return FileKind.parquet
@@ -314,16 +318,22 @@ def scan_file(
     kind = kind or file_kind(path)
     if kind is FileKind.jsonl:
         return scan_jsonl(_lines(path), keep_records=keep_records)
-    if kind is FileKind.saved:
-        if not any((path / marker).is_file() for marker in SAVED_MARKERS):
-            raise DatasetInvalid(
-                [
-                    DatasetProblem(
-                        0, "the folder is not a dataset saved with save_to_disk (no state.json)", "row"
-                    )
-                ]
-            )
-        rows = _saved_rows(path, split)
+    if kind is FileKind.saved and not any((path / marker).is_file() for marker in SAVED_MARKERS):
+        raise DatasetInvalid(
+            [DatasetProblem(0, "the folder is not a dataset saved with save_to_disk (no state.json)", "row")]
+        )
+    if kind is FileKind.repo and not any(p.suffix in REPO_DATA for p in path.rglob("*")):
+        raise DatasetInvalid(
+            [
+                DatasetProblem(
+                    0,
+                    "the folder holds no dataset: neither what save_to_disk writes (state.json) nor data files "
+                    f"({', '.join(REPO_DATA)})",
+                )
+            ]
+        )
+    if kind in (FileKind.saved, FileKind.repo):
+        rows = _saved_rows(path, split, kind)
     else:
         rows = _parquet_rows(path) if kind is FileKind.parquet else _csv_rows(path)
     try:

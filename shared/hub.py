@@ -48,16 +48,17 @@ def parse_hub_id(value: str) -> HubRef | None:
 def check_hub_allowed(ref: HubRef, settings: Settings, *, param: str) -> None:
     """Refuses a Hub repository that the deployment's allowlist does not name (InvalidRequest naming `param`)."""
     allowed = settings.hub_allowlist
+    instead = "use a model from GET /v1/models" if param == "base_model" else "upload the dataset instead"
     if not allowed:
         raise InvalidRequest(
-            f"{ref.repo} is a Hugging Face Hub id, and this deployment takes no models from the Hub "
-            "(TUNEFORGE_HUB_ALLOWLIST is empty); use a model from GET /v1/models",
+            f"{ref.repo} is a Hugging Face Hub id, and this deployment takes nothing from the Hub "
+            f"(TUNEFORGE_HUB_ALLOWLIST is empty); {instead}",
             param=param,
         )
     if ref.org not in allowed and ref.repo not in allowed:
         raise InvalidRequest(
             f"{ref.repo} is not on this deployment's Hub allowlist ({', '.join(allowed)}); ask an operator to "
-            "add the repository or its organization, or use a model from GET /v1/models",
+            f"add the repository or its organization, or {instead}",
             param=param,
         )
 

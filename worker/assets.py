@@ -23,7 +23,7 @@ from shared.models import Artifact, Job, UploadedFile
 from shared.schemas import AdapterSource
 from shared.settings import ModelEntry, Settings
 from shared.storage import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable, parse_s3_uri
-from shared.uris import check_own_objects, resolve_dataset_uri
+from shared.uris import FILE_ID, check_own_objects, resolve_dataset_uri
 from shared.urlpolicy import OutboundError, OutboundPolicy, URLRefused, open_url
 
 COMPLETE = ".tuneforge-complete"
@@ -161,6 +161,17 @@ class AssetCache:
             raise JobFailure(JobErrorCode.invalid_config, f"{source.uri} has no adapter_config.json")
         return target
 
+    def pin_dataset(self, uri: str, *, param: str) -> str:
+        """A dataset reference as the job records it: a Hub dataset id's revision pinned to its commit, any
+        other reference as it is."""
+        value = uri.strip()
+        ref = parse_hub_id(value) if not FILE_ID.match(value) and "://" not in value else None
+        if ref is None or ref.pinned:
+            return uri
+        from worker.hub import hub_dataset
+
+        return str(hub_dataset(self.settings, ref, param=param)[0])
+
     def dataset_file(self, uri: str, *, session: Session, team_id: str, param: str) -> Path:
         """Returns a local copy of a job's dataset, verified against its recorded sha256 when there is one."""
         try:
@@ -174,6 +185,12 @@ class AssetCache:
             return source.path
         if source.kind == "http":
             return self._download_dataset(source.uri, param=param)
+        if source.kind == "hub":
+            from worker.hub import hub_dataset
+
+            ref = parse_hub_id(source.uri)
+            assert ref is not None
+            return hub_dataset(self.settings, ref, param=param)[1]
         if source.kind == "upload":
             record = session.get(UploadedFile, source.file_id)
             if record is None or record.team_id != team_id:

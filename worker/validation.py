@@ -39,6 +39,7 @@ class Inputs:
     # sha256 of each dataset file as read here; the runner trains only on the same content.
     digests: dict[str, str]
     base_model: str  # as the job records it: a Hub id pinned to its commit
+    dataset_uris: dict[str, str]  # the same, for datasets
 
 
 def check_inputs(
@@ -52,10 +53,11 @@ def check_inputs(
 ) -> Inputs:
     """Fetches and checks a job's datasets, source adapters and base model; raises JobFailure naming what
     is wrong (with line numbers for datasets)."""
-    summaries, digests = {}, {}
+    summaries, digests, pinned = {}, {}, {}
     for param, uri in (("dataset", dataset), ("validation_dataset", validation_dataset)):
         if not uri:
             continue
+        uri = pinned[param] = cache.pin_dataset(uri, param=param)
         path = cache.dataset_file(uri, session=session, team_id=team_id, param=param)
         digests[param] = dataset_digest(path)
         try:
@@ -66,7 +68,7 @@ def check_inputs(
         cache.adapter_dir(source, session=session, team_id=team_id)
     assert spec.base_model is not None
     base_model = cache.pin_model(spec.base_model)
-    return Inputs(summaries, cache.model_dir(base_model), digests, base_model)
+    return Inputs(summaries, cache.model_dir(base_model), digests, base_model, pinned)
 
 
 def fitted(spec: JobSpec, inputs: Inputs) -> JobSpec:
@@ -74,7 +76,7 @@ def fitted(spec: JobSpec, inputs: Inputs) -> JobSpec:
     read the model's config)."""
     from worker.planning import model_shape
 
-    spec = spec.model_copy(update={"base_model": inputs.base_model})
+    spec = spec.model_copy(update={"base_model": inputs.base_model, **inputs.dataset_uris})
     if spec.hyperparameters is None:
         return spec
     return fit_to_model(spec, model_shape(inputs.model_dir))
@@ -152,6 +154,7 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
             job_id=job_id,
             spec=spec,
             digests=inputs.digests,
+            dataset_uris=inputs.dataset_uris,
             datasets=inputs.datasets,
             plan=plan,
         )

@@ -128,6 +128,7 @@ def accept(
     digests: dict[str, str],
     datasets: dict[str, DatasetSummary],
     plan: dict[str, Any] | None,
+    dataset_uris: dict[str, str] | None = None,
 ) -> JobStatus:
     """Queues a job that passed its checks, with the spec fitted to its model, its datasets' sha256 and its
     plan; it is sent to a training queue once this commits. Returns its status (another run may have
@@ -149,6 +150,10 @@ def accept(
         "input_digests": digests,
         "base_model": spec.base_model,
     }
+    # Hub datasets, like Hub models, are recorded at the commit validation read.
+    for param, column in (("dataset", "dataset_uri"), ("validation_dataset", "validation_uri")):
+        if (dataset_uris or {}).get(param):
+            values[column] = dataset_uris[param]
     submitted = session.scalar(select(Job.base_model).where(Job.id == job_id))
     if spec.base_model != submitted:
         # A Hub revision (a branch or tag) is pinned to the commit it named when checked: every attempt, and

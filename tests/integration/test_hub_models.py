@@ -4,14 +4,18 @@ revision pinned to its commit and recorded on the job, the snapshot stored once 
 trained on it; and the admin's `tuneforge models import`. Real PostgreSQL and S3."""
 
 import hashlib
+import os
 import subprocess
 import sys
 
 import huggingface_hub.constants
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from shared.db import session_scope
+from shared.errors import InvalidRequest
 from shared.models import DEFAULT_TEAM_ID, Job, JobEvent
 from shared.schemas import JobSpec
 from shared.services import jobs as job_service
@@ -24,23 +28,26 @@ from worker import runner, validation
 TEAM = TeamID(DEFAULT_TEAM_ID)
 REPO = "tuneforge-test/tiny-llama"
 COMMIT = hashlib.sha1(b"tiny-llama, first commit").hexdigest()
+DATASET_REPO = "tuneforge-test/colors"
 TAG_COMMIT = hashlib.sha1(b"tiny-llama, tagged").hexdigest()
 
 
-def fill_hub_cache(cache, repo: str, folder, commit: str, refs: tuple[str, ...]) -> None:
-    """Lays a model folder out as huggingface_hub's cache does: content-addressed blobs, a snapshot folder per
-    commit of relative symlinks to them, and refs/<name> files holding the commit."""
-    root = cache / f"models--{repo.replace('/', '--')}"
+def fill_hub_cache(
+    cache, repo: str, folder, commit: str, refs: tuple[str, ...], kind: str = "models"
+) -> None:
+    """Lays a folder out as huggingface_hub's cache does: content-addressed blobs, a snapshot folder per commit
+    of relative symlinks to them, and refs/<name> files holding the commit."""
+    root = cache / f"{kind}--{repo.replace('/', '--')}"
     (root / "blobs").mkdir(parents=True, exist_ok=True)
     snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         data = path.read_bytes()
-        blob = hashlib.sha256(data).hexdigest()
-        (root / "blobs" / blob).write_bytes(data)
-        link = snapshot / path.name
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
         link.unlink(missing_ok=True)
-        link.symlink_to(f"../../blobs/{blob}")
+        link.symlink_to(os.path.relpath(blob, link.parent))
     for ref in refs:
         (root / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (root / "refs" / ref).write_text(commit)
@@ -51,6 +58,13 @@ def hub_settings(settings, tiny_model_dir, work_dir):
     cache = work_dir / "hub-cache"
     fill_hub_cache(cache, REPO, tiny_model_dir, COMMIT, ("main",))
     fill_hub_cache(cache, REPO, tiny_model_dir, TAG_COMMIT, ("v1",))
+    data = work_dir / "hub-dataset"
+    (data / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(
+        pa.Table.from_pylist(color_prompt_completion(7)), data / "data" / "train-00000-of-00001.parquet"
+    )
+    (data / "README.md").write_text("colors\n")
+    fill_hub_cache(cache, DATASET_REPO, data, COMMIT, ("main",), kind="datasets")
     return settings.model_copy(
         update={"hub_cache_dir": cache, "hub_allowlist": ["tuneforge-test", "other/one"]}
     )
@@ -63,11 +77,12 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def submit(settings, store, base_model: str) -> str:
+def submit(settings, store, base_model: str, dataset: str | None = None) -> str:
     with session_scope(settings.database_url) as session:
         path = settings.allowed_file_roots[0] / "hub-pairs.jsonl"
         path.write_bytes(to_jsonl(color_prompt_completion(8)))
-        spec = JobSpec(base_model=base_model, dataset=f"file://{path}", hyperparameters={"max_steps": 2})
+        dataset = dataset or f"file://{path}"
+        spec = JobSpec(base_model=base_model, dataset=dataset, hyperparameters={"max_steps": 2})
         return job_service.create_job(
             session=session, settings=settings, store=store, team_id=TEAM, spec=spec
         ).id
@@ -84,11 +99,10 @@ def test_hub_ids_off_the_allowlist_get_a_422_that_says_why(api_client, settings)
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["param"] == "base_model"
-    assert "takes no models from the Hub (TUNEFORGE_HUB_ALLOWLIST is empty)" in error["message"]
+    assert "takes nothing from the Hub (TUNEFORGE_HUB_ALLOWLIST is empty); use a model" in error["message"]
 
 
 def test_the_allowlist_names_orgs_and_repos(hub_settings, store):
-    from shared.errors import InvalidRequest
     from shared.hub import check_hub_allowed, parse_hub_id
 
     check_hub_allowed(parse_hub_id("tuneforge-test/anything@v2"), hub_settings, param="base_model")
@@ -136,6 +150,24 @@ def test_an_unknown_revision_fails_validation_saying_so(hub_settings, store):
     failed = job(hub_settings, job_id)
     assert failed.error_code == "invalid_model"
     assert failed.error_message.startswith(f"base_model: {REPO}@no-such-branch could not be had from the Hub")
+
+
+def test_a_hub_dataset_is_read_through_datasets_and_pinned(hub_settings, store):
+    job_id = submit(hub_settings, store, REPO, dataset=DATASET_REPO)
+    assert validation.validate_job(hub_settings, job_id) is JobStatus.queued, job(
+        hub_settings, job_id
+    ).error_message
+    queued = job(hub_settings, job_id)
+    assert queued.dataset_uri == queued.spec["dataset"] == f"{DATASET_REPO}@{COMMIT}"
+    with session_scope(hub_settings.database_url) as session:
+        events = [e.message for e in session.query(JobEvent).filter_by(job_id=job_id, type="dataset")]
+    assert events == ["dataset: 7 valid samples in prompt_completion format"]
+    assert runner.run_job(hub_settings, job_id) is JobStatus.succeeded, job(
+        hub_settings, job_id
+    ).error_message
+    with pytest.raises(InvalidRequest, match="not on this deployment's Hub allowlist") as info:
+        submit(hub_settings, store, REPO, dataset="someone/else")
+    assert info.value.param == "dataset"
 
 
 def test_models_import_uploads_a_folder_and_registers_it(settings, store, tiny_model_dir, tmp_path):

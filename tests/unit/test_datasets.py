@@ -168,7 +168,7 @@ def test_saved_datasets_and_their_splits(tmp_path):
     with pytest.raises(DatasetInvalid, match=r"^row 2: 'text' is empty"):
         read_dataset(tmp_path / "bad")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(DatasetInvalid, match="not a dataset saved with save_to_disk"):
+    with pytest.raises(DatasetInvalid, match="the folder holds no dataset: neither what save_to_disk writes"):
         read_dataset(tmp_path / "plain")
 
 
