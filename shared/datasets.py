@@ -1,14 +1,19 @@
-"""Dataset formats and their line-by-line check (pure Python: the API runs it on uploads)."""
+"""Dataset files and their row-by-row check: JSONL (read line by line), Parquet and CSV (read through pyarrow;
+the API runs these checks on uploads), and Hugging Face datasets saved to disk (read through `datasets`, on
+workers only). Every file kind holds the same three sample formats."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from shared.storage import sha256_file
 from shared.text import find_unstorable
 
 MAX_PROBLEMS_REPORTED = 10
@@ -21,13 +26,35 @@ class DatasetFormat(StrEnum):
     text = "text"  # plain language modelling
 
 
+class FileKind(StrEnum):
+    """How a dataset file is written."""
+
+    jsonl = "jsonl"
+    parquet = "parquet"
+    csv = "csv"
+    saved = "saved"  # a Hugging Face dataset saved to disk (save_to_disk): a folder of Arrow files
+    repo = "repo"  # a dataset repository's folder (from the Hub): data files, split by their names
+
+
+# File name endings of each kind that can be uploaded (anything else is read as JSONL).
+SUFFIXES = {".parquet": FileKind.parquet, ".pq": FileKind.parquet, ".csv": FileKind.csv}
+PARQUET_MAGIC = b"PAR1"
+# What save_to_disk writes: a Dataset (state.json) or a DatasetDict (dataset_dict.json) folder.
+SAVED_MARKERS = ("state.json", "dataset_dict.json")
+# The data files a dataset repository's folder is read from.
+REPO_DATA = (".parquet", ".jsonl", ".csv", ".json", ".arrow")
+ROWS_PER_BATCH = 1024
+
+
 @dataclass(frozen=True)
 class DatasetProblem:
     line: int
     message: str
+    unit: str = "line"  # "row" in Parquet, CSV and saved datasets
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.message}"
+        # Line 0: the file as a whole.
+        return f"{self.unit} {self.line}: {self.message}" if self.line else self.message
 
 
 class DatasetInvalid(Exception):
@@ -47,6 +74,7 @@ class DatasetSummary:
     num_samples: int
     num_lines: int
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    kind: FileKind = FileKind.jsonl
 
 
 def _type_name(value: Any) -> str:
@@ -115,31 +143,32 @@ def check_record(record: dict[str, Any], fmt: DatasetFormat) -> None:
         raise ValueError("no non-empty assistant message: there would be nothing to learn")
 
 
-def scan_jsonl(lines: Iterable[bytes | str], *, keep_records: bool = False) -> DatasetSummary:
-    """Checks every line of a JSONL dataset; raises DatasetInvalid listing the first problems."""
+def _check_rows(
+    rows: Iterable[tuple[int, Any]], *, unit: str, keep_records: bool, kind: FileKind
+) -> DatasetSummary:
+    """Checks numbered records (or the ValueError that reading one raised); raises DatasetInvalid listing the
+    first problems by `unit` ("line" or "row") and number."""
     problems: list[DatasetProblem] = []
     total_problems = 0
     fmt: DatasetFormat | None = None
     samples = 0
     records: list[dict[str, Any]] = []
-    line_no = 0
-    for line_no, raw in enumerate(lines, start=1):
-        text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else raw
-        if not text.strip():
-            continue
+    number = 0
+    for number, record in rows:
         try:
-            record = json.loads(text)
+            if isinstance(record, ValueError):
+                raise record
             line_fmt = detect_format(record)
             if fmt is None:
                 fmt = line_fmt
             elif line_fmt is not fmt:
                 raise ValueError(f"format {line_fmt} differs from the {fmt} format of the first sample")
             check_record(record, line_fmt)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except ValueError as exc:
             total_problems += 1
             if len(problems) < MAX_PROBLEMS_REPORTED:
                 message = f"invalid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
-                problems.append(DatasetProblem(line_no, message))
+                problems.append(DatasetProblem(number, message, unit))
             continue
         samples += 1
         if keep_records:
@@ -147,8 +176,133 @@ def scan_jsonl(lines: Iterable[bytes | str], *, keep_records: bool = False) -> D
     if problems:
         raise DatasetInvalid(problems, total_problems)
     if fmt is None:
-        raise DatasetInvalid([DatasetProblem(max(line_no, 1), "the dataset has no samples")])
-    return DatasetSummary(format=fmt, num_samples=samples, num_lines=line_no, records=records)
+        raise DatasetInvalid([DatasetProblem(max(number, 1), "the dataset has no samples", unit)])
+    return DatasetSummary(format=fmt, num_samples=samples, num_lines=number, records=records, kind=kind)
+
+
+def _json_lines(lines: Iterable[bytes | str]) -> Iterator[tuple[int, Any]]:
+    for line_no, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            yield line_no, ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield line_no, json.loads(text)
+        except ValueError as exc:
+            yield line_no, exc
+
+
+def scan_jsonl(lines: Iterable[bytes | str], *, keep_records: bool = False) -> DatasetSummary:
+    """Checks every line of a JSONL dataset; raises DatasetInvalid listing the first problems."""
+    return _check_rows(_json_lines(lines), unit="line", keep_records=keep_records, kind=FileKind.jsonl)
+
+
+def _row_record(row: dict[str, Any]) -> dict[str, Any] | ValueError:
+    """A table row as a record: null cells are absent columns, and a `messages` cell written as JSON text (as
+    CSV must) is parsed."""
+    record = {column: value for column, value in row.items() if value is not None}
+    messages = record.get("messages")
+    if isinstance(messages, str):
+        try:
+            record["messages"] = json.loads(messages)
+        except ValueError as exc:
+            return ValueError(f"'messages' is not a JSON array of messages ({exc})")
+    return record
+
+
+def _numbered(batches: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+    number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            number += 1
+            yield number, _row_record(row)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    yield from _numbered(pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH))
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    from pyarrow import csv
+
+    # Every cell is text, as written: no column turns into numbers or dates by inference.
+    # The header's names (rows with the wrong number of cells are skipped here, and reported below).
+    names = csv.open_csv(
+        path, parse_options=csv.ParseOptions(invalid_row_handler=lambda row: "skip")
+    ).schema.names
+    bad: deque[tuple[int, ValueError]] = deque()
+
+    def skip_bad_row(row: Any) -> str:
+        # pyarrow counts the header as row 1: data rows are numbered from 1 here, as in the other kinds.
+        cells = f"{row.actual_columns} cells where the header has {row.expected_columns} columns"
+        bad.append((row.number - 1, ValueError(cells)))
+        return "skip"
+
+    reader = csv.open_csv(
+        path,
+        # One thread: the rows the handler skips are numbered, and come before the batch that follows them.
+        read_options=csv.ReadOptions(use_threads=False),
+        parse_options=csv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip_bad_row),
+        convert_options=csv.ConvertOptions(
+            column_types={name: pa.string() for name in names},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    number = 0
+    for batch in reader:
+        for row in batch.to_pylist():
+            number += 1
+            while bad and bad[0][0] == number:
+                yield bad.popleft()
+                number += 1
+            yield number, _row_record(row)
+    yield from bad
+
+
+def _saved_rows(path: Path, split: str | None, kind: FileKind) -> Iterator[tuple[int, Any]]:
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    # A repository's files are split by their names (train, validation, test…) as the Hub's dataset viewer does.
+    loaded = load_from_disk(str(path)) if kind is FileKind.saved else load_dataset(str(path))
+    if not isinstance(loaded, Dataset):
+        splits = list(loaded)
+        if split not in loaded:
+            if len(splits) != 1:
+                raise DatasetInvalid(
+                    [
+                        DatasetProblem(
+                            0,
+                            f"the saved dataset has splits {', '.join(splits)} and none named {split!r}",
+                            "row",
+                        )
+                    ]
+                )
+            split = splits[0]
+        loaded = loaded[split]
+    yield from _numbered(loaded.data.to_batches(max_chunksize=ROWS_PER_BATCH))
+
+
+def file_kind(path: Path, name: str | None = None) -> FileKind:
+    """The kind of a dataset file: a saved dataset's folder, Parquet (by its magic bytes or name), CSV (by its
+    name), or else JSONL."""
+    if path.is_dir():
+        return FileKind.saved if any((path / m).is_file() for m in SAVED_MARKERS) else FileKind.repo
+    with path.open("rb") as handle:
+        if handle.read(4) == PARQUET_MAGIC:
+            return FileKind.parquet
+    return SUFFIXES.get(Path(name or path.name).suffix.lower(), FileKind.jsonl)
+
+
+def kind_of_name(name: str) -> FileKind:
+    """The kind a file name says (what an upload's size limit is chosen by, before its bytes arrive)."""
+    return SUFFIXES.get(Path(name).suffix.lower(), FileKind.jsonl)
 
 
 def _lines(path: Path) -> Iterator[bytes]:
@@ -156,6 +310,52 @@ def _lines(path: Path) -> Iterator[bytes]:
         yield from handle
 
 
-def read_dataset(path: Path) -> DatasetSummary:
-    """Reads and checks a JSONL dataset file, returning its records."""
-    return scan_jsonl(_lines(path), keep_records=True)
+def scan_file(
+    path: Path, *, kind: FileKind | None = None, keep_records: bool = False, split: str | None = None
+) -> DatasetSummary:
+    """Checks every sample of a dataset file (or saved dataset folder); raises DatasetInvalid naming the first
+    bad lines or rows. `split` picks a split of a saved DatasetDict."""
+    kind = kind or file_kind(path)
+    if kind is FileKind.jsonl:
+        return scan_jsonl(_lines(path), keep_records=keep_records)
+    if kind is FileKind.saved and not any((path / marker).is_file() for marker in SAVED_MARKERS):
+        raise DatasetInvalid(
+            [DatasetProblem(0, "the folder is not a dataset saved with save_to_disk (no state.json)", "row")]
+        )
+    if kind is FileKind.repo and not any(p.suffix in REPO_DATA for p in path.rglob("*")):
+        raise DatasetInvalid(
+            [
+                DatasetProblem(
+                    0,
+                    "the folder holds no dataset: neither what save_to_disk writes (state.json) nor data files "
+                    f"({', '.join(REPO_DATA)})",
+                )
+            ]
+        )
+    if kind in (FileKind.saved, FileKind.repo):
+        rows = _saved_rows(path, split, kind)
+    else:
+        rows = _parquet_rows(path) if kind is FileKind.parquet else _csv_rows(path)
+    try:
+        return _check_rows(rows, unit="row", keep_records=keep_records, kind=kind)
+    except DatasetInvalid:
+        raise
+    except Exception as exc:  # pyarrow's own errors: a file that is not what its name says
+        if type(exc).__module__.split(".")[0] not in ("pyarrow", "datasets"):
+            raise
+        raise DatasetInvalid([DatasetProblem(0, f"not a readable {kind} file ({exc})", "row")]) from exc
+
+
+def read_dataset(path: Path, split: str | None = None) -> DatasetSummary:
+    """Reads and checks a dataset file of any kind, returning its records."""
+    return scan_file(path, keep_records=True, split=split)
+
+
+def dataset_digest(path: Path) -> str:
+    """The sha256 of a dataset file, or of a saved dataset folder (its files' names and sha256, in order)."""
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_file(item)}\n".encode())
+    return digest.hexdigest()

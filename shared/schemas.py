@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from shared.chat_templates import MAX_TEMPLATE_CHARS, check_chat_template
+
 
 class Method(StrEnum):
     lora = "lora"
@@ -434,6 +436,13 @@ class JobSpec(BaseModel):
     hyperparameters: Hyperparameters | None = Field(
         None, description="training settings (training and fusion)"
     )
+    chat_template: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEMPLATE_CHARS,
+        description="how `messages` are rendered: a template's name (chatml, llama3, qwen2_5, gemma, phi3, … as "
+        "trl ships them) or Jinja of your own; saved with the adapter's tokenizer. Default: the base model's",
+    )
     resources: Resources = Field(default_factory=Resources)
     priority: Priority = Priority.normal
     metadata: Metadata = Field(default_factory=dict)
@@ -494,6 +503,15 @@ class JobSpec(BaseModel):
             self.quantization = self.quantization or QuantizationSpec()
         elif self.quantization is not None:
             raise _field_error("quantization", "quantization applies only to method qlora")
+        if self.chat_template is not None:
+            if method not in DATASET_METHODS:
+                raise _field_error(
+                    "chat_template", f"method {method.value} reads no dataset; remove chat_template"
+                )
+            try:
+                check_chat_template(self.chat_template)
+            except ValueError as exc:
+                raise _field_error("chat_template", str(exc)) from None
         if method in DATASET_METHODS:
             self.hyperparameters = self.hyperparameters or Hyperparameters()
             if self.hyperparameters.gradient_checkpointing is None:

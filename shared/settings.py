@@ -70,6 +70,18 @@ class Settings(BaseSettings):
     models: dict[str, ModelEntry] = Field(default_factory=dict, description="inline registry, JSON")
 
     cache_dir: Path | None = Field(None, description="worker cache of base models and datasets")
+    hub_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hugging Face Hub organizations (`org`) and repositories (`org/name`) jobs may name as "
+        "base models, JSON; empty: the Hub is off",
+    )
+    hub_token: SecretStr | None = Field(
+        None, description="the token workers send to the Hub (gated, private)"
+    )
+    hub_endpoint: str | None = Field(None, description="a mirror of the Hub; default: the Hub itself")
+    hub_cache_dir: Path | None = Field(
+        None, description="the workers' Hugging Face cache (the hub's own layout); default cache_dir/hub"
+    )
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     queue_prefix: str = "tuneforge"
     heartbeat_interval_seconds: float = Field(5.0, gt=0)
@@ -202,6 +214,11 @@ class Settings(BaseSettings):
     test_job_failure_on_rank: int | None = None
 
     max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    upload_limits: dict[Literal["jsonl", "parquet", "csv"], int] = Field(
+        default_factory=dict,
+        description="bytes an upload (or http download) of each file kind may have, JSON; a kind not named "
+        "gets max_upload_bytes",
+    )
     max_gpus_per_job: int = Field(1, ge=1, description="largest GPU count any worker pool here offers")
     max_seq_length: int = Field(32768, ge=16)
     allowed_file_roots: list[Path] = Field(default_factory=list)
@@ -269,6 +286,8 @@ class Settings(BaseSettings):
             self.storage_root = home / "storage"
         if self.cache_dir is None:
             self.cache_dir = home / "cache"
+        if self.hub_cache_dir is None:
+            self.hub_cache_dir = self.cache_dir / "hub"
         if self.model_registry_file is None:
             self.model_registry_file = home / "models.yaml"
         if not self.allowed_s3_buckets:
@@ -300,6 +319,10 @@ class Settings(BaseSettings):
             if self.storage_backend == "s3" and secret in {"minioadmin", "changeme", ""}:
                 raise ValueError("TUNEFORGE_S3_SECRET_ACCESS_KEY is a default secret; set a real one")
         return self
+
+    def upload_limit(self, kind: str) -> int:
+        """The bytes a dataset file of this kind (jsonl, parquet, csv) may have."""
+        return self.upload_limits.get(kind, self.max_upload_bytes)  # type: ignore[call-overload]
 
     @property
     def broker_folder(self) -> Path:

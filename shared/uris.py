@@ -1,5 +1,6 @@
-"""Where datasets may come from: uploaded file ids, s3:// in allowed buckets, file:// under allowed roots, and
-http(s):// URLs that pass the outbound URL policy when TUNEFORGE_ALLOW_HTTP_DATASETS is on."""
+"""Where datasets may come from: uploaded file ids, s3:// in allowed buckets, file:// under allowed roots,
+Hugging Face Hub dataset ids (org/name[@revision]) on the Hub allowlist, and http(s):// URLs that pass the
+outbound URL policy when TUNEFORGE_ALLOW_HTTP_DATASETS is on."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from shared.errors import InvalidRequest
+from shared.hub import check_hub_allowed, parse_hub_id
 from shared.settings import Settings
 from shared.urlpolicy import OutboundPolicy, URLRefused
 
@@ -20,7 +22,7 @@ FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 class DatasetSource:
     """A dataset reference that passed the policy."""
 
-    kind: Literal["upload", "s3", "local", "http"]
+    kind: Literal["upload", "s3", "local", "http", "hub"]
     uri: str
     file_id: str | None = None
     bucket: str | None = None
@@ -56,9 +58,14 @@ def resolve_dataset_uri(value: str, settings: Settings, *, param: str, team_id: 
     if FILE_ID.match(value):
         return DatasetSource(kind="upload", uri=value, file_id=value)
     scheme = urlsplit(value).scheme.lower()
+    hub_ref = parse_hub_id(value) if not scheme else None
+    if hub_ref is not None:
+        check_hub_allowed(hub_ref, settings, param=param)
+        return DatasetSource(kind="hub", uri=value)
     if not scheme:
         raise InvalidRequest(
-            f"{value!r} is neither an uploaded file id (file-…) nor a URI; use s3://bucket/key or file:///path",
+            f"{value!r} is neither an uploaded file id (file-…), a Hugging Face Hub dataset id (org/name) nor a "
+            "URI; use s3://bucket/key or file:///path",
             param=param,
         )
     if scheme == "s3":

@@ -11,19 +11,23 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared.datasets import SAVED_MARKERS, SUFFIXES, kind_of_name
 from shared.errors import InvalidRequest, JobErrorCode, JobFailure
+from shared.hub import check_hub_allowed, hub_model_location, parse_hub_id
 from shared.models import Artifact, Job, UploadedFile
 from shared.schemas import AdapterSource
-from shared.settings import Settings
+from shared.settings import ModelEntry, Settings
 from shared.storage import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable, parse_s3_uri
-from shared.uris import check_own_objects, resolve_dataset_uri
+from shared.uris import FILE_ID, check_own_objects, resolve_dataset_uri
 from shared.urlpolicy import OutboundError, OutboundPolicy, URLRefused, open_url
 
 COMPLETE = ".tuneforge-complete"
+DATASET_SUFFIXES = (".jsonl", *SUFFIXES)
 
 
 def storage_code(exc: StorageError) -> JobErrorCode:
@@ -56,9 +60,27 @@ class AssetCache:
         assert settings.cache_dir is not None
         self.root = settings.cache_dir
 
+    def pin_model(self, name: str) -> str:
+        """The base model's name as jobs record it: a Hub id's revision pinned to its commit (its snapshot
+        stored in object storage), a registered name as it is."""
+        ref = parse_hub_id(name) if name not in self.settings.model_registry() else None
+        if ref is None or ref.pinned:
+            return name
+        from worker.hub import pin_hub_model
+
+        return str(pin_hub_model(self.settings, self.store, ref))
+
     def model_dir(self, name: str) -> Path:
-        """Returns a local folder holding the registered base model `name`."""
+        """Returns a local folder holding the base model `name`: a registered one, or a pinned Hub id stored by
+        pin_model."""
         entry = self.settings.model_registry().get(name)
+        ref = parse_hub_id(name) if entry is None else None
+        if ref is not None and ref.pinned:
+            try:
+                check_hub_allowed(ref, self.settings, param="base_model")
+            except InvalidRequest as exc:
+                raise JobFailure(JobErrorCode.invalid_model, exc.message) from exc
+            entry = ModelEntry(location=hub_model_location(self.settings, ref))
         if entry is None:
             raise JobFailure(JobErrorCode.invalid_model, f"base model {name!r} is no longer in the registry")
         if entry.location.startswith("file://"):
@@ -139,6 +161,17 @@ class AssetCache:
             raise JobFailure(JobErrorCode.invalid_config, f"{source.uri} has no adapter_config.json")
         return target
 
+    def pin_dataset(self, uri: str, *, param: str) -> str:
+        """A dataset reference as the job records it: a Hub dataset id's revision pinned to its commit, any
+        other reference as it is."""
+        value = uri.strip()
+        ref = parse_hub_id(value) if not FILE_ID.match(value) and "://" not in value else None
+        if ref is None or ref.pinned:
+            return uri
+        from worker.hub import hub_dataset
+
+        return str(hub_dataset(self.settings, ref, param=param)[0])
+
     def dataset_file(self, uri: str, *, session: Session, team_id: str, param: str) -> Path:
         """Returns a local copy of a job's dataset, verified against its recorded sha256 when there is one."""
         try:
@@ -147,11 +180,17 @@ class AssetCache:
             raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {exc.message}") from exc
         if source.kind == "local":
             assert source.path is not None
-            if not source.path.is_file():
+            if not source.path.exists():
                 raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {source.path} does not exist")
             return source.path
         if source.kind == "http":
             return self._download_dataset(source.uri, param=param)
+        if source.kind == "hub":
+            from worker.hub import hub_dataset
+
+            ref = parse_hub_id(source.uri)
+            assert ref is not None
+            return hub_dataset(self.settings, ref, param=param)[1]
         if source.kind == "upload":
             record = session.get(UploadedFile, source.file_id)
             if record is None or record.team_id != team_id:
@@ -164,10 +203,14 @@ class AssetCache:
             bucket, key = source.bucket, source.key
             head = self.store.head(key, bucket=bucket)
             if head is None:
+                if self._is_saved_dataset(bucket, key):
+                    return self._saved_dataset(bucket, key, uri=uri, param=param)
                 raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {uri} does not exist")
             sha = head.sha256 or None
         name = sha or hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()
-        target = self.root / "datasets" / f"{name}.jsonl"
+        # The file keeps its kind's ending (.jsonl, .parquet, .csv): that is how it is read.
+        suffix = Path(key).suffix.lower() if Path(key).suffix.lower() in DATASET_SUFFIXES else ".jsonl"
+        target = self.root / "datasets" / f"{name}{suffix}"
         if sha and target.exists():
             return target
         try:
@@ -180,10 +223,28 @@ class AssetCache:
             raise JobFailure(storage_code(exc), f"{param}: could not fetch {uri}: {exc}") from exc
         return target
 
+    def _is_saved_dataset(self, bucket: str, key: str) -> bool:
+        return any(self.store.head(f"{key}/{marker}", bucket=bucket) for marker in SAVED_MARKERS)
+
+    def _saved_dataset(self, bucket: str, key: str, *, uri: str, param: str) -> Path:
+        """Fetches a Hugging Face dataset saved to disk (a folder of objects); afresh each time, as an s3://
+        folder may change (validation pins its digest all the same)."""
+        target = self.root / "datasets" / hashlib.sha256(f"{bucket}/{key}/".encode()).hexdigest()
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            self.store.get_tree(key, target, bucket=bucket)
+        except ObjectNotFound as exc:
+            raise JobFailure(JobErrorCode.dataset_not_found, f"{param}: {uri} is empty") from exc
+        except StorageError as exc:
+            raise JobFailure(storage_code(exc), f"{param}: could not fetch {uri}: {exc}") from exc
+        return target
+
     def _download_dataset(self, url: str, *, param: str) -> Path:
         """Downloads an http(s) dataset through the outbound URL policy (every hop re-checked), at most
         max_upload_bytes within http_dataset_timeout_seconds; returns it cached under its sha256."""
-        limit = self.settings.max_upload_bytes
+        suffix = Path(urlsplit(url).path).suffix.lower()
+        suffix = suffix if suffix in DATASET_SUFFIXES else ".jsonl"
+        limit = self.settings.upload_limit(kind_of_name(f"dataset{suffix}"))
         deadline = time.monotonic() + self.settings.http_dataset_timeout_seconds
         folder = self.root / "datasets"
         folder.mkdir(parents=True, exist_ok=True)
@@ -212,7 +273,7 @@ class AssetCache:
                     raise JobFailure(
                         JobErrorCode.invalid_dataset,
                         f"{param}: {url} is {int(declared)} bytes, "
-                        f"more than the {limit} bytes allowed (max_upload_bytes)",
+                        f"more than the {limit} bytes allowed (max_upload_bytes, upload_limits)",
                     )
                 size = 0
                 # Raw bytes: a compressed answer is not inflated here, so the limit holds for what is stored.
@@ -221,7 +282,7 @@ class AssetCache:
                     if size > limit:
                         raise JobFailure(
                             JobErrorCode.invalid_dataset,
-                            f"{param}: {url} is more than the {limit} bytes allowed (max_upload_bytes)",
+                            f"{param}: {url} is more than the {limit} bytes allowed (max_upload_bytes, upload_limits)",
                         )
                     if time.monotonic() > deadline:
                         raise JobFailure(
@@ -244,6 +305,6 @@ class AssetCache:
         except BaseException:
             staging.unlink(missing_ok=True)
             raise
-        target = folder / f"{digest.hexdigest()}.jsonl"
+        target = folder / f"{digest.hexdigest()}{suffix}"
         staging.replace(target)
         return target

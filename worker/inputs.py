@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shared.datasets import dataset_digest
 from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job
 from shared.schemas import JobSpec, job_sources
 from shared.settings import Settings
-from shared.storage import ObjectStore, sha256_file
+from shared.storage import ObjectStore
 from worker.assets import AssetCache
 from worker.checkpoints import fetch_latest_checkpoint
 from worker.launch import LaunchSpec
@@ -23,7 +24,7 @@ def check_pinned(param: str, uri: str, path: Path, digests: dict[str, str] | Non
     expected = (digests or {}).get(param)
     if expected is None:  # validated before digests were recorded
         return
-    actual = sha256_file(path)
+    actual = dataset_digest(path)
     if actual != expected:
         raise JobFailure(
             JobErrorCode.invalid_dataset,

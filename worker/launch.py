@@ -72,12 +72,12 @@ class QuietReporter:
 
 def dataset_digests(launch: LaunchSpec) -> dict[str, str]:
     """The sha256 of each dataset: as validation pinned it, or read from the file (a launch.json without them)."""
-    from shared.storage import sha256_file
+    from shared.datasets import dataset_digest
 
     digests = dict(launch.dataset_sha256)
     for param, path in (("dataset", launch.train_path), ("validation_dataset", launch.eval_path)):
         if path and param not in digests:
-            digests[param] = sha256_file(Path(path))
+            digests[param] = dataset_digest(Path(path))
     return digests
 
 
@@ -138,8 +138,10 @@ def train_attempt(
     stop_file = work_dir / STOP_FILE
     try:
         try:
-            train = read_dataset(Path(launch.train_path)) if launch.train_path else None
-            evaluation = read_dataset(Path(launch.eval_path)) if launch.eval_path else None
+            train = read_dataset(Path(launch.train_path), split="train") if launch.train_path else None
+            evaluation = (
+                read_dataset(Path(launch.eval_path), split="validation") if launch.eval_path else None
+            )
         except DatasetInvalid as exc:
             raise JobFailure(JobErrorCode.invalid_dataset, str(exc)) from exc
         if settings.test_job_failure_on_rank == rank:

@@ -278,7 +278,7 @@ def make_plan(
     datasets: dict[str, dict[str, Any]] = {}
     hp = spec.hyperparameters
     if hp is not None:
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(model_dir, spec.chat_template)
         for param, data in (("dataset", train_data), ("validation_dataset", eval_data)):
             if data is None:
                 continue

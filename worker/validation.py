@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from shared.datasets import DatasetInvalid, DatasetSummary, read_dataset
+from shared.datasets import DatasetInvalid, DatasetSummary, dataset_digest, read_dataset
 from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job, Plan
@@ -21,10 +21,12 @@ from shared.services import validation as validation_service
 from shared.services.plans import finish_plan
 from shared.settings import Settings
 from shared.states import JobStatus
-from shared.storage import make_store, sha256_file
+from shared.storage import make_store
 from worker.assets import AssetCache
 
 log = logging.getLogger(__name__)
+# The split each dataset parameter reads from a saved DatasetDict (a single split is read whatever its name).
+SPLITS = {"dataset": "train", "validation_dataset": "validation"}
 STORAGE_CODES = frozenset({JobErrorCode.storage_error, JobErrorCode.storage_unavailable})
 
 
@@ -36,6 +38,8 @@ class Inputs:
     model_dir: Path
     # sha256 of each dataset file as read here; the runner trains only on the same content.
     digests: dict[str, str]
+    base_model: str  # as the job records it: a Hub id pinned to its commit
+    dataset_uris: dict[str, str]  # the same, for datasets
 
 
 def check_inputs(
@@ -49,22 +53,22 @@ def check_inputs(
 ) -> Inputs:
     """Fetches and checks a job's datasets, source adapters and base model; raises JobFailure naming what
     is wrong (with line numbers for datasets)."""
-    summaries, digests = {}, {}
+    summaries, digests, pinned = {}, {}, {}
     for param, uri in (("dataset", dataset), ("validation_dataset", validation_dataset)):
         if not uri:
             continue
+        uri = pinned[param] = cache.pin_dataset(uri, param=param)
         path = cache.dataset_file(uri, session=session, team_id=team_id, param=param)
-        digests[param] = sha256_file(path)
+        digests[param] = dataset_digest(path)
         try:
-            summaries[param] = read_dataset(path)
+            summaries[param] = read_dataset(path, split=SPLITS[param])
         except DatasetInvalid as exc:
             raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: the file is not UTF-8 text") from exc
     for source in job_sources(spec):
         cache.adapter_dir(source, session=session, team_id=team_id)
     assert spec.base_model is not None
-    return Inputs(summaries, cache.model_dir(spec.base_model), digests)
+    base_model = cache.pin_model(spec.base_model)
+    return Inputs(summaries, cache.model_dir(base_model), digests, base_model, pinned)
 
 
 def fitted(spec: JobSpec, inputs: Inputs) -> JobSpec:
@@ -72,6 +76,7 @@ def fitted(spec: JobSpec, inputs: Inputs) -> JobSpec:
     read the model's config)."""
     from worker.planning import model_shape
 
+    spec = spec.model_copy(update={"base_model": inputs.base_model, **inputs.dataset_uris})
     if spec.hyperparameters is None:
         return spec
     return fit_to_model(spec, model_shape(inputs.model_dir))
@@ -149,6 +154,7 @@ def validate_job(settings: Settings, job_id: str) -> JobStatus | None:
             job_id=job_id,
             spec=spec,
             digests=inputs.digests,
+            dataset_uris=inputs.dataset_uris,
             datasets=inputs.datasets,
             plan=plan,
         )

@@ -41,11 +41,13 @@ def upload_file(
     settings: SettingsDep,
     store: StoreDep,
     team: CallerTeam,
-    file: Annotated[UploadFile, File(description="a JSONL dataset: messages, prompt/completion or text")],
+    file: Annotated[
+        UploadFile, File(description="a JSONL, Parquet or CSV dataset: messages, prompt/completion or text")
+    ],
     purpose: Annotated[str, Form()] = "fine-tune",
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response | FileOut:
-    """Uploads a JSONL dataset; every line is checked before it is stored."""
+    """Uploads a dataset (JSONL, or Parquet or CSV by its name); every row is checked before it is stored."""
     filename = file.filename or "dataset.jsonl"
     fingerprint = request_hash(purpose, filename, _content_sha256(file)) if idempotency_key else ""
     uploaded = file_service.upload_file(

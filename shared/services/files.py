@@ -1,4 +1,5 @@
-"""Uploaded datasets: checked line by line, stored in object storage under the team's prefix."""
+"""Uploaded datasets (JSONL, Parquet or CSV): checked row by row, stored in object storage under the team's
+prefix."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, BinaryIO
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.datasets import DatasetInvalid, scan_jsonl
+from shared.datasets import DatasetInvalid, FileKind, file_kind, kind_of_name, scan_file
 from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from shared.models import Job, UploadedFile, new_id, utcnow
@@ -37,16 +38,18 @@ def safe_filename(name: str) -> str:
     return base.lstrip(".")[:200] or "dataset.jsonl"
 
 
-def _spool(source: BinaryIO, limit: int) -> tuple[Path, int, str]:
+def _spool(source: BinaryIO, limit: int, kind: FileKind) -> tuple[Path, int, str]:
     digest = hashlib.sha256()
     size = 0
-    fd, name = tempfile.mkstemp(prefix="tuneforge-upload-", suffix=".jsonl")
+    fd, name = tempfile.mkstemp(prefix="tuneforge-upload-", suffix=f".{kind}")
     try:
         with os.fdopen(fd, "wb") as out:
             while chunk := source.read(1024 * 1024):
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(f"file is larger than the {limit} byte limit", param="file")
+                    raise PayloadTooLarge(
+                        f"file is larger than the {limit} byte limit of {kind} uploads", param="file"
+                    )
                 digest.update(chunk)
                 out.write(chunk)
     except BaseException:
@@ -65,25 +68,27 @@ def store_upload(
     purpose: str,
     source: BinaryIO,
 ) -> UploadedFile:
-    """Checks an uploaded JSONL dataset line by line, stores it, and records it for the team."""
+    """Checks an uploaded dataset (JSONL, or Parquet or CSV by its name) row by row, stores it, and records it
+    for the team."""
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
-    path, size, sha256 = _spool(source, settings.max_upload_bytes)
+    kind = kind_of_name(filename)
+    path, size, sha256 = _spool(source, settings.upload_limit(kind), kind)
     try:
         if size == 0:
             raise InvalidRequest("the file is empty", param="file")
+        kind = file_kind(path, filename)  # Parquet is known by its bytes, whatever its name
         try:
-            with path.open("rb") as handle:
-                summary = scan_jsonl(handle)
+            summary = scan_file(path, kind=kind)
         except DatasetInvalid as exc:
+            rows = "lines" if kind is FileKind.jsonl else "rows"
             raise InvalidRequest(
-                f"the dataset has invalid lines: {exc}",
+                f"the dataset has invalid {rows}: {exc}",
                 param="file",
                 code="invalid_dataset",
-                details=[{"param": "file", "line": p.line, "message": p.message} for p in exc.problems],
+                # One entry per bad line (JSONL) or row (Parquet, CSV): its number and what is wrong.
+                details=[{"param": "file", p.unit: p.line, "message": p.message} for p in exc.problems],
             ) from exc
-        except UnicodeDecodeError as exc:
-            raise InvalidRequest("the file is not UTF-8 text", param="file", code="invalid_dataset") from exc
         file_id = new_id("file")
         name = safe_filename(filename)
         stored = store.put_file(f"files/{team_id}/{file_id}/{name}", path)

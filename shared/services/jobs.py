@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
+from shared.hub import check_hub_allowed, parse_hub_id
 from shared.models import PRIORITY_RANK, Attempt, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
 from shared.planning import ModelConfigError, ModelShape, feature_refusals, fit_to_model, static_refusals
 from shared.schemas import AVAILABLE_METHODS, LORA_METHODS, JobSpec, Method, job_sources
@@ -163,10 +164,18 @@ def check_spec(
         base = _check_sources(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
         spec = spec.model_copy(update={"base_model": spec.base_model or base})
     registry = settings.model_registry()
-    if spec.base_model not in registry:
+    hub_ref = parse_hub_id(spec.base_model) if spec.base_model not in registry and spec.base_model else None
+    if hub_ref is not None:
+        check_hub_allowed(hub_ref, settings, param="base_model")
+    elif spec.base_model not in registry:
         known = ", ".join(sorted(registry)) or "none registered"
+        hub = (
+            " or a Hugging Face Hub id (org/name[@revision]) on the allowlist"
+            if settings.hub_allowlist
+            else ""
+        )
         raise InvalidRequest(
-            f"unknown base model {spec.base_model!r}; available: {known}", param="base_model"
+            f"unknown base model {spec.base_model!r}; available: {known}{hub}", param="base_model"
         )
     _check_resources(settings=settings, spec=spec)
     _check_integrations(settings=settings, spec=spec)

@@ -128,6 +128,7 @@ def accept(
     digests: dict[str, str],
     datasets: dict[str, DatasetSummary],
     plan: dict[str, Any] | None,
+    dataset_uris: dict[str, str] | None = None,
 ) -> JobStatus:
     """Queues a job that passed its checks, with the spec fitted to its model, its datasets' sha256 and its
     plan; it is sent to a training queue once this commits. Returns its status (another run may have
@@ -144,7 +145,26 @@ def accept(
             message=f"{param}: {summary.num_samples} valid samples in {summary.format.value} format",
             data={"param": param, "format": summary.format.value, "samples": summary.num_samples},
         )
-    values: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "input_digests": digests}
+    values: dict[str, Any] = {
+        "spec": spec.model_dump(mode="json"),
+        "input_digests": digests,
+        "base_model": spec.base_model,
+    }
+    # Hub datasets, like Hub models, are recorded at the commit validation read.
+    for param, column in (("dataset", "dataset_uri"), ("validation_dataset", "validation_uri")):
+        if (dataset_uris or {}).get(param):
+            values[column] = dataset_uris[param]
+    submitted = session.scalar(select(Job.base_model).where(Job.id == job_id))
+    if spec.base_model != submitted:
+        # A Hub revision (a branch or tag) is pinned to the commit it named when checked: every attempt, and
+        # any job that reruns this one, trains on the same weights.
+        add_event(
+            session=session,
+            job_id=job_id,
+            type="model",
+            message=f"base model {submitted} is pinned to {spec.base_model}",
+            data={"submitted": submitted, "pinned": spec.base_model},
+        )
     if plan is not None:
         values["plan"] = plan
         memory = (plan.get("memory") or {}).get("total")

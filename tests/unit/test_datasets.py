@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from shared.datasets import DatasetFormat, DatasetInvalid, scan_jsonl
+from shared.datasets import (
+    DatasetFormat,
+    DatasetInvalid,
+    FileKind,
+    dataset_digest,
+    file_kind,
+    read_dataset,
+    scan_jsonl,
+)
 
 
 def lines(*rows):
@@ -68,3 +76,107 @@ def test_problem_count_is_capped_but_total_reported():
 def test_empty_dataset_is_refused():
     with pytest.raises(DatasetInvalid, match="no samples"):
         scan_jsonl([b"\n", b"  \n"])
+
+
+# Parquet, CSV and saved datasets: the same formats and checks, read through pyarrow and `datasets`.
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("rows", [[TEXT, TEXT], [PAIR, PAIR, PAIR], [CHAT, CHAT]])
+def test_parquet_holds_each_format(tmp_path, rows):
+    summary = read_dataset(write_parquet(tmp_path / "data.parquet", rows))
+    assert summary.kind is FileKind.parquet
+    assert summary.format is scan_jsonl(lines(*rows)).format
+    assert summary.records == rows
+
+
+def test_parquet_rows_are_checked_with_their_number_and_column(tmp_path):
+    path = write_parquet(tmp_path / "data.parquet", [PAIR, PAIR, {"prompt": "p", "completion": " "}, PAIR])
+    with pytest.raises(DatasetInvalid) as info:
+        read_dataset(path)
+    assert str(info.value) == "row 3: 'completion' is empty: there would be nothing to learn"
+    # A null cell is a missing column.
+    path = write_parquet(tmp_path / "nulls.parquet", [PAIR, {"prompt": "p", "completion": None}])
+    with pytest.raises(DatasetInvalid, match=r"^row 2: missing 'completion'"):
+        read_dataset(path)
+
+
+def test_csv_reads_every_cell_as_text_and_messages_as_json(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('prompt,completion\n"What is 2+2?\n",4\n007,"a, b"\n')
+    summary = read_dataset(path)
+    assert summary.kind is FileKind.csv
+    assert summary.records == [
+        {"prompt": "What is 2+2?\n", "completion": "4"},
+        {"prompt": "007", "completion": "a, b"},
+    ]
+    path.write_text(
+        "messages\n" + "\n".join(['"' + json.dumps(CHAT["messages"]).replace('"', '""') + '"'] * 2)
+    )
+    assert read_dataset(path).records == [CHAT, CHAT]
+
+
+def test_csv_rows_are_checked_with_their_number(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('prompt,completion\na,b\n"two\nlines",c\nx,y,z\nd,\ne,f\n')
+    with pytest.raises(DatasetInvalid) as info:
+        read_dataset(path)
+    assert [str(p) for p in info.value.problems] == [
+        "row 3: 3 cells where the header has 2 columns",
+        "row 4: 'completion' is empty: there would be nothing to learn",
+    ]
+    path.write_text('messages\n"[{""role"": ""user""}"\n')
+    with pytest.raises(DatasetInvalid, match=r"^row 1: 'messages' is not a JSON array of messages"):
+        read_dataset(path)
+
+
+def test_a_file_that_is_not_what_its_name_says_is_refused(tmp_path):
+    path = tmp_path / "data.parquet"
+    path.write_bytes(b'{"text": "not parquet"}\n')
+    with pytest.raises(DatasetInvalid, match="not a readable parquet file"):
+        read_dataset(path)
+    # Parquet is known by its bytes, whatever the name says.
+    named_jsonl = write_parquet(tmp_path / "data.jsonl", [TEXT])
+    assert file_kind(named_jsonl) is FileKind.parquet
+
+
+def test_saved_datasets_and_their_splits(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    Dataset.from_list([PAIR, PAIR]).save_to_disk(tmp_path / "one")
+    summary = read_dataset(tmp_path / "one")
+    assert (summary.kind, summary.format, summary.num_samples) == (
+        FileKind.saved,
+        DatasetFormat.prompt_completion,
+        2,
+    )
+    DatasetDict(
+        {"train": Dataset.from_list([TEXT] * 3), "validation": Dataset.from_list([TEXT])}
+    ).save_to_disk(tmp_path / "two")
+    assert read_dataset(tmp_path / "two", split="train").num_samples == 3
+    assert read_dataset(tmp_path / "two", split="validation").num_samples == 1
+    with pytest.raises(DatasetInvalid, match="splits train, validation and none named 'test'"):
+        read_dataset(tmp_path / "two", split="test")
+    Dataset.from_list([TEXT, {"text": ""}]).save_to_disk(tmp_path / "bad")
+    with pytest.raises(DatasetInvalid, match=r"^row 2: 'text' is empty"):
+        read_dataset(tmp_path / "bad")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DatasetInvalid, match="the folder holds no dataset: neither what save_to_disk writes"):
+        read_dataset(tmp_path / "plain")
+
+
+def test_a_saved_dataset_digest_follows_its_files(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([TEXT]).save_to_disk(tmp_path / "saved")
+    before = dataset_digest(tmp_path / "saved")
+    assert dataset_digest(tmp_path / "saved") == before
+    Dataset.from_list([TEXT, TEXT]).save_to_disk(tmp_path / "saved")
+    assert dataset_digest(tmp_path / "saved") != before

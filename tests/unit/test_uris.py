@@ -34,6 +34,7 @@ def test_s3_inside_allowed_bucket(settings):
         ("http://169.254.169.254/latest", "http(s) datasets are disabled"),
         ("ftp://host/data.jsonl", "unsupported URI scheme 'ftp'"),
         ("train.jsonl", "neither an uploaded file id"),
+        ("org/colors", "takes nothing from the Hub (TUNEFORGE_HUB_ALLOWLIST is empty); upload the dataset"),
     ],
 )
 def test_refusals_name_the_field(settings, uri, message):

@@ -14,6 +14,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from shared.chat_templates import CHATML, is_template_name
 from shared.errors import JobErrorCode, JobFailure
 
 # The name the combined adapter gets: peft saves the adapter called "default" at the top of the folder (others
@@ -27,11 +28,39 @@ def source_names(count: int) -> list[str]:
     return [f"source_{i}" for i in range(count)]
 
 
-def load_tokenizer(model_dir: Path) -> Any:
+def chat_template_text(chat_template: str) -> str:
+    """The Jinja of a job's chat_template: a named template's text (ChatML, or the file trl ships), or the
+    job's own Jinja as it is."""
+    if not is_template_name(chat_template):
+        return chat_template
+    if chat_template == "chatml":
+        return CHATML
+    import trl
+
+    path = Path(trl.__file__).parent / "chat_templates" / f"{chat_template}.jinja"
+    if not path.is_file():
+        raise JobFailure(
+            JobErrorCode.invalid_config,
+            f"chat_template: this worker's trl {trl.__version__} ships no template {chat_template!r}",
+        )
+    return path.read_text()
+
+
+def load_tokenizer(model_dir: Path, chat_template: str | None = None) -> Any:
+    """The base model's tokenizer, rendering chats with the job's chat_template when it names one (it is saved
+    with the adapter's tokenizer, so whatever serves the adapter renders chats the same way)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template_text(chat_template)
     return tokenizer
+
+
+def load_source_tokenizer(model_dir: Path, source: Path) -> Any:
+    """The tokenizer a finished adapter was saved with (its chat template included), or the base model's when
+    the adapter folder has none."""
+    return load_tokenizer(source if (source / "tokenizer_config.json").is_file() else model_dir)
 
 
 def load_full_precision_base(model_dir: Path) -> torch.nn.Module:

@@ -128,8 +128,9 @@ def encode_dataset(
     if fmt is DatasetFormat.messages and not getattr(tokenizer, "chat_template", None):
         raise JobFailure(
             JobErrorCode.invalid_config,
-            "the base model has no chat template, so `messages` datasets cannot be rendered; "
-            "use the prompt/completion or text format",
+            "the base model has no chat template, so `messages` datasets cannot be rendered; set the job's "
+            "chat_template (a name such as chatml or llama3, or your own Jinja), or use the prompt/completion or "
+            "text format",
         )
     if fmt is DatasetFormat.messages and not getattr(tokenizer, "is_fast", False):
         raise JobFailure(

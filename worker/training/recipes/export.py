@@ -15,7 +15,7 @@ from shared.schemas import ExportSpec, Method
 from worker.training.adapters import (
     add_card_section,
     load_full_precision_base,
-    load_tokenizer,
+    load_source_tokenizer,
     probe_input,
     probe_logits,
 )
@@ -51,7 +51,7 @@ class ExportRecipe(Recipe):
         ctx = self.ctx
         if len(ctx.sources) != 1:
             raise JobFailure(JobErrorCode.invalid_config, f"export needs one adapter, got {len(ctx.sources)}")
-        self.tokenizer = load_tokenizer(ctx.model_dir)
+        self.tokenizer = load_source_tokenizer(ctx.model_dir, ctx.sources[0])
         base = load_full_precision_base(ctx.model_dir)
         self.model = PeftModel.from_pretrained(base, ctx.sources[0], is_trainable=False)
         self.model.eval()

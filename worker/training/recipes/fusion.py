@@ -139,7 +139,7 @@ class FusionRecipe(LoraRecipe):
         torch.manual_seed(hp.seed)
         started(self.progress)
         args = training_args(ctx, hp, self.kernels, has_eval=ctx.eval_data is not None)
-        self.tokenizer = load_tokenizer(ctx.model_dir)
+        self.tokenizer = load_tokenizer(ctx.model_dir, ctx.spec.chat_template)
         datasets = training_datasets(ctx, self.tokenizer, hp, self.progress)
         ctx.check_stop()
 

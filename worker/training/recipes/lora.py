@@ -71,7 +71,7 @@ class LoraRecipe(Recipe):
         assert hp is not None and adapter is not None and ctx.train_data is not None
         started(self.progress)
         args = training_args(ctx, hp, self.kernels, has_eval=ctx.eval_data is not None)
-        self.tokenizer = load_tokenizer(ctx.model_dir)
+        self.tokenizer = load_tokenizer(ctx.model_dir, spec.chat_template)
         datasets = training_datasets(ctx, self.tokenizer, hp, self.progress)
         ctx.check_stop()
 

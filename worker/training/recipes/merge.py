@@ -15,8 +15,8 @@ from worker.training.adapters import (
     OUTPUT_ADAPTER,
     adapter_param_count,
     load_full_precision_base,
+    load_source_tokenizer,
     load_sources,
-    load_tokenizer,
     lora_layers,
     refuse_dora,
     save_adapter,
@@ -55,7 +55,7 @@ class MergeRecipe(Recipe):
                 JobErrorCode.invalid_config,
                 f"merge needs its {len(merge.sources)} source adapters, got {len(ctx.sources)}",
             )
-        self.tokenizer = load_tokenizer(ctx.model_dir)
+        self.tokenizer = load_source_tokenizer(ctx.model_dir, ctx.sources[0])
         self.names = source_names(len(ctx.sources))
         self.model = load_sources(load_full_precision_base(ctx.model_dir), ctx.sources, self.names)
         refuse_dora(self.model, self.names, "merged")

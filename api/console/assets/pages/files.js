@@ -5,7 +5,7 @@ import { ApiError, SignedOut, api } from "../api.js";
 import { ago, bytes, clear, errorBox, h, num } from "../dom.js";
 
 export function render(root) {
-  const input = h("input", { type: "file", id: "file-input", accept: ".jsonl,.json,application/jsonl", required: true });
+  const input = h("input", { type: "file", id: "file-input", accept: ".jsonl,.json,.parquet,.csv,application/jsonl,text/csv", required: true });
   const result = h("div", { id: "upload-result", role: "status" });
   const list = h("div", { id: "files-list" });
   const form = h(
@@ -38,7 +38,7 @@ export function render(root) {
       load();
     } catch (error) {
       if (error instanceof SignedOut) return;
-      const lines = error instanceof ApiError ? error.details.filter((d) => d.line) : [];
+      const lines = error instanceof ApiError ? error.details.filter((d) => d.line || d.row) : [];
       clear(
         result,
         errorBox(error),
@@ -46,8 +46,8 @@ export function render(root) {
           ? h(
               "table",
               { class: "grid bad-lines", id: "bad-lines" },
-              h("thead", {}, h("tr", {}, h("th", {}, "Line"), h("th", {}, "Why it cannot be trained on"))),
-              h("tbody", {}, lines.map((d) => h("tr", {}, h("td", { class: "mono" }, d.line), h("td", {}, d.message)))),
+              h("thead", {}, h("tr", {}, h("th", {}, lines.some((d) => d.row) ? "Row" : "Line"), h("th", {}, "Why it cannot be trained on"))),
+              h("tbody", {}, lines.map((d) => h("tr", {}, h("td", { class: "mono" }, d.line || d.row), h("td", {}, d.message)))),
             )
           : null,
       );
@@ -98,7 +98,7 @@ export function render(root) {
       h(
         "p",
         { class: "muted" },
-        "JSONL, one sample a line: {\"messages\": [...]}, {\"prompt\", \"completion\"} or {\"text\"}. Every line is checked before the file is stored.",
+        "JSONL (one sample a line), Parquet or CSV, with messages, prompt/completion or text: every line or row is checked before the file is stored.",
       ),
       form,
       result,
