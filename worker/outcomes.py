@@ -46,10 +46,22 @@ def fail(writer: AttemptWriter, code: JobErrorCode, message: str) -> JobStatus:
 
 def requeue(writer: AttemptWriter, message: str, *, delay: float = 0.0) -> JobStatus:
     """Gives the job back to the queue for another attempt (after `delay` seconds). A delayed retry is sent
-    by the sweeper once its back-off ends; an immediate one leaves for the broker when the move commits."""
+    by the sweeper once its back-off ends; an immediate one leaves for the broker when the move commits.
+    A job the user asked to pause is `paused` instead: it waits, unclaimed, until it is resumed."""
     not_before = utcnow() + timedelta(seconds=delay) if delay > 0 else None
 
-    def hand_back(session: Session) -> bool:
+    def hand_back(session: Session) -> JobStatus | None:
+        if job_service.transition(
+            session=session,
+            job_id=writer.job_id,
+            to=JobStatus.paused,
+            attempt=writer.attempt,
+            from_=frozenset({JobStatus.pausing}),
+            message=f"job paused ({message}); resume it to continue from its latest checkpoint",
+            enqueued_at=None,
+            worker_id=None,
+        ):
+            return JobStatus.paused
         moved = job_service.transition(
             session=session,
             job_id=writer.job_id,
@@ -63,10 +75,9 @@ def requeue(writer: AttemptWriter, message: str, *, delay: float = 0.0) -> JobSt
         )
         if moved and delay <= 0:
             send_after_commit(session, writer.settings, writer.job_id)
-        return moved
+        return JobStatus.queued if moved else None
 
-    writer.write(hand_back, "the move to queued")
-    return JobStatus.queued
+    return writer.write(hand_back, "the move to queued") or JobStatus.queued
 
 
 def retry_or_fail(writer: AttemptWriter, code: JobErrorCode, reason: str) -> JobStatus:

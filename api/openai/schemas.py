@@ -33,14 +33,17 @@ MAX_LEARNING_RATE_MULTIPLIER = 1 / BASE_LEARNING_RATE
 SUFFIX_KEY = "tuneforge.suffix"
 SUFFIX_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 
-OpenAIStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+OpenAIStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
 # `cancelling` is shown as `running`: the job still holds its GPU until the worker stops it (seconds), and
 # it can still end `failed`; a client polling for a terminal status must not see one that later changes.
+# `pausing` likewise: it trains until its checkpoint is stored, and may still finish first.
 STATUS: dict[JobStatus, OpenAIStatus] = {
     JobStatus.validating: "validating_files",
     JobStatus.queued: "queued",
     JobStatus.running: "running",
     JobStatus.cancelling: "running",
+    JobStatus.pausing: "running",
+    JobStatus.paused: "paused",
     JobStatus.succeeded: "succeeded",
     JobStatus.failed: "failed",
     JobStatus.cancelled: "cancelled",
@@ -189,7 +192,7 @@ class TuneforgeJobInfo(BaseModel):
     """Tuneforge's view of the job: the native status and the full, resolved training settings."""
 
     status: str = Field(
-        description="the native status (shows `cancelling`, which the OpenAI view calls running)"
+        description="the native status (shows `cancelling` and `pausing`, which the OpenAI view calls running)"
     )
     method: str
     adapter: AdapterSpec | None = None

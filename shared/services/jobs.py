@@ -96,7 +96,8 @@ def team_limits(session: Session, settings: Settings, team_id: str) -> tuple[int
     return running, queued
 
 
-def _check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) -> None:
+def check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) -> None:
+    """Raises 429 when the team already has as many jobs waiting as its limit allows."""
     _, limit = team_limits(session, settings, team_id)
     waiting = session.scalar(
         select(func.count())
@@ -221,7 +222,7 @@ def create_job(
     """Checks a spec against this deployment and records a new job in `validating` (not yet enqueued)."""
     checked = check_spec(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
     spec = checked.spec
-    _check_queue_quota(session=session, settings=settings, team_id=team_id)
+    check_queue_quota(session=session, settings=settings, team_id=team_id)
     assert spec.base_model is not None
     job = Job(
         id=new_id("ftjob"),
@@ -375,14 +376,14 @@ def transition(
 
 
 def cancel_job(*, session: Session, team_id: TeamID, job_id: str) -> Job:
-    """Cancels a job: at once if it has not started, through `cancelling` if it is running."""
+    """Cancels a job: at once if it waits (or is paused), through `cancelling` if it is running."""
     job = get_job(session=session, team_id=team_id, job_id=job_id)
     status = JobStatus(job.status)
     if status in TERMINAL:
         raise Conflict(f"job {job_id} already {status.value}; nothing to cancel", param="job_id")
     if status is JobStatus.cancelling:
         return job
-    if status in (JobStatus.validating, JobStatus.queued):
+    if status in (JobStatus.validating, JobStatus.queued, JobStatus.paused):
         target = JobStatus.cancelled
     else:
         target = JobStatus.cancelling
