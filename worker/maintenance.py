@@ -64,7 +64,9 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
                     message=f"{lost}; the job is paused at its latest checkpoint",
                     worker_id=None,
                 )
-            elif job.attempt >= settings.max_attempts:
+            elif (
+                counted := job_service.attempts_counted(session=session, job_id=job.id, attempt=job.attempt)
+            ) >= settings.max_attempts:
                 done = job_service.transition(
                     session=session,
                     job_id=job.id,
@@ -74,7 +76,7 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
                     conditions=still_stale,
                     message=f"{lost}; no attempts left",
                     error_code=JobErrorCode.worker_lost.value,
-                    error_message=f"{lost}; gave up after {job.attempt} attempts",
+                    error_message=f"{lost}; gave up after {counted} attempts",
                 )
             else:
                 done = job_service.transition(

@@ -82,7 +82,17 @@ def requeue(writer: AttemptWriter, message: str, *, delay: float = 0.0) -> JobSt
 
 def retry_or_fail(writer: AttemptWriter, code: JobErrorCode, reason: str) -> JobStatus:
     """Applies the retry budget: another attempt after a growing back-off, or failure with the reason."""
-    settings, attempt = writer.settings, writer.attempt
+    settings = writer.settings
+    # Attempts that ended in a pause are not failures: they do not use the budget.
+    attempt = (
+        writer.write(
+            lambda session: job_service.attempts_counted(
+                session=session, job_id=writer.job_id, attempt=writer.attempt
+            ),
+            "the attempts counted",
+        )
+        or writer.attempt
+    )
     if attempt >= settings.max_attempts:
         return fail(writer, code, f"{reason}; gave up after {attempt} attempts")
     delay = settings.retry_backoff_seconds * (2 ** (attempt - 1))

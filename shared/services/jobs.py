@@ -319,6 +319,17 @@ def list_attempts(*, session: Session, team_id: TeamID, job_id: str) -> list[Att
     return list(session.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)))
 
 
+def attempts_counted(*, session: Session, job_id: str, attempt: int) -> int:
+    """How many of a job's attempts up to `attempt` count against max_attempts: all but those that ended
+    because the user paused the job (a pause is no failure)."""
+    paused = session.scalar(
+        select(func.count())
+        .select_from(Attempt)
+        .where(Attempt.job_id == job_id, Attempt.outcome == JobStatus.paused.value)
+    )
+    return attempt - int(paused or 0)
+
+
 def list_events(
     *, session: Session, team_id: TeamID, job_id: str, after: int | None = None, limit: int = 100
 ) -> tuple[list[JobEvent], int | None]:

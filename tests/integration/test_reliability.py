@@ -357,3 +357,29 @@ def test_reaper_pauses_a_pausing_job_whose_worker_vanished(tuned, store):
     paused = job(settings, job_id)
     assert paused.status == "paused" and paused.error_code is None
     assert "paused at its latest checkpoint" in events(settings, job_id)[-1].message
+
+
+def test_attempts_that_ended_in_a_pause_do_not_use_the_retry_budget(tuned, store):
+    settings = tuned(lease_timeout_seconds=5, max_attempts=2)
+    job_id = submit(settings, store)
+
+    def claim_and_go_silent() -> None:
+        with session_scope(settings.database_url) as session:
+            claims.claim_job(session=session, job_id=job_id, worker_id="ghost", lease_timeout=5)
+            session.execute(
+                update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=60))
+            )
+
+    claim_and_go_silent()  # attempt 1 is paused
+    with session_scope(settings.database_url) as session:
+        pausing.pause_job(session=session, team_id=TEAM, job_id=job_id)
+    maintenance.reap_stale_jobs(settings)
+    with session_scope(settings.database_url) as session:
+        pausing.resume_job(session=session, settings=settings, team_id=TEAM, job_id=job_id)
+    claim_and_go_silent()  # attempt 2 is lost: the first failure, one of two
+    maintenance.reap_stale_jobs(settings)
+    assert (job(settings, job_id).status, job(settings, job_id).attempt) == ("queued", 2)
+    claim_and_go_silent()  # attempt 3 is lost: the second failure
+    maintenance.reap_stale_jobs(settings)
+    failed = job(settings, job_id)
+    assert failed.status == "failed" and "gave up after 2 attempts" in failed.error_message
