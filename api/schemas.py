@@ -14,6 +14,7 @@ from shared.schemas import (
     ExportSpec,
     FusionSpec,
     Hyperparameters,
+    InitFrom,
     JobSpec,
     MergeSpec,
     Metadata,
@@ -61,6 +62,7 @@ class JobOut(BaseModel):
     fusion: FusionSpec | None = None
     export: ExportSpec | None = None
     hyperparameters: Hyperparameters | None = None
+    init_from: InitFrom | None = Field(None, description="the job (and checkpoint) this job continued from")
     resources: Resources
     priority: str
     metadata: dict[str, str]
@@ -105,6 +107,7 @@ class JobOut(BaseModel):
             fusion=spec.fusion,
             export=spec.export,
             hyperparameters=spec.hyperparameters,
+            init_from=spec.init_from,
             resources=spec.resources,
             priority=job.priority,
             metadata=job.user_metadata or {},
@@ -142,6 +145,7 @@ def job_answer(job: Any) -> dict[str, Any]:
         "fusion": spec.get("fusion"),
         "export": spec.get("export"),
         "hyperparameters": spec.get("hyperparameters"),
+        "init_from": spec.get("init_from"),
         "resources": spec["resources"],
         "priority": job.priority,
         "metadata": job.user_metadata or {},

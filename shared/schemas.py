@@ -336,6 +336,21 @@ MAX_METADATA_KEYS = 16
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)]
 
 
+class InitFrom(BaseModel):
+    """Where a training job's adapter starts: another job's finished adapter, or one of its checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: str = Field(min_length=1, max_length=40, description="a job of your team that trained an adapter")
+    checkpoint_step: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="start from the job's checkpoint at this step; by default from its final adapter (the "
+        "job must have succeeded)",
+    )
+
+
 class JobSpec(BaseModel):
     """A fine-tuning job as submitted, with every default filled in."""
 
@@ -377,6 +392,11 @@ class JobSpec(BaseModel):
     hyperparameters: Hyperparameters | None = Field(
         None, description="training settings (training and fusion)"
     )
+    init_from: InitFrom | None = Field(
+        None,
+        description="continue from another job's adapter or checkpoint (lora, dora, rslora, qlora): same base "
+        "model, rank, target modules and DoRA; base_model defaults to the source's",
+    )
     resources: Resources = Field(default_factory=Resources)
     priority: Priority = Priority.normal
     metadata: Metadata = Field(default_factory=dict)
@@ -390,8 +410,10 @@ class JobSpec(BaseModel):
             for name in ("dataset", "validation_dataset", "hyperparameters"):
                 if getattr(self, name) is not None:
                     raise _field_error(name, f"method {method.value} does not train; remove {name}")
-        if method in (Method.lora, Method.dora, Method.rslora, Method.qlora) and self.base_model is None:
+        if method in LORA_METHODS and self.base_model is None and self.init_from is None:
             raise _field_error("base_model", f"method {method.value} needs a base_model")
+        if method not in LORA_METHODS and self.init_from is not None:
+            raise _field_error("init_from", f"method {method.value} trains no adapter to start from another")
         if method is Method.fusion and self.base_model is None:
             raise _field_error("base_model", "method fusion needs the base_model its sources share")
         for name, owner in (("merge", Method.merge), ("fusion", Method.fusion), ("export", Method.export)):

@@ -11,7 +11,9 @@
 
 Mapping onto a JobSpec (the job is an ordinary Tuneforge job, also visible under /v1/jobs):
 
-- model -> base_model; training_file -> dataset; validation_file -> validation_dataset.
+- model -> base_model; training_file -> dataset; validation_file -> validation_dataset. A fine-tuned model's
+  name (ft:<base>:<team>:<suffix>:<job id>, or a checkpoint's, ending :ckpt-step-<n>) as model -> base_model
+  <base> and init_from {job, checkpoint_step}: the job continues from that adapter.
 - hyperparameters (or method.supervised.hyperparameters, not both): n_epochs -> epochs, batch_size ->
   batch_size, learning_rate_multiplier -> learning_rate = BASE_LEARNING_RATE (2e-4) x multiplier; "auto" or
   left out keeps Tuneforge's default. seed -> hyperparameters.seed (default 42, not random: a retry with an

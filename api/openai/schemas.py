@@ -16,6 +16,7 @@ from shared.models import Checkpoint, Job, JobEvent
 from shared.schemas import (
     AdapterSpec,
     Hyperparameters,
+    InitFrom,
     JobSpec,
     Priority,
     QuantizationSpec,
@@ -132,7 +133,12 @@ class FineTuningJobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=255, description="a base model from GET /v1/models")
+    model: str = Field(
+        min_length=1,
+        max_length=255,
+        description="a base model from GET /v1/models, or a fine-tuned model this API named "
+        "(ft:<base>:<team>:<suffix>:<job id>[:ckpt-step-<n>]) to continue from its adapter or checkpoint",
+    )
     training_file: str = Field(
         min_length=1, max_length=2048, description="an uploaded file id (or any dataset URI /v1/jobs takes)"
     )
@@ -198,6 +204,7 @@ class TuneforgeJobInfo(BaseModel):
     adapter: AdapterSpec | None = None
     quantization: QuantizationSpec | None = None
     hyperparameters: Hyperparameters | None = None
+    init_from: InitFrom | None = Field(None, description="the job (and checkpoint) this job continued from")
     resources: Resources
     priority: str
     attempt: int
@@ -273,6 +280,7 @@ class FineTuningJobOut(BaseModel):
                 adapter=spec.adapter,
                 quantization=spec.quantization,
                 hyperparameters=spec.hyperparameters,
+                init_from=spec.init_from,
                 resources=spec.resources,
                 priority=job.priority,
                 attempt=job.attempt,
