@@ -491,7 +491,9 @@ def test_results_files_of_unfinished_jobs_do_not_exist(client, training_file):
 # ------------------------------------------------- a job trained by the worker's own code (no Celery)
 
 
-def test_a_trained_job_has_a_model_name_results_and_checkpoints(client, team, settings, tiny_model_dir):
+def test_a_trained_job_has_a_model_name_results_and_checkpoints(
+    client, api_client, team, settings, tiny_model_dir
+):
     from worker import runner, validation
 
     train = client.files.create(file=("train.jsonl", to_jsonl(color_messages(32))), purpose="fine-tune")
@@ -569,4 +571,30 @@ def test_a_trained_job_has_a_model_name_results_and_checkpoints(client, team, se
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=5))
     assert events[0].data.get("status") == "succeeded"
     kinds = {e.tuneforge_type for e in events}
-    assert {"created", "status", "checkpoint"} <= kinds
+    assert {"created", "status", "checkpoint", "metrics"} <= kinds
+
+    # Metrics events, as OpenAI's: one per logged step, the validation loss with the training loss where it
+    # was measured; the same figures as the results file.
+    metrics = [e for e in events if e.type == "metrics"]
+    assert sorted(e.data["step"] for e in metrics) == [1, 2, 3, 4, 5, 6]
+    for event in metrics:
+        row = rows[event.data["step"] - 1]
+        assert event.data["total_steps"] == 6
+        assert event.data["train_loss"] == pytest.approx(float(row["train_loss"]))
+        if row["valid_loss"]:
+            assert event.data["valid_loss"] == pytest.approx(float(row["valid_loss"]))
+        else:
+            assert "valid_loss" not in event.data
+    step_2 = next(e for e in metrics if e.data["step"] == 2)
+    assert step_2.message == (
+        f"Step 2/6: training loss={float(rows[1]['train_loss']):.4f}, "
+        f"validation loss={float(rows[1]['valid_loss']):.4f}"
+    )
+    assert all(e.type == "message" for e in events if e.tuneforge_type != "metrics")
+    # The native event log holds the same events, oldest first.
+    native = api_client.get(
+        f"/v1/jobs/{job.id}/events",
+        params={"limit": 500},
+        headers={"Authorization": f"Bearer {team.key}"},
+    ).json()["data"]
+    assert [e["data"] for e in native if e["type"] == "metrics"] == [e.data for e in reversed(metrics)]
