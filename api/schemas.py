@@ -63,6 +63,9 @@ class JobOut(BaseModel):
     export: ExportSpec | None = None
     hyperparameters: Hyperparameters | None = None
     init_from: InitFrom | None = Field(None, description="the job (and checkpoint) this job continued from")
+    suffix: str | None = Field(
+        None, description="names the fine-tuned model ft:<base>:<team>:<suffix>:<job id>"
+    )
     resources: Resources
     priority: str
     metadata: dict[str, str]
@@ -108,6 +111,7 @@ class JobOut(BaseModel):
             export=spec.export,
             hyperparameters=spec.hyperparameters,
             init_from=spec.init_from,
+            suffix=spec.suffix,
             resources=spec.resources,
             priority=job.priority,
             metadata=job.user_metadata or {},
@@ -146,6 +150,7 @@ def job_answer(job: Any) -> dict[str, Any]:
         "export": spec.get("export"),
         "hyperparameters": spec.get("hyperparameters"),
         "init_from": spec.get("init_from"),
+        "suffix": spec.get("suffix"),
         "resources": spec["resources"],
         "priority": job.priority,
         "metadata": job.user_metadata or {},

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
@@ -336,6 +345,24 @@ MAX_METADATA_KEYS = 16
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)]
 
 
+# A fine-tuned model's suffix, as OpenAI takes it (up to 64 characters): it becomes one `:`-separated part of
+# the model's name, ft:<base>:<team>:<suffix>:<job id>, so it holds no `:` (nor spaces or slashes).
+SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def check_suffix(value: str | None) -> str | None:
+    """Refuses a suffix that cannot be part of a fine-tuned model's name, saying what it may hold."""
+    if value is not None and not SUFFIX_PATTERN.match(value):
+        raise ValueError(
+            f"suffix {value[:80]!r}: 1 to 64 letters, digits, '_', '.' or '-' (it names the fine-tuned model "
+            "ft:<base>:<team>:<suffix>:<job id>)"
+        )
+    return value
+
+
+Suffix = Annotated[str | None, AfterValidator(check_suffix)]
+
+
 class InitFrom(BaseModel):
     """Where a training job's adapter starts: another job's finished adapter, or one of its checkpoints."""
 
@@ -396,6 +423,11 @@ class JobSpec(BaseModel):
         None,
         description="continue from another job's adapter or checkpoint (lora, dora, rslora, qlora): same base "
         "model, rank, target modules and DoRA; base_model defaults to the source's",
+    )
+    suffix: Suffix = Field(
+        None,
+        description="names the fine-tuned model ft:<base>:<team>:<suffix>:<job id> (OpenAI's surface shows it): "
+        "1 to 64 letters, digits, '_', '.' or '-'",
     )
     resources: Resources = Field(default_factory=Resources)
     priority: Priority = Priority.normal

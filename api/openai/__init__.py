@@ -19,7 +19,8 @@ Mapping onto a JobSpec (the job is an ordinary Tuneforge job, also visible under
   left out keeps Tuneforge's default. seed -> hyperparameters.seed (default 42, not random: a retry with an
   Idempotency-Key must describe the same job).
 - method.type must be "supervised"; "dpo" and "reinforcement" are refused (400, param method.type).
-- suffix is kept in the job's metadata under `tuneforge.suffix` (hidden from this surface's `metadata`).
+- suffix -> suffix (JobSpec's): fine_tuned_model is ft:<base>:<team>:<suffix>:<job id>. Jobs made before
+  JobSpec had it keep it in their metadata under `tuneforge.suffix`, hidden from this surface's `metadata`.
 - integrations: none are supported; a non-empty list is refused.
 - The `tuneforge` body field (the client's extra_body) carries the PEFT settings, each the JobSpec field of
   the same name: {"method": "lora|dora|rslora|qlora", "adapter": {...}, "quantization": {...},

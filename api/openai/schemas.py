@@ -21,6 +21,7 @@ from shared.schemas import (
     Priority,
     QuantizationSpec,
     Resources,
+    Suffix,
 )
 from shared.services.fine_tuning import CHECKPOINT_PREFIX, EVENT_PREFIX, results_file_id
 from shared.states import JobStatus
@@ -29,10 +30,9 @@ from shared.states import JobStatus
 BASE_LEARNING_RATE = 2e-4
 # The largest multiplier: JobSpec caps the learning rate at 1.
 MAX_LEARNING_RATE_MULTIPLIER = 1 / BASE_LEARNING_RATE
-# The job's `suffix` is kept in its metadata under this key (JobSpec has no field for it); the OpenAI
-# surface hides the key from `metadata` and shows it as `user_provided_suffix`.
+# Jobs made before JobSpec had a `suffix` kept it in their metadata under this key: the OpenAI surface hides
+# the key from `metadata` and shows it as `user_provided_suffix`; new requests may not use it.
 SUFFIX_KEY = "tuneforge.suffix"
-SUFFIX_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 
 OpenAIStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
 # `cancelling` is shown as `running`: the job still holds its GPU until the worker stops it (seconds), and
@@ -147,8 +147,10 @@ class FineTuningJobCreate(BaseModel):
         None, description="deprecated by OpenAI in favour of method.supervised.hyperparameters; either works"
     )
     method: MethodIn | None = None
-    suffix: str | None = Field(
-        None, pattern=SUFFIX_PATTERN, description="up to 64 letters, digits, '_', '.' or '-'"
+    suffix: Suffix = Field(
+        None,
+        description="names the fine-tuned model ft:<base>:<team>:<suffix>:<job id>: 1 to 64 letters, digits, "
+        "'_', '.' or '-'",
     )
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="default 42 (retries stay idempotent)")
     metadata: dict[str, str] | None = None
@@ -247,7 +249,8 @@ class FineTuningJobOut(BaseModel):
         spec = JobSpec.model_validate(job.spec)
         status = JobStatus(job.status)
         metadata = dict(job.user_metadata or {})
-        suffix = metadata.pop(SUFFIX_KEY, None)
+        suffix = spec.suffix or metadata.pop(SUFFIX_KEY, None)
+        metadata.pop(SUFFIX_KEY, None)
         resolved = ResolvedHyperparameters.of(spec.hyperparameters)
         succeeded = status is JobStatus.succeeded
         return cls(
@@ -355,7 +358,7 @@ class FineTuningJobCheckpointOut(BaseModel):
     def of(
         cls, checkpoint: Checkpoint, job: Job, team_label: str, valid_loss: float | None
     ) -> FineTuningJobCheckpointOut:
-        suffix = (job.user_metadata or {}).get(SUFFIX_KEY) or ""
+        suffix = (job.spec or {}).get("suffix") or (job.user_metadata or {}).get(SUFFIX_KEY) or ""
         stored = {k: v for k, v in (checkpoint.metrics or {}).items() if k not in ("step", "valid_loss")}
         return cls(
             id=f"{CHECKPOINT_PREFIX}{checkpoint.id}",

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from api.openai.errors import first_error
 from api.openai.schemas import BASE_LEARNING_RATE, SUFFIX_KEY, FineTuningJobCreate, TuneforgeOptions
 from shared.errors import InvalidRequest
-from shared.schemas import MAX_METADATA_KEYS, JobSpec
+from shared.schemas import JobSpec
 
 # JobSpec fields that the OpenAI body names differently; the rest come from the `tuneforge` field.
 _OPENAI_NAMES = {
@@ -125,14 +125,6 @@ def to_job_spec(body: FineTuningJobCreate) -> tuple[JobSpec, Origins]:
     metadata = dict(body.metadata or {})
     if SUFFIX_KEY in metadata:
         raise InvalidRequest(f"the metadata key {SUFFIX_KEY!r} is reserved for the suffix", param="metadata")
-    if body.suffix is not None:
-        if len(metadata) >= MAX_METADATA_KEYS:
-            raise InvalidRequest(
-                f"with a suffix, metadata takes at most {MAX_METADATA_KEYS - 1} keys (Tuneforge keeps the "
-                "suffix in the job's metadata)",
-                param="metadata",
-            )
-        metadata[SUFFIX_KEY] = body.suffix
 
     base_model, init_from = parse_model(body.model)
     if init_from is not None:  # the fine-tuned model's job and checkpoint both come from `model`
@@ -148,6 +140,7 @@ def to_job_spec(body: FineTuningJobCreate) -> tuple[JobSpec, Origins]:
         "hyperparameters": hp,
         "resources": options.resources.model_dump() if options.resources else None,
         "priority": options.priority,
+        "suffix": body.suffix,
         "metadata": metadata,
     }
     try:

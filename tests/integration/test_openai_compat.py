@@ -206,7 +206,25 @@ def test_suffix_seed_metadata_and_validation_file(client, api_client, team, trai
     native = native_job(api_client, team, job.id)
     assert native["hyperparameters"]["seed"] == 7
     assert native["validation_dataset"] == validation.id
-    assert native["metadata"] == {"project": "colors", "tuneforge.suffix": "colors-v1"}
+    assert native["metadata"] == {"project": "colors"}
+    assert native["suffix"] == "colors-v1"
+
+
+def test_the_native_api_takes_the_suffix_too(client, api_client, team, training_file):
+    headers = {"Authorization": f"Bearer {team.key}"}
+    body = {"base_model": TINY_MODEL, "dataset": training_file, "suffix": "support.v2_b-1"}
+    # The suffix no longer takes a metadata key: all 16 stay the caller's.
+    metadata = {f"k{i}": "v" for i in range(16)}
+    created = api_client.post("/v1/jobs", json=body | {"metadata": metadata}, headers=headers)
+    assert created.status_code == 201, created.text
+    assert created.json()["suffix"] == "support.v2_b-1"
+    shown = client.fine_tuning.jobs.retrieve(created.json()["id"])
+    assert shown.user_provided_suffix == "support.v2_b-1" and shown.metadata == metadata
+    for bad in ("has:colon", "has space", "x" * 65, ""):
+        refused = api_client.post("/v1/jobs", json=body | {"suffix": bad}, headers=headers)
+        assert refused.status_code == 422, (bad, refused.text)
+        assert refused.json()["error"]["param"] == "suffix"
+        assert "1 to 64 letters, digits" in refused.json()["error"]["message"]
 
 
 def test_peft_options_travel_in_extra_body(client, api_client, team, training_file):
@@ -295,6 +313,9 @@ def test_dpo_and_reinforcement_are_refused(client, training_file, kind):
             "hyperparameters",
         ),
         ({"suffix": "no spaces please"}, "suffix"),
+        ({"suffix": "no:colons"}, "suffix"),
+        ({"suffix": "x" * 65}, "suffix"),
+        ({"suffix": ""}, "suffix"),
         ({"metadata": {"k": "v" * 513}}, "metadata.k"),
         ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
         ({"extra_body": {"unexpected": 1}}, "unexpected"),
