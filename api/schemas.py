@@ -14,6 +14,7 @@ from shared.schemas import (
     ExportSpec,
     FusionSpec,
     Hyperparameters,
+    InitFrom,
     Integration,
     JobSpec,
     MergeSpec,
@@ -76,6 +77,10 @@ class JobOut(BaseModel):
     fusion: FusionSpec | None = None
     export: ExportSpec | None = None
     hyperparameters: Hyperparameters | None = None
+    init_from: InitFrom | None = Field(None, description="the job (and checkpoint) this job continued from")
+    suffix: str | None = Field(
+        None, description="names the fine-tuned model ft:<base>:<team>:<suffix>:<job id>"
+    )
     resources: Resources
     priority: str
     metadata: dict[str, str]
@@ -127,6 +132,8 @@ class JobOut(BaseModel):
             fusion=spec.fusion,
             export=spec.export,
             hyperparameters=spec.hyperparameters,
+            init_from=spec.init_from,
+            suffix=spec.suffix,
             resources=spec.resources,
             priority=job.priority,
             metadata=job.user_metadata or {},
@@ -168,6 +175,8 @@ def job_answer(job: Any) -> dict[str, Any]:
         "fusion": spec.get("fusion"),
         "export": spec.get("export"),
         "hyperparameters": spec.get("hyperparameters"),
+        "init_from": spec.get("init_from"),
+        "suffix": spec.get("suffix"),
         "resources": spec["resources"],
         "priority": job.priority,
         "metadata": job.user_metadata or {},

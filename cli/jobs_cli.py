@@ -33,7 +33,17 @@ PRIORITIES = ("low", "normal", "high")
 TARGET_PRESETS = ("attention", "all-linear")
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 DATASET_FIELDS = ("dataset", "validation_dataset")
-JOB_STATUSES = ("validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+JOB_STATUSES = (
+    "validating",
+    "queued",
+    "running",
+    "cancelling",
+    "pausing",
+    "paused",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
 
 files_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
 
@@ -331,6 +341,8 @@ STATUS_STYLE = {
     "failed": "red",
     "cancelled": "yellow",
     "cancelling": "yellow",
+    "pausing": "blue",
+    "paused": "blue",
     "running": "cyan",
 }
 
@@ -709,6 +721,23 @@ def cancel(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> Non
 
 
 @_handles_errors
+def pause(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
+    """Pauses a job: a queued one at once; a training one checkpoints, then gives its GPUs back."""
+    with Tuneforge(base_url=url, api_key=api_key) as client:
+        job = client.pause_job(job_id)
+    note = " (it checkpoints, then pauses)" if job["status"] == "pausing" else ""
+    _out().print(f"job {job['id']} {_status(job['status'])}{note}")
+
+
+@_handles_errors
+def resume(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
+    """Puts a paused job back in the queue; it continues from its latest checkpoint."""
+    with Tuneforge(base_url=url, api_key=api_key) as client:
+        job = client.resume_job(job_id)
+    _out().print(f"job {job['id']} {_status(job['status'])}")
+
+
+@_handles_errors
 def download(
     job_id: str,
     dest: Annotated[Path, typer.Option(help="folder to put <job_id>-<kind>/ in", file_okay=False)] = Path(
@@ -783,5 +812,7 @@ def register(app: typer.Typer) -> None:
     app.command("events")(events)
     app.command("logs")(logs)
     app.command("cancel")(cancel)
+    app.command("pause")(pause)
+    app.command("resume")(resume)
     app.command("download")(download)
     app.add_typer(files_app, name="files")

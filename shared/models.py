@@ -99,6 +99,8 @@ class UploadedFile(Base):
 QUEUED_ONLY = text("status = 'queued'")
 HELD_ONLY = text("ended_at IS NULL")
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
+# The artifact kind of a checkpoint's files.
+CHECKPOINT_KIND = "checkpoint"
 
 
 class Job(Base):

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from shared.chat_templates import MAX_TEMPLATE_CHARS, check_chat_template
@@ -395,6 +404,39 @@ MAX_METADATA_KEYS = 16
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)]
 
 
+# A fine-tuned model's suffix, as OpenAI takes it (up to 64 characters): it becomes one `:`-separated part of
+# the model's name, ft:<base>:<team>:<suffix>:<job id>, so it holds no `:` (nor spaces or slashes).
+SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def check_suffix(value: str | None) -> str | None:
+    """Refuses a suffix that cannot be part of a fine-tuned model's name, saying what it may hold."""
+    if value is not None and not SUFFIX_PATTERN.match(value):
+        raise ValueError(
+            f"suffix {value[:80]!r}: 1 to 64 letters, digits, '_', '.' or '-' (it names the fine-tuned model "
+            "ft:<base>:<team>:<suffix>:<job id>)"
+        )
+    return value
+
+
+Suffix = Annotated[str | None, AfterValidator(check_suffix)]
+
+
+class InitFrom(BaseModel):
+    """Where a training job's adapter starts: another job's finished adapter, or one of its checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: str = Field(min_length=1, max_length=40, description="a job of your team that trained an adapter")
+    checkpoint_step: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="start from the job's checkpoint at this step; by default from its final adapter (the "
+        "job must have succeeded)",
+    )
+
+
 class JobSpec(BaseModel):
     """A fine-tuning job as submitted, with every default filled in."""
 
@@ -443,6 +485,16 @@ class JobSpec(BaseModel):
         description="how `messages` are rendered: a template's name (chatml, llama3, qwen2_5, gemma, phi3, … as "
         "trl ships them) or Jinja of your own; saved with the adapter's tokenizer. Default: the base model's",
     )
+    init_from: InitFrom | None = Field(
+        None,
+        description="continue from another job's adapter or checkpoint (lora, dora, rslora, qlora): same base "
+        "model, rank, target modules and DoRA; base_model defaults to the source's",
+    )
+    suffix: Suffix = Field(
+        None,
+        description="names the fine-tuned model ft:<base>:<team>:<suffix>:<job id> (OpenAI's surface shows it): "
+        "1 to 64 letters, digits, '_', '.' or '-'",
+    )
     resources: Resources = Field(default_factory=Resources)
     priority: Priority = Priority.normal
     metadata: Metadata = Field(default_factory=dict)
@@ -483,8 +535,10 @@ class JobSpec(BaseModel):
             for name in ("dataset", "validation_dataset", "hyperparameters"):
                 if getattr(self, name) is not None:
                     raise _field_error(name, f"method {method.value} does not train; remove {name}")
-        if method in (Method.lora, Method.dora, Method.rslora, Method.qlora) and self.base_model is None:
+        if method in LORA_METHODS and self.base_model is None and self.init_from is None:
             raise _field_error("base_model", f"method {method.value} needs a base_model")
+        if method not in LORA_METHODS and self.init_from is not None:
+            raise _field_error("init_from", f"method {method.value} trains no adapter to start from another")
         if method is Method.fusion and self.base_model is None:
             raise _field_error("base_model", "method fusion needs the base_model its sources share")
         for name, owner in (("merge", Method.merge), ("fusion", Method.fusion), ("export", Method.export)):

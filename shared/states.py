@@ -10,23 +10,33 @@ class JobStatus(StrEnum):
     queued = "queued"
     running = "running"
     cancelling = "cancelling"
+    pausing = "pausing"
+    paused = "paused"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
 
 
 TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
-ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.running, JobStatus.cancelling})
+# The statuses in which an attempt holds the job (and its GPUs).
+ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.running, JobStatus.cancelling, JobStatus.pausing})
 
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.validating: frozenset({JobStatus.queued, JobStatus.failed, JobStatus.cancelled}),
-    JobStatus.queued: frozenset({JobStatus.running, JobStatus.failed, JobStatus.cancelled}),
+    # queued -> paused: the user holds a waiting job; no worker claims it until it is resumed.
+    JobStatus.queued: frozenset({JobStatus.running, JobStatus.failed, JobStatus.cancelled, JobStatus.paused}),
     # running -> queued: the worker was lost (or shut down warm) and another attempt will resume the job.
     JobStatus.running: frozenset(
-        {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelling, JobStatus.queued}
+        {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelling, JobStatus.queued, JobStatus.pausing}
     ),
     # A job being cancelled can still fail if stopping it broke; one whose worker vanished is just cancelled.
     JobStatus.cancelling: frozenset({JobStatus.cancelled, JobStatus.failed}),
+    # A job asked to pause checkpoints and stops (paused); it may finish or fail first, or be cancelled.
+    JobStatus.pausing: frozenset(
+        {JobStatus.paused, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelling}
+    ),
+    # Resumed: back in the queue, to continue from its latest checkpoint.
+    JobStatus.paused: frozenset({JobStatus.queued, JobStatus.cancelled}),
     JobStatus.succeeded: frozenset(),
     JobStatus.failed: frozenset(),
     JobStatus.cancelled: frozenset(),

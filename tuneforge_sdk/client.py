@@ -273,6 +273,31 @@ class Tuneforge:
             self._pause(attempt)
         raise AssertionError("unreachable")
 
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        """Pauses a job: at once if it is queued, through `pausing` (a checkpoint, then its GPUs back) if it
+        trains. Retried safely: pausing a pausing or paused job returns it."""
+        return self._json(self._request("POST", f"/v1/jobs/{job_id}/pause", retry=True))
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        """Puts a paused job back in the queue. Retried safely: a retry that finds the job queued or running
+        again returns the job."""
+        attempts = 1 + self.retries
+        for attempt in range(attempts):
+            try:
+                return self._json(self._request("POST", f"/v1/jobs/{job_id}/resume", retry=False))
+            except APIConnectionError:
+                if attempt == attempts - 1:
+                    raise
+            except TuneforgeError as error:
+                if attempt > 0 and error.status_code == 409:
+                    job = self.get_job(job_id)
+                    if job["status"] in ("queued", "running"):
+                        return job
+                if error.status_code not in RETRY_STATUSES or attempt == attempts - 1:
+                    raise
+            self._pause(attempt)
+        raise AssertionError("unreachable")
+
     def wait(
         self, job_id: str, *, timeout: float | None = None, poll_interval: float = 2.0
     ) -> dict[str, Any]:

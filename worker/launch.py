@@ -47,6 +47,8 @@ class LaunchSpec:
     eval_path: str | None = None
     sources: list[str] = field(default_factory=list)
     resume_from: str | None = None
+    # The adapter a training job starts from (init_from): a folder with adapter_config.json and weights.
+    init_from: str | None = None
     # The datasets' sha256 as validation pinned them (dataset, validation_dataset): they key the tokenized cache.
     dataset_sha256: dict[str, str] = field(default_factory=dict)
 
@@ -170,6 +172,7 @@ def train_attempt(
             ),
             checkpoint_steps=settings.checkpoint_steps,
             resume_from=Path(launch.resume_from) if launch.resume_from else None,
+            init_from=Path(launch.init_from) if launch.init_from else None,
             cache_dir=settings.cache_dir,
             dataset_sha256=dataset_digests(launch),
             device_peak_tflops=settings.device_peak_tflops,

@@ -1,5 +1,5 @@
-"""The lease of a claimed attempt: what its heartbeats learn (cancelled, lost to another attempt, asked to
-make room for a higher-priority job). A node worker beats all its attempts' leases at once
+"""The lease of a claimed attempt: what its heartbeats learn (cancelled, paused, lost to another attempt, asked
+to make room for a higher-priority job). A node worker beats all its attempts' leases at once
 (worker/node.py); an attempt run on its own keeps its lease with a thread of its own (`Lease.keep`)."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Lease:
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
         self.preempted = threading.Event()
+        self.pause_requested = threading.Event()
 
     def apply(self, state: LeaseState) -> None:
         """Takes in what a heartbeat found."""
@@ -35,6 +36,8 @@ class Lease:
             self.lost.set()
         elif state.status is JobStatus.cancelling:
             self.cancel_requested.set()
+        elif state.status is JobStatus.pausing:
+            self.pause_requested.set()
         if state.preempt:
             self.preempted.set()
 

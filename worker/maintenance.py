@@ -16,23 +16,25 @@ from shared.queue import queued_messages
 from shared.services import jobs as job_service
 from shared.services.dispatch import send_after_commit
 from shared.settings import Settings
-from shared.states import JobStatus
+from shared.states import ACTIVE, JobStatus
 from worker.webhooks import deliver_due_webhooks
 
 log = logging.getLogger(__name__)
 RUNNING = frozenset({JobStatus.running})
 CANCELLING = frozenset({JobStatus.cancelling})
+PAUSING = frozenset({JobStatus.pausing})
 
 
 def reap_stale_jobs(settings: Settings) -> list[str]:
-    """Returns running jobs whose heartbeat stopped to the queue (or fails them when out of attempts), and
-    cancels cancelling ones whose worker is gone. Returns the ids it changed."""
+    """Returns running jobs whose heartbeat stopped to the queue (or fails them when out of attempts), cancels
+    cancelling ones whose worker is gone and pauses pausing ones (at their latest checkpoint). Returns the ids
+    it changed."""
     stale = utcnow() - timedelta(seconds=settings.lease_timeout_seconds)
     changed = []
     with session_scope(settings.database_url) as session:
         jobs = session.scalars(
             select(Job).where(
-                Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]),
+                Job.status.in_([s.value for s in ACTIVE]),
                 Job.heartbeat_at < stale,
             )
         ).all()
@@ -51,7 +53,20 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
                     conditions=still_stale,
                     message=lost,
                 )
-            elif job.attempt >= settings.max_attempts:
+            elif job.status == JobStatus.pausing:
+                done = job_service.transition(
+                    session=session,
+                    job_id=job.id,
+                    to=JobStatus.paused,
+                    attempt=job.attempt,
+                    from_=PAUSING,
+                    conditions=still_stale,
+                    message=f"{lost}; the job is paused at its latest checkpoint",
+                    worker_id=None,
+                )
+            elif (
+                counted := job_service.attempts_counted(session=session, job_id=job.id, attempt=job.attempt)
+            ) >= settings.max_attempts:
                 done = job_service.transition(
                     session=session,
                     job_id=job.id,
@@ -61,7 +76,7 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
                     conditions=still_stale,
                     message=f"{lost}; no attempts left",
                     error_code=JobErrorCode.worker_lost.value,
-                    error_message=f"{lost}; gave up after {job.attempt} attempts",
+                    error_message=f"{lost}; gave up after {counted} attempts",
                 )
             else:
                 done = job_service.transition(

@@ -46,10 +46,22 @@ def fail(writer: AttemptWriter, code: JobErrorCode, message: str) -> JobStatus:
 
 def requeue(writer: AttemptWriter, message: str, *, delay: float = 0.0) -> JobStatus:
     """Gives the job back to the queue for another attempt (after `delay` seconds). A delayed retry is sent
-    by the sweeper once its back-off ends; an immediate one leaves for the broker when the move commits."""
+    by the sweeper once its back-off ends; an immediate one leaves for the broker when the move commits.
+    A job the user asked to pause is `paused` instead: it waits, unclaimed, until it is resumed."""
     not_before = utcnow() + timedelta(seconds=delay) if delay > 0 else None
 
-    def hand_back(session: Session) -> bool:
+    def hand_back(session: Session) -> JobStatus | None:
+        if job_service.transition(
+            session=session,
+            job_id=writer.job_id,
+            to=JobStatus.paused,
+            attempt=writer.attempt,
+            from_=frozenset({JobStatus.pausing}),
+            message=f"job paused ({message}); resume it to continue from its latest checkpoint",
+            enqueued_at=None,
+            worker_id=None,
+        ):
+            return JobStatus.paused
         moved = job_service.transition(
             session=session,
             job_id=writer.job_id,
@@ -63,15 +75,24 @@ def requeue(writer: AttemptWriter, message: str, *, delay: float = 0.0) -> JobSt
         )
         if moved and delay <= 0:
             send_after_commit(session, writer.settings, writer.job_id)
-        return moved
+        return JobStatus.queued if moved else None
 
-    writer.write(hand_back, "the move to queued")
-    return JobStatus.queued
+    return writer.write(hand_back, "the move to queued") or JobStatus.queued
 
 
 def retry_or_fail(writer: AttemptWriter, code: JobErrorCode, reason: str) -> JobStatus:
     """Applies the retry budget: another attempt after a growing back-off, or failure with the reason."""
-    settings, attempt = writer.settings, writer.attempt
+    settings = writer.settings
+    # Attempts that ended in a pause are not failures: they do not use the budget.
+    attempt = (
+        writer.write(
+            lambda session: job_service.attempts_counted(
+                session=session, job_id=writer.job_id, attempt=writer.attempt
+            ),
+            "the attempts counted",
+        )
+        or writer.attempt
+    )
     if attempt >= settings.max_attempts:
         return fail(writer, code, f"{reason}; gave up after {attempt} attempts")
     delay = settings.retry_backoff_seconds * (2 ** (attempt - 1))

@@ -187,12 +187,23 @@ def _add_runtime(writer: AttemptWriter, seconds: float) -> None:
 
 
 def _never_left_running(writer: AttemptWriter) -> None:
-    """Fails (or, when it was being cancelled, cancels) the job if it is still marked as running by this
-    attempt once the worker is done with it."""
+    """Fails (or, when it was being cancelled, cancels; being paused, pauses) the job if it is still marked as
+    running by this attempt once the worker is done with it."""
 
     def settle(session: Session) -> None:
         status = session.get(Job, writer.job_id).status
         if status not in ACTIVE:
+            return
+        if status == JobStatus.pausing:  # it resumes from its latest checkpoint
+            job_service.transition(
+                session=session,
+                job_id=writer.job_id,
+                to=JobStatus.paused,
+                attempt=writer.attempt,
+                from_=frozenset({JobStatus.pausing}),
+                message="the worker stopped before the pause's checkpoint; the job is paused at its latest one",
+                worker_id=None,
+            )
             return
         cancelled = status == JobStatus.cancelling
         job_service.transition(

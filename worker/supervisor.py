@@ -1,6 +1,7 @@
 """Supervising an attempt's training process group: start it (one process, or torchrun for multi-GPU and
 ZeRO jobs), watch it, and stop all of it at once when the job is cancelled, the attempt loses its lease, the
-run-time limit passes or the worker shuts down (then it is asked to checkpoint first). What it ended with
+run-time limit passes, or the worker shuts down, the job is preempted or paused (then it is asked to
+checkpoint first). What it ended with
 is an Outcome; worker/outcomes.py decides what that means for the job.
 """
 
@@ -174,8 +175,8 @@ def supervise(
     warm: WarmRuntime | None = None,
 ) -> Outcome:
     """Runs the training process group on `devices` (its CUDA_VISIBLE_DEVICES) until it ends, is cancelled,
-    runs past `seconds_left` or must stop (a warm shutdown of the worker, or a preemption: it checkpoints
-    first). With `warm`, the processes are forked from the warm runtime."""
+    runs past `seconds_left` or must stop (a warm shutdown of the worker, a preemption or a pause: it
+    checkpoints first). With `warm`, the processes are forked from the warm runtime."""
     for path in [
         *work_dir.glob(f"{OUTCOME_PREFIX}*.json"),
         *(work_dir / n for n in (RESULT_FILE, FAILURE_FILE, STOP_FILE)),
@@ -203,10 +204,13 @@ def supervise(
         if time.monotonic() > deadline:
             stop_group(proc, settings.kill_grace_seconds)
             return Outcome("timeout")
-        if (SHUTDOWN.is_set() or lease.preempted.is_set()) and stop_asked_at is None:
+        stop = SHUTDOWN.is_set() or lease.preempted.is_set() or lease.pause_requested.is_set()
+        if stop and stop_asked_at is None:
             (work_dir / STOP_FILE).touch()
             stop_asked_at = time.monotonic()
-            if SHUTDOWN.is_set():
+            if lease.pause_requested.is_set():
+                writer.event("pausing", "pause requested: checkpointing, then the job is paused")
+            elif SHUTDOWN.is_set():
                 writer.event("shutdown", "the worker is shutting down; checkpointing to resume elsewhere")
             else:
                 writer.event(

@@ -11,13 +11,16 @@
 
 Mapping onto a JobSpec (the job is an ordinary Tuneforge job, also visible under /v1/jobs):
 
-- model -> base_model; training_file -> dataset; validation_file -> validation_dataset.
+- model -> base_model; training_file -> dataset; validation_file -> validation_dataset. A fine-tuned model's
+  name (ft:<base>:<team>:<suffix>:<job id>, or a checkpoint's, ending :ckpt-step-<n>) as model -> base_model
+  <base> and init_from {job, checkpoint_step}: the job continues from that adapter.
 - hyperparameters (or method.supervised.hyperparameters, not both): n_epochs -> epochs, batch_size ->
   batch_size, learning_rate_multiplier -> learning_rate = BASE_LEARNING_RATE (2e-4) x multiplier; "auto" or
   left out keeps Tuneforge's default. seed -> hyperparameters.seed (default 42, not random: a retry with an
   Idempotency-Key must describe the same job).
 - method.type must be "supervised"; "dpo" and "reinforcement" are refused (400, param method.type).
-- suffix is kept in the job's metadata under `tuneforge.suffix` (hidden from this surface's `metadata`).
+- suffix -> suffix (JobSpec's): fine_tuned_model is ft:<base>:<team>:<suffix>:<job id>. Jobs made before
+  JobSpec had it keep it in their metadata under `tuneforge.suffix`, hidden from this surface's `metadata`.
 - integrations -> integrations, in OpenAI's shape: {"type": "wandb", "wandb": {project, name, entity, tags}};
   Tuneforge also takes {"type": "mlflow", "mlflow": {experiment, run_name}}.
 - The `tuneforge` body field (the client's extra_body) carries the PEFT settings, each the JobSpec field of

@@ -125,6 +125,28 @@ def cancel_fine_tuning_job(
     return FineTuningJobOut.of(job, label)
 
 
+@router.post("/jobs/{fine_tuning_job_id}/pause", response_model=FineTuningJobOut)
+def pause_fine_tuning_job(
+    fine_tuning_job_id: str, session: SessionDep, team: CallerTeam, label: TeamLabel
+) -> FineTuningJobOut:
+    """Pauses a job: a queued one is `paused` at once; a training one stays `running` (tuneforge.status
+    `pausing`) while it checkpoints and gives its GPUs back, then is `paused`. Other statuses answer 409."""
+    job = fine_tuning.pause_training_job(session=session, team_id=team, job_id=fine_tuning_job_id)
+    return FineTuningJobOut.of(job, label)
+
+
+@router.post("/jobs/{fine_tuning_job_id}/resume", response_model=FineTuningJobOut)
+def resume_fine_tuning_job(
+    fine_tuning_job_id: str, session: SessionDep, settings: SettingsDep, team: CallerTeam, label: TeamLabel
+) -> FineTuningJobOut:
+    """Resumes a paused job: it is `queued` again and continues from its latest checkpoint. A job that is not
+    paused answers 409."""
+    job = fine_tuning.resume_training_job(
+        session=session, settings=settings, team_id=team, job_id=fine_tuning_job_id
+    )
+    return FineTuningJobOut.of(job, label)
+
+
 @router.get("/jobs/{fine_tuning_job_id}/events", response_model=FineTuningJobEventList)
 def list_fine_tuning_events(
     fine_tuning_job_id: str,

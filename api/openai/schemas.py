@@ -16,10 +16,12 @@ from shared.models import Checkpoint, Job, JobEvent
 from shared.schemas import (
     AdapterSpec,
     Hyperparameters,
+    InitFrom,
     JobSpec,
     Priority,
     QuantizationSpec,
     Resources,
+    Suffix,
 )
 from shared.services.fine_tuning import CHECKPOINT_PREFIX, EVENT_PREFIX, results_file_id
 from shared.states import JobStatus
@@ -28,19 +30,21 @@ from shared.states import JobStatus
 BASE_LEARNING_RATE = 2e-4
 # The largest multiplier: JobSpec caps the learning rate at 1.
 MAX_LEARNING_RATE_MULTIPLIER = 1 / BASE_LEARNING_RATE
-# The job's `suffix` is kept in its metadata under this key (JobSpec has no field for it); the OpenAI
-# surface hides the key from `metadata` and shows it as `user_provided_suffix`.
+# Jobs made before JobSpec had a `suffix` kept it in their metadata under this key: the OpenAI surface hides
+# the key from `metadata` and shows it as `user_provided_suffix`; new requests may not use it.
 SUFFIX_KEY = "tuneforge.suffix"
-SUFFIX_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 
-OpenAIStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+OpenAIStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
 # `cancelling` is shown as `running`: the job still holds its GPU until the worker stops it (seconds), and
 # it can still end `failed`; a client polling for a terminal status must not see one that later changes.
+# `pausing` likewise: it trains until its checkpoint is stored, and may still finish first.
 STATUS: dict[JobStatus, OpenAIStatus] = {
     JobStatus.validating: "validating_files",
     JobStatus.queued: "queued",
     JobStatus.running: "running",
     JobStatus.cancelling: "running",
+    JobStatus.pausing: "running",
+    JobStatus.paused: "paused",
     JobStatus.succeeded: "succeeded",
     JobStatus.failed: "failed",
     JobStatus.cancelled: "cancelled",
@@ -129,7 +133,12 @@ class FineTuningJobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=255, description="a base model from GET /v1/models")
+    model: str = Field(
+        min_length=1,
+        max_length=255,
+        description="a base model from GET /v1/models, or a fine-tuned model this API named "
+        "(ft:<base>:<team>:<suffix>:<job id>[:ckpt-step-<n>]) to continue from its adapter or checkpoint",
+    )
     training_file: str = Field(
         min_length=1, max_length=2048, description="an uploaded file id (or any dataset URI /v1/jobs takes)"
     )
@@ -138,8 +147,10 @@ class FineTuningJobCreate(BaseModel):
         None, description="deprecated by OpenAI in favour of method.supervised.hyperparameters; either works"
     )
     method: MethodIn | None = None
-    suffix: str | None = Field(
-        None, pattern=SUFFIX_PATTERN, description="up to 64 letters, digits, '_', '.' or '-'"
+    suffix: Suffix = Field(
+        None,
+        description="names the fine-tuned model ft:<base>:<team>:<suffix>:<job id>: 1 to 64 letters, digits, "
+        "'_', '.' or '-'",
     )
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="default 42 (retries stay idempotent)")
     metadata: dict[str, str] | None = None
@@ -193,12 +204,13 @@ class TuneforgeJobInfo(BaseModel):
     """Tuneforge's view of the job: the native status and the full, resolved training settings."""
 
     status: str = Field(
-        description="the native status (shows `cancelling`, which the OpenAI view calls running)"
+        description="the native status (shows `cancelling` and `pausing`, which the OpenAI view calls running)"
     )
     method: str
     adapter: AdapterSpec | None = None
     quantization: QuantizationSpec | None = None
     hyperparameters: Hyperparameters | None = None
+    init_from: InitFrom | None = Field(None, description="the job (and checkpoint) this job continued from")
     resources: Resources
     priority: str
     attempt: int
@@ -241,7 +253,8 @@ class FineTuningJobOut(BaseModel):
         spec = JobSpec.model_validate(job.spec)
         status = JobStatus(job.status)
         metadata = dict(job.user_metadata or {})
-        suffix = metadata.pop(SUFFIX_KEY, None)
+        suffix = spec.suffix or metadata.pop(SUFFIX_KEY, None)
+        metadata.pop(SUFFIX_KEY, None)
         resolved = ResolvedHyperparameters.of(spec.hyperparameters)
         succeeded = status is JobStatus.succeeded
         return cls(
@@ -275,6 +288,7 @@ class FineTuningJobOut(BaseModel):
                 adapter=spec.adapter,
                 quantization=spec.quantization,
                 hyperparameters=spec.hyperparameters,
+                init_from=spec.init_from,
                 resources=spec.resources,
                 priority=job.priority,
                 attempt=job.attempt,
@@ -349,7 +363,7 @@ class FineTuningJobCheckpointOut(BaseModel):
     def of(
         cls, checkpoint: Checkpoint, job: Job, team_label: str, valid_loss: float | None
     ) -> FineTuningJobCheckpointOut:
-        suffix = (job.user_metadata or {}).get(SUFFIX_KEY) or ""
+        suffix = (job.spec or {}).get("suffix") or (job.user_metadata or {}).get(SUFFIX_KEY) or ""
         stored = {k: v for k, v in (checkpoint.metrics or {}).items() if k not in ("step", "valid_loss")}
         return cls(
             id=f"{CHECKPOINT_PREFIX}{checkpoint.id}",

@@ -3,6 +3,7 @@ what the caller sent (see api/openai/__init__.py for the mapping)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -10,10 +11,15 @@ from pydantic import ValidationError
 from api.openai.errors import first_error
 from api.openai.schemas import BASE_LEARNING_RATE, SUFFIX_KEY, FineTuningJobCreate, TuneforgeOptions
 from shared.errors import InvalidRequest
-from shared.schemas import MAX_METADATA_KEYS, JobSpec
+from shared.schemas import JobSpec
 
 # JobSpec fields that the OpenAI body names differently; the rest come from the `tuneforge` field.
-_OPENAI_NAMES = {"base_model": "model", "dataset": "training_file", "validation_dataset": "validation_file"}
+_OPENAI_NAMES = {
+    "base_model": "model",
+    "init_from": "model",
+    "dataset": "training_file",
+    "validation_dataset": "validation_file",
+}
 
 
 class Origins:
@@ -33,6 +39,27 @@ class Origins:
         if head in TuneforgeOptions.model_fields:
             return f"tuneforge.{param}"
         return param
+
+
+FINE_TUNED = re.compile(
+    r"^ft:(?P<base>.+):(?P<team>[^:]*):(?P<suffix>[^:]*):(?P<job>ftjob-[0-9a-f]+)(?::ckpt-step-(?P<step>[0-9]{1,8}))?$"
+)
+
+
+def parse_model(model: str) -> tuple[str, dict[str, Any] | None]:
+    """The base model and, for a fine-tuned model name (ft:<base>:<team>:<suffix>:<job id>, or a checkpoint's
+    name with :ckpt-step-<n>), the job and checkpoint the new job continues from."""
+    if not model.startswith("ft:"):
+        return model, None
+    match = FINE_TUNED.match(model)
+    if match is None:
+        raise InvalidRequest(
+            f"{model!r} is not a fine-tuned model name this API returned: "
+            "ft:<base>:<team>:<suffix>:<job id>, or a checkpoint's ft:...:<job id>:ckpt-step-<n>",
+            param="model",
+        )
+    step = match.group("step")
+    return match.group("base"), {"job": match.group("job"), "checkpoint_step": int(step) if step else None}
 
 
 def to_job_spec(body: FineTuningJobCreate) -> tuple[JobSpec, Origins]:
@@ -94,17 +121,13 @@ def to_job_spec(body: FineTuningJobCreate) -> tuple[JobSpec, Origins]:
     metadata = dict(body.metadata or {})
     if SUFFIX_KEY in metadata:
         raise InvalidRequest(f"the metadata key {SUFFIX_KEY!r} is reserved for the suffix", param="metadata")
-    if body.suffix is not None:
-        if len(metadata) >= MAX_METADATA_KEYS:
-            raise InvalidRequest(
-                f"with a suffix, metadata takes at most {MAX_METADATA_KEYS - 1} keys (Tuneforge keeps the "
-                "suffix in the job's metadata)",
-                param="metadata",
-            )
-        metadata[SUFFIX_KEY] = body.suffix
 
+    base_model, init_from = parse_model(body.model)
+    if init_from is not None:  # the fine-tuned model's job and checkpoint both come from `model`
+        origins.exact.update({"init_from.job": "model", "init_from.checkpoint_step": "model"})
     values: dict[str, Any] = {
-        "base_model": body.model,
+        "base_model": base_model,
+        "init_from": init_from,
         "dataset": body.training_file,
         "validation_dataset": body.validation_file,
         "method": options.method,
@@ -113,6 +136,7 @@ def to_job_spec(body: FineTuningJobCreate) -> tuple[JobSpec, Origins]:
         "hyperparameters": hp,
         "resources": options.resources.model_dump() if options.resources else None,
         "priority": options.priority,
+        "suffix": body.suffix,
         "metadata": metadata,
         # OpenAI's shape is the JobSpec's: [{"type": "wandb", "wandb": {...}}], plus {"type": "mlflow", ...}.
         "integrations": body.integrations,

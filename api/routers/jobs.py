@@ -35,7 +35,7 @@ from shared.errors import NotFound
 from shared.models import Job
 from shared.schemas import JobSpec
 from shared.services import artifacts as artifact_service
-from shared.services import evaluations, job_logs, job_reads, submission
+from shared.services import evaluations, job_logs, job_reads, pausing, submission
 from shared.services import jobs as job_service
 from shared.services.idempotency import Replay, request_hash
 from shared.states import JobStatus
@@ -136,6 +136,24 @@ async def get_job(job_id: str, request: Request, team: CallerTeam) -> Response:
 def cancel_job(job_id: str, session: SessionDep, team: CallerTeam) -> JobOut:
     """Cancels a job: at once when it has not started, within seconds when it is training."""
     job = job_service.cancel_job(session=session, team_id=team, job_id=job_id)
+    session.commit()
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/pause", response_model=JobOut)
+def pause_job(job_id: str, session: SessionDep, team: CallerTeam) -> JobOut:
+    """Pauses a job: a queued one at once; a training one goes through `pausing` (it checkpoints, then gives
+    its GPUs back) to `paused`. Other statuses answer 409 with the reason."""
+    job = pausing.pause_job(session=session, team_id=team, job_id=job_id)
+    session.commit()
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/resume", response_model=JobOut)
+def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, team: CallerTeam) -> JobOut:
+    """Puts a paused job back in the queue; it continues from its latest checkpoint. A job that is not paused
+    answers 409 with the reason."""
+    job = pausing.resume_job(session=session, settings=settings, team_id=team, job_id=job_id)
     session.commit()
     return JobOut.of(job)
 

@@ -1,4 +1,5 @@
-"""Finished adapters a job reads (merge, fusion and export sources): found, checked, described."""
+"""Finished adapters a job reads (merge, fusion and export sources, the adapter or checkpoint a training job
+continues from): found, checked, described."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidRequest
-from shared.models import Artifact, Job
-from shared.schemas import AdapterSource
+from shared.models import CHECKPOINT_KIND, Artifact, Checkpoint, Job
+from shared.schemas import AdapterSource, InitFrom
 from shared.settings import Settings
 from shared.states import JobStatus
 from shared.storage import ObjectStore, StorageError, parse_s3_uri
@@ -102,3 +103,50 @@ def describe_source(
     except ValueError as exc:
         raise InvalidRequest(f"{source.uri}/adapter_config.json is not valid JSON", param=param) from exc
     return _info(source.uri, config, None, param)
+
+
+def describe_init_from(
+    *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, init_from: InitFrom
+) -> AdapterInfo:
+    """Finds the adapter a training job continues from (a job of the team: its final adapter, or the adapter
+    of one of its checkpoints) and reads its configuration; raises InvalidRequest naming the field."""
+    if init_from.checkpoint_step is None:
+        return describe_source(
+            session=session,
+            settings=settings,
+            store=store,
+            team_id=team_id,
+            source=AdapterSource(job_id=init_from.job),
+            param="init_from.job",
+        )
+    job = session.scalar(select(Job).where(Job.id == init_from.job, Job.team_id == team_id))
+    if job is None:
+        raise InvalidRequest(f"job {init_from.job} not found", param="init_from.job")
+    step, param = init_from.checkpoint_step, "init_from.checkpoint_step"
+    checkpoint = session.scalar(
+        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step)
+    )
+    if checkpoint is None:
+        steps = session.scalars(
+            select(Checkpoint.step).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step)
+        ).all()
+        listing = ", ".join(map(str, steps)) if steps else "none"
+        raise InvalidRequest(
+            f"job {job.id} has no checkpoint at step {step}; its checkpoints: {listing}", param=param
+        )
+    artifact = session.scalar(
+        select(Artifact).where(
+            Artifact.job_id == job.id,
+            Artifact.kind == CHECKPOINT_KIND,
+            Artifact.name == f"{checkpoint.prefix}/adapter_config.json",
+        )
+    )
+    if artifact is None:
+        raise InvalidRequest(f"the checkpoint at step {step} of job {job.id} holds no adapter", param=param)
+    try:
+        config = json.loads(store.read_bytes(artifact.storage_key))
+    except (StorageError, ValueError) as exc:
+        raise InvalidRequest(
+            f"could not read the adapter of job {job.id} at step {step}: {exc}", param=param
+        ) from exc
+    return _info(f"job {job.id} at step {step}", config, job.base_model, param)

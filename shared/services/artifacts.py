@@ -10,12 +10,10 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from shared.errors import NotFound
-from shared.models import Artifact, Checkpoint, Job, utcnow
+from shared.models import CHECKPOINT_KIND, Artifact, Checkpoint, Job, utcnow
 from shared.services.jobs import add_event, get_job
 from shared.storage import StoredObject
 from shared.tenancy import TeamID
-
-CHECKPOINT_KIND = "checkpoint"
 
 
 def checkpoint_prefix(step: int) -> str:

@@ -21,6 +21,8 @@ from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.models import Checkpoint, Job, JobEvent, JobMetric, Team
 from shared.schemas import LORA_METHODS
 from shared.services.jobs import cancel_job, get_job, get_metrics
+from shared.services.pausing import pause_job, resume_job
+from shared.settings import Settings
 from shared.states import JobStatus
 from shared.tenancy import TeamID
 
@@ -67,6 +69,22 @@ def cancel_training_job(*, session: Session, team_id: TeamID, job_id: str) -> Jo
     """Cancels a fine-tuning job (see jobs.cancel_job) and commits."""
     get_training_job(session=session, team_id=team_id, job_id=job_id)
     job = cancel_job(session=session, team_id=team_id, job_id=job_id)
+    session.commit()
+    return job
+
+
+def pause_training_job(*, session: Session, team_id: TeamID, job_id: str) -> Job:
+    """Pauses a fine-tuning job (see pausing.pause_job) and commits."""
+    get_training_job(session=session, team_id=team_id, job_id=job_id)
+    job = pause_job(session=session, team_id=team_id, job_id=job_id)
+    session.commit()
+    return job
+
+
+def resume_training_job(*, session: Session, settings: Settings, team_id: TeamID, job_id: str) -> Job:
+    """Resumes a paused fine-tuning job (see pausing.resume_job) and commits."""
+    get_training_job(session=session, team_id=team_id, job_id=job_id)
+    job = resume_job(session=session, settings=settings, team_id=team_id, job_id=job_id)
     session.commit()
     return job
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
@@ -16,7 +16,14 @@ from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from shared.hub import check_hub_allowed, parse_hub_id
 from shared.models import PRIORITY_RANK, Attempt, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
-from shared.planning import ModelConfigError, ModelShape, feature_refusals, fit_to_model, static_refusals
+from shared.planning import (
+    ModelConfigError,
+    ModelShape,
+    feature_refusals,
+    fit_to_model,
+    static_refusals,
+    targeted_layers,
+)
 from shared.schemas import AVAILABLE_METHODS, LORA_METHODS, JobSpec, Method, job_sources
 from shared.services.models import model_config
 from shared.services.usage import close_attempt
@@ -26,6 +33,9 @@ from shared.states import ACTIVE, TERMINAL, JobStatus, sources_of
 from shared.storage import ObjectStore
 from shared.tenancy import TeamID
 from shared.uris import resolve_dataset_uri
+
+if TYPE_CHECKING:
+    from shared.services.adapters import AdapterInfo
 
 MAX_PAGE = 100
 
@@ -89,6 +99,75 @@ def _check_sources(
     return base
 
 
+def _init_source(
+    session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
+) -> AdapterInfo:
+    from shared.services.adapters import describe_init_from
+
+    assert spec.init_from is not None
+    return describe_init_from(
+        session=session, settings=settings, store=store, team_id=team_id, init_from=spec.init_from
+    )
+
+
+def _target_leaves(settings: Settings, store: ObjectStore, spec: JobSpec) -> frozenset[str] | None:
+    """The leaf names of the layers the job's adapter wraps (None when presets cannot be resolved here)."""
+    assert spec.adapter is not None and spec.base_model is not None
+    target = spec.adapter.target_modules
+    if isinstance(target, list):
+        return frozenset(name.rsplit(".", 1)[-1] for name in target)
+    config = model_config(settings=settings, store=store, name=spec.base_model)
+    try:
+        shape = ModelShape.from_config(config) if config is not None else None
+    except ModelConfigError:
+        shape = None
+    return frozenset(layer.name for layer in targeted_layers(spec, shape)) if shape is not None else None
+
+
+def _check_init_from(
+    *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
+) -> None:
+    """A job continuing from another's adapter must have the shape of that adapter: same base model, rank,
+    wrapped layers and DoRA magnitudes (scaling, dropout and the training settings may change)."""
+    info = _init_source(session, settings, store, team_id, spec)
+    adapter = spec.adapter
+    assert adapter is not None
+    if info.peft_type != "LORA":
+        raise InvalidRequest(
+            f"{info.label} is a {info.peft_type or 'non-LoRA'} adapter", param="init_from.job"
+        )
+    if spec.base_model != info.base_model:
+        raise InvalidRequest(
+            f"init_from: {info.label} was trained on {info.base_model}, not {spec.base_model}; continue it on "
+            f"{info.base_model}",
+            param="base_model",
+        )
+    if adapter.rank != info.rank:
+        raise InvalidRequest(
+            f"init_from: {info.label} has rank {info.rank}, this job rank {adapter.rank}; set adapter.rank to "
+            f"{info.rank}",
+            param="adapter.rank",
+        )
+    if bool(adapter.use_dora) != info.use_dora:
+        raise InvalidRequest(
+            f"init_from: {info.label} is "
+            + (
+                "a DoRA adapter; continue it with method dora (or qlora with adapter.use_dora)"
+                if info.use_dora
+                else "a LoRA adapter without DoRA magnitudes; continue it with method lora, rslora or qlora"
+            ),
+            param="method",
+        )
+    source = frozenset(name.rsplit(".", 1)[-1] for name in info.target_modules)
+    leaves = _target_leaves(settings, store, spec)
+    if leaves is not None and leaves != source:
+        raise InvalidRequest(
+            f"init_from: {info.label} adapts {sorted(source)}, this job {sorted(leaves)}; set "
+            f"adapter.target_modules to {sorted(source)}",
+            param="adapter.target_modules",
+        )
+
+
 def team_limits(session: Session, settings: Settings, team_id: str) -> tuple[int, int]:
     """The team's limits of running and of waiting jobs (its own, or the deployment's defaults)."""
     team = session.get(Team, team_id)
@@ -97,7 +176,8 @@ def team_limits(session: Session, settings: Settings, team_id: str) -> tuple[int
     return running, queued
 
 
-def _check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) -> None:
+def check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) -> None:
+    """Raises 429 when the team already has as many jobs waiting as its limit allows."""
     _, limit = team_limits(session, settings, team_id)
     waiting = session.scalar(
         select(func.count())
@@ -163,6 +243,10 @@ def check_spec(
     if job_sources(spec):
         base = _check_sources(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
         spec = spec.model_copy(update={"base_model": spec.base_model or base})
+    if spec.init_from is not None and spec.base_model is None:
+        spec = spec.model_copy(
+            update={"base_model": _init_source(session, settings, store, team_id, spec).base_model}
+        )
     registry = settings.model_registry()
     hub_ref = parse_hub_id(spec.base_model) if spec.base_model not in registry and spec.base_model else None
     if hub_ref is not None:
@@ -179,6 +263,8 @@ def check_spec(
         )
     _check_resources(settings=settings, spec=spec)
     _check_integrations(settings=settings, spec=spec)
+    if spec.init_from is not None:
+        _check_init_from(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
     hp = spec.hyperparameters
     if hp is not None and hp.max_seq_length is not None and hp.max_seq_length > settings.max_seq_length:
         raise InvalidRequest(
@@ -251,7 +337,7 @@ def create_job(
     """Checks a spec against this deployment and records a new job in `validating` (not yet enqueued)."""
     checked = check_spec(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
     spec = checked.spec
-    _check_queue_quota(session=session, settings=settings, team_id=team_id)
+    check_queue_quota(session=session, settings=settings, team_id=team_id)
     assert spec.base_model is not None
     job = Job(
         id=new_id("ftjob"),
@@ -348,6 +434,17 @@ def list_attempts(*, session: Session, team_id: TeamID, job_id: str) -> list[Att
     return list(session.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)))
 
 
+def attempts_counted(*, session: Session, job_id: str, attempt: int) -> int:
+    """How many of a job's attempts up to `attempt` count against max_attempts: all but those that ended
+    because the user paused the job (a pause is no failure)."""
+    paused = session.scalar(
+        select(func.count())
+        .select_from(Attempt)
+        .where(Attempt.job_id == job_id, Attempt.outcome == JobStatus.paused.value)
+    )
+    return attempt - int(paused or 0)
+
+
 def list_events(
     *, session: Session, team_id: TeamID, job_id: str, after: int | None = None, limit: int = 100
 ) -> tuple[list[JobEvent], int | None]:
@@ -405,14 +502,14 @@ def transition(
 
 
 def cancel_job(*, session: Session, team_id: TeamID, job_id: str) -> Job:
-    """Cancels a job: at once if it has not started, through `cancelling` if it is running."""
+    """Cancels a job: at once if it waits (or is paused), through `cancelling` if it is running."""
     job = get_job(session=session, team_id=team_id, job_id=job_id)
     status = JobStatus(job.status)
     if status in TERMINAL:
         raise Conflict(f"job {job_id} already {status.value}; nothing to cancel", param="job_id")
     if status is JobStatus.cancelling:
         return job
-    if status in (JobStatus.validating, JobStatus.queued):
+    if status in (JobStatus.validating, JobStatus.queued, JobStatus.paused):
         target = JobStatus.cancelled
     else:
         target = JobStatus.cancelling

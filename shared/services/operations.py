@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from shared.models import Job, Node
 from shared.settings import Settings
-from shared.states import TERMINAL, JobStatus
+from shared.states import ACTIVE, TERMINAL, JobStatus
 from shared.storage import ObjectStore
 
 DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0, 24 * 3600.0)
@@ -27,7 +27,7 @@ class JobStatistics:
     runtime_buckets: list[int]
     finished: int
     finished_seconds: float
-    heartbeats: list[tuple[str, datetime | None]]  # running (or cancelling) job, last heartbeat
+    heartbeats: list[tuple[str, datetime | None]]  # running (cancelling, pausing) job, last heartbeat
     # Each node worker: id, host, its GPUs, how many are busy, its last heartbeat.
     nodes: list[tuple[str, str, int, int, datetime]]
 
@@ -49,9 +49,7 @@ def job_statistics(*, session: Session) -> JobStatistics:
         ).where(Job.status.in_([s.value for s in TERMINAL]), Job.started_at.is_not(None))
     ).one()
     heartbeats = session.execute(
-        select(Job.id, Job.heartbeat_at).where(
-            Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value])
-        )
+        select(Job.id, Job.heartbeat_at).where(Job.status.in_([s.value for s in ACTIVE]))
     ).all()
     nodes = session.execute(
         select(Node.id, Node.host, Node.total_gpus, Node.busy_gpus, Node.heartbeat_at).order_by(Node.id)

@@ -67,7 +67,7 @@ def team_usage(session: Session, *, window_seconds: float, now: datetime | None 
 
 def close_attempt(session: Session, job_id: str, outcome: str, now: datetime | None = None) -> Attempt | None:
     """Ends the job's attempt that still holds GPUs (charging what it ran), if there is one: its GPUs are
-    free from now on. Called with every move out of running or cancelling."""
+    free from now on. Called with every move out of running, cancelling or pausing."""
     now = now or utcnow()
     held = session.scalar(
         select(Attempt).where(Attempt.job_id == job_id, Attempt.ended_at.is_(None)).with_for_update()

@@ -29,6 +29,8 @@ import pytest
 from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
 
 from api.main import create_app
 from shared.db import session_scope
@@ -149,6 +151,10 @@ def seed_team(
     keys = {name: f"artifacts/{team_id}/{finished_id}/attempt-1/adapter/{name}" for name in ADAPTER_FILES}
     keys |= {name: f"artifacts/{team_id}/{finished_id}/checkpoints/{name}" for name in CHECKPOINT_FILES}
     stored = {name: store.put_bytes(keys[name], data) for name, data in contents.items()}
+    samples = {"samples": [{"prompt": "sky?", "base": "grey", "adapter": "blue", "source": "eval_prompts"}]}
+    evaluation = store.put_bytes(
+        f"artifacts/{team_id}/{finished_id}/attempt-1/evaluation/samples.json", json.dumps(samples).encode()
+    )
     now = utcnow()
     with session_scope(settings.database_url) as session:
         session.execute(
@@ -171,6 +177,9 @@ def seed_team(
         )
         artifact_service.record_artifacts(
             session=session, job=row, kind="checkpoint", stored=[(n, stored[n]) for n in CHECKPOINT_FILES]
+        )
+        artifact_service.record_artifacts(
+            session=session, job=row, kind="evaluation", stored=[("samples.json", evaluation)]
         )
         session.add(
             Checkpoint(
@@ -236,7 +245,7 @@ def seed_team(
         plan_id=plan_id,
         webhook_id=webhook_id,
         delivery_id=delivery_id,
-        artifacts={"adapter": ADAPTER_FILES, "checkpoint": CHECKPOINT_FILES},
+        artifacts={"adapter": ADAPTER_FILES, "checkpoint": CHECKPOINT_FILES, "evaluation": ("samples.json",)},
     )
 
 
@@ -326,6 +335,8 @@ def app_routes(app) -> list[Route]:
     """Every method and path the app serves, from its router (documented or not)."""
     routes = []
     for context in iter_route_contexts(app.routes):
+        if isinstance(context.route, Mount) and isinstance(context.route.app, StaticFiles):
+            continue  # the console's and the API docs' scripts and styles: the same files for everyone
         path = context.path
         methods = sorted((context.methods or set()) - {"HEAD"})
         assert path and methods, f"a route the matrix does not understand: {context!r}"
@@ -337,8 +348,9 @@ def app_routes(app) -> list[Route]:
 # Bodies for the routes that take one; each names only the caller's own things, so that a 404 can come
 # only from the path's id.
 BODIES: dict[str, dict[str, Any]] = {"export_job": {"dtype": "float16"}}
-# The event stream ends only when its job does: its control call is made for finished jobs only.
-ENDLESS = {"stream_events"}
+# Control calls made for the finished job only: the event stream ends only when its job does, and a job has an
+# evaluation only once it finished.
+FINISHED_ONLY = {"stream_events", "get_evaluation"}
 # (routes with ids, calls with another team's key) today: fewer means that routes or resources were skipped.
 MATRIX_FLOOR = (21, 40)
 
@@ -408,7 +420,7 @@ def test_another_teams_resources_are_404_on_every_route(teams, request):
     # Controls: the same calls with team B's key reach the resource, so A's 404 is not a wrong URL. The
     # calls that change state come last (deleting the file last of all).
     for route, binding in sorted(checked, key=lambda rb: (rb[0].changes_state, rb[0].name == "delete_file")):
-        if route.name in ENDLESS and binding.values.get("job_id") != b.finished_job_id:
+        if route.name in FINISHED_ONLY and binding.values.get("job_id") != b.finished_job_id:
             continue
         url = route.url(binding.values)
         answer = call(client, route, url, b.key)

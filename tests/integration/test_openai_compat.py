@@ -206,7 +206,25 @@ def test_suffix_seed_metadata_and_validation_file(client, api_client, team, trai
     native = native_job(api_client, team, job.id)
     assert native["hyperparameters"]["seed"] == 7
     assert native["validation_dataset"] == validation.id
-    assert native["metadata"] == {"project": "colors", "tuneforge.suffix": "colors-v1"}
+    assert native["metadata"] == {"project": "colors"}
+    assert native["suffix"] == "colors-v1"
+
+
+def test_the_native_api_takes_the_suffix_too(client, api_client, team, training_file):
+    headers = {"Authorization": f"Bearer {team.key}"}
+    body = {"base_model": TINY_MODEL, "dataset": training_file, "suffix": "support.v2_b-1"}
+    # The suffix no longer takes a metadata key: all 16 stay the caller's.
+    metadata = {f"k{i}": "v" for i in range(16)}
+    created = api_client.post("/v1/jobs", json=body | {"metadata": metadata}, headers=headers)
+    assert created.status_code == 201, created.text
+    assert created.json()["suffix"] == "support.v2_b-1"
+    shown = client.fine_tuning.jobs.retrieve(created.json()["id"])
+    assert shown.user_provided_suffix == "support.v2_b-1" and shown.metadata == metadata
+    for bad in ("has:colon", "has space", "x" * 65, ""):
+        refused = api_client.post("/v1/jobs", json=body | {"suffix": bad}, headers=headers)
+        assert refused.status_code == 422, (bad, refused.text)
+        assert refused.json()["error"]["param"] == "suffix"
+        assert "1 to 64 letters, digits" in refused.json()["error"]["message"]
 
 
 def test_peft_options_travel_in_extra_body(client, api_client, team, training_file):
@@ -295,6 +313,9 @@ def test_dpo_and_reinforcement_are_refused(client, training_file, kind):
             "hyperparameters",
         ),
         ({"suffix": "no spaces please"}, "suffix"),
+        ({"suffix": "no:colons"}, "suffix"),
+        ({"suffix": "x" * 65}, "suffix"),
+        ({"suffix": ""}, "suffix"),
         ({"metadata": {"k": "v" * 513}}, "metadata.k"),
         # No W&B key in the tests' deployment; no such tracker as comet.
         ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations.0"),
@@ -493,7 +514,9 @@ def test_results_files_of_unfinished_jobs_do_not_exist(client, training_file):
 # ------------------------------------------------- a job trained by the worker's own code (no Celery)
 
 
-def test_a_trained_job_has_a_model_name_results_and_checkpoints(client, team, settings, tiny_model_dir):
+def test_a_trained_job_has_a_model_name_results_and_checkpoints(
+    client, api_client, team, settings, tiny_model_dir
+):
     from worker import runner, validation
 
     train = client.files.create(file=("train.jsonl", to_jsonl(color_messages(32))), purpose="fine-tune")
@@ -571,4 +594,30 @@ def test_a_trained_job_has_a_model_name_results_and_checkpoints(client, team, se
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=5))
     assert events[0].data.get("status") == "succeeded"
     kinds = {e.tuneforge_type for e in events}
-    assert {"created", "status", "checkpoint"} <= kinds
+    assert {"created", "status", "checkpoint", "metrics"} <= kinds
+
+    # Metrics events, as OpenAI's: one per logged step, the validation loss with the training loss where it
+    # was measured; the same figures as the results file.
+    metrics = [e for e in events if e.type == "metrics"]
+    assert sorted(e.data["step"] for e in metrics) == [1, 2, 3, 4, 5, 6]
+    for event in metrics:
+        row = rows[event.data["step"] - 1]
+        assert event.data["total_steps"] == 6
+        assert event.data["train_loss"] == pytest.approx(float(row["train_loss"]))
+        if row["valid_loss"]:
+            assert event.data["valid_loss"] == pytest.approx(float(row["valid_loss"]))
+        else:
+            assert "valid_loss" not in event.data
+    step_2 = next(e for e in metrics if e.data["step"] == 2)
+    assert step_2.message == (
+        f"Step 2/6: training loss={float(rows[1]['train_loss']):.4f}, "
+        f"validation loss={float(rows[1]['valid_loss']):.4f}"
+    )
+    assert all(e.type == "message" for e in events if e.tuneforge_type != "metrics")
+    # The native event log holds the same events, oldest first.
+    native = api_client.get(
+        f"/v1/jobs/{job.id}/events",
+        params={"limit": 500},
+        headers={"Authorization": f"Bearer {team.key}"},
+    ).json()["data"]
+    assert [e["data"] for e in native if e["type"] == "metrics"] == [e.data for e in reversed(metrics)]

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from sqlalchemy import delete, select, update
 
 from shared.db import session_scope
-from shared.models import DEFAULT_TEAM_ID, Checkpoint, Job, JobEvent, JobMetric, utcnow
+from shared.models import DEFAULT_TEAM_ID, Attempt, Checkpoint, Job, JobEvent, JobMetric, Team, utcnow
 from shared.queue import queued_messages, train_queue
 from shared.schemas import JobSpec
 from shared.services import artifacts as artifact_service
-from shared.services import claims
+from shared.services import claims, pausing
 from shared.services import jobs as job_service
 from shared.states import JobStatus
 from shared.tenancy import TeamID
@@ -175,6 +175,42 @@ def test_a_warm_shutdown_checkpoints_and_the_next_attempt_resumes(tuned, store, 
     assert_same_run(settings, store, tmp_path, straight_run, job_id)
 
 
+def test_a_paused_then_resumed_job_trains_as_an_uninterrupted_one(tuned, store, tmp_path, straight_run):
+    settings = tuned()
+    job_id = submit(settings, store, hyperparameters=RESUME_HP)
+    thread, outcome = run_in_thread(settings, job_id)
+    wait_until(lambda: has_checkpoint(settings, job_id))
+    with session_scope(settings.database_url) as session:
+        assert pausing.pause_job(session=session, team_id=TEAM, job_id=job_id).status == "pausing"
+    # The next heartbeat tells the attempt: it checkpoints, stops, and the job is paused.
+    thread.join(timeout=120)
+    assert outcome == [JobStatus.paused]
+    with session_scope(settings.database_url) as session:
+        stopped_at = max(
+            c.step for c in artifact_service.list_checkpoints(session=session, team_id=TEAM, job_id=job_id)
+        )
+        # Its GPUs are given back: the attempt ended, the team holds none.
+        attempt = session.scalar(select(Attempt).where(Attempt.job_id == job_id))
+        assert attempt.ended_at is not None and attempt.outcome == "paused"
+        team = session.get(Team, TEAM)
+        assert (team.running_jobs, team.running_gpus) == (0, 0)
+    assert 5 <= stopped_at < RESUME_HP["max_steps"]
+    assert any(e.type == "pausing" for e in events(settings, job_id))
+    assert job(settings, job_id).status == "paused"
+    assert runner.run_job(settings, job_id) is None  # paused: no worker takes it
+
+    with session_scope(settings.database_url) as session:
+        resumed = pausing.resume_job(session=session, settings=settings, team_id=TEAM, job_id=job_id)
+        assert resumed.status == "queued"
+    assert runner.run_job(settings, job_id) is JobStatus.succeeded
+    done = job(settings, job_id)
+    assert done.status == "succeeded" and done.attempt == 2
+    assert f"checkpoint-{stopped_at}" in next(
+        e.message for e in events(settings, job_id) if e.type == "resume"
+    )
+    assert_same_run(settings, store, tmp_path, straight_run, job_id)
+
+
 def test_a_killed_attempt_resumes_from_its_last_checkpoint(tuned, store, tmp_path, straight_run):
     settings = tuned(retry_backoff_seconds=0)
     job_id = submit(settings, store, hyperparameters=RESUME_HP)
@@ -306,3 +342,44 @@ def test_reaper_fails_a_silent_job_out_of_attempts(tuned, store):
     maintenance.reap_stale_jobs(settings)
     failed = job(settings, job_id)
     assert failed.status == "failed" and failed.error_code == "worker_lost"
+
+
+def test_reaper_pauses_a_pausing_job_whose_worker_vanished(tuned, store):
+    settings = tuned(lease_timeout_seconds=5)
+    job_id = submit(settings, store)
+    with session_scope(settings.database_url) as session:
+        claims.claim_job(session=session, job_id=job_id, worker_id="ghost", lease_timeout=5)
+        pausing.pause_job(session=session, team_id=TEAM, job_id=job_id)
+        session.execute(
+            update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=60))
+        )
+    assert job_id in maintenance.reap_stale_jobs(settings)
+    paused = job(settings, job_id)
+    assert paused.status == "paused" and paused.error_code is None
+    assert "paused at its latest checkpoint" in events(settings, job_id)[-1].message
+
+
+def test_attempts_that_ended_in_a_pause_do_not_use_the_retry_budget(tuned, store):
+    settings = tuned(lease_timeout_seconds=5, max_attempts=2)
+    job_id = submit(settings, store)
+
+    def claim_and_go_silent() -> None:
+        with session_scope(settings.database_url) as session:
+            claims.claim_job(session=session, job_id=job_id, worker_id="ghost", lease_timeout=5)
+            session.execute(
+                update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=60))
+            )
+
+    claim_and_go_silent()  # attempt 1 is paused
+    with session_scope(settings.database_url) as session:
+        pausing.pause_job(session=session, team_id=TEAM, job_id=job_id)
+    maintenance.reap_stale_jobs(settings)
+    with session_scope(settings.database_url) as session:
+        pausing.resume_job(session=session, settings=settings, team_id=TEAM, job_id=job_id)
+    claim_and_go_silent()  # attempt 2 is lost: the first failure, one of two
+    maintenance.reap_stale_jobs(settings)
+    assert (job(settings, job_id).status, job(settings, job_id).attempt) == ("queued", 2)
+    claim_and_go_silent()  # attempt 3 is lost: the second failure
+    maintenance.reap_stale_jobs(settings)
+    failed = job(settings, job_id)
+    assert failed.status == "failed" and "gave up after 2 attempts" in failed.error_message

@@ -18,6 +18,13 @@ def test_terminal_states_have_no_exit():
         ("running", "queued"),  # a lost worker's job goes back to the queue
         ("cancelling", "cancelled"),
         ("queued", "cancelled"),
+        ("queued", "paused"),  # a waiting job is held
+        ("running", "pausing"),
+        ("pausing", "paused"),  # checkpointed; its GPUs are free
+        ("pausing", "succeeded"),  # it finished before its pause checkpoint
+        ("pausing", "cancelling"),
+        ("paused", "queued"),  # resumed
+        ("paused", "cancelled"),
     ],
 )
 def test_allowed_moves(current, target):
@@ -33,6 +40,9 @@ def test_allowed_moves(current, target):
         ("queued", "succeeded"),
         ("validating", "running"),
         ("cancelling", "succeeded"),
+        ("paused", "running"),  # resumed jobs queue first
+        ("pausing", "queued"),
+        ("validating", "paused"),
     ],
 )
 def test_illegal_moves_are_refused(current, target):
@@ -42,4 +52,9 @@ def test_illegal_moves_are_refused(current, target):
 
 def test_sources_of_running():
     assert sources_of(JobStatus.running) == {JobStatus.queued}
-    assert sources_of(JobStatus.cancelled) == {JobStatus.validating, JobStatus.queued, JobStatus.cancelling}
+    assert sources_of(JobStatus.cancelled) == {
+        JobStatus.validating,
+        JobStatus.queued,
+        JobStatus.cancelling,
+        JobStatus.paused,
+    }

@@ -84,6 +84,34 @@ def load_sources(base: torch.nn.Module, folders: Sequence[Path], names: Sequence
     return model
 
 
+def load_initial_adapter(model: PeftModel, folder: Path, label: str) -> None:
+    """Copies a finished adapter's weights (`folder`, described as `label` in errors) into the freshly made
+    trainable adapter of `model`: the start of a job that continues another (init_from). Its shape was checked
+    before queueing; a mismatch found here fails the job naming it."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "adapter_model.safetensors")
+    expected = get_peft_model_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise JobFailure(
+            JobErrorCode.invalid_config,
+            f"init_from: {label} does not fit this job's adapter ({len(missing)} weights missing, e.g. "
+            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); use the source's rank, "
+            "target_modules and DoRA setting",
+        )
+    wrong = [name for name, value in state.items() if value.shape != expected[name].shape]
+    if wrong:
+        name = wrong[0]
+        raise JobFailure(
+            JobErrorCode.invalid_config,
+            f"init_from: {label} has {name} of shape {tuple(state[name].shape)}, this job "
+            f"{tuple(expected[name].shape)}; use the source's rank and target_modules",
+        )
+    set_peft_model_state_dict(model, state)
+
+
 def refuse_dora(model: PeftModel, names: Sequence[str], what: str) -> None:
     """DoRA's magnitude vectors rescale whole weights: they do not add up with other adapters."""
     for i, name in enumerate(names):

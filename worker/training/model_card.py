@@ -35,6 +35,15 @@ def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
 SECTIONS = ("adapter", "quantization", "merge", "fusion", "export", "hyperparameters")
 
 
+def _lineage(spec: JobSpec) -> list[str]:
+    """Which job's adapter this one continued from, if any."""
+    init = spec.init_from
+    if init is None:
+        return []
+    start = f"its checkpoint at step {init.checkpoint_step}" if init.checkpoint_step else "its final adapter"
+    return [f"Continued from Tuneforge job `{init.job}` ({start}).", ""]
+
+
 def write_model_card(
     output_dir: Path,
     *,
@@ -97,6 +106,7 @@ def write_model_card(
         "",
         f"Made by Tuneforge job `{job_id}`{source}.",
         "",
+        *_lineage(spec),
         "## Settings",
         "",
         "| setting | value |",

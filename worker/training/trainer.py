@@ -247,6 +247,7 @@ class ProgressCallback(TrainerCallback):
         # When the trainer last finished something on the step path (a step, a log, an evaluation).
         self.mark = time.perf_counter()
         self.counted_at_step_end = (0, 0)
+        self.last_train: tuple[int, float] | None = None  # the last logged step and its training loss
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.last_time = time.perf_counter()
@@ -311,6 +312,8 @@ class ProgressCallback(TrainerCallback):
         if "eval_loss" in logs:
             self.ctx.reporter.metric("eval", step, {"loss": logs["eval_loss"], "epoch": logs.get("epoch")})
             self.progress.last_eval_loss = logs["eval_loss"]
+            train_loss = self.last_train[1] if self.last_train and self.last_train[0] == step else None
+            self._metrics_event(step, state.max_steps, train_loss, float(logs["eval_loss"]))
             log.info("step %d/%d: eval loss %.4f", step, state.max_steps, logs["eval_loss"])
             return
         if "loss" not in logs:
@@ -348,6 +351,22 @@ class ProgressCallback(TrainerCallback):
                 "num_tokens": tokens or None,
             },
         )
+        self.last_train = (step, loss)
+        # A step that evaluates next gets one metrics event, with both losses, once the eval loss is known.
+        eval_steps = args.eval_steps if args.eval_strategy == "steps" else None
+        if not (self.ctx.eval_data is not None and eval_steps and step % eval_steps == 0):
+            self._metrics_event(step, state.max_steps, loss, None)
+
+    def _metrics_event(
+        self, step: int, total: int, train_loss: float | None, valid_loss: float | None
+    ) -> None:
+        """An event of type `metrics` (OpenAI's fine-tuning events carry the losses so; tools plot them)."""
+        parts = [f"training loss={train_loss:.4f}"] if train_loss is not None else []
+        parts += [f"validation loss={valid_loss:.4f}"] if valid_loss is not None else []
+        data: dict[str, Any] = {"step": step, "total_steps": total, "train_loss": train_loss}
+        if valid_loss is not None:
+            data["valid_loss"] = valid_loss
+        self.ctx.reporter.event("metrics", f"Step {step}/{total}: {', '.join(parts)}", data=data)
 
 
 def use_padding_free(

@@ -54,6 +54,8 @@ class TrainingContext:
     checkpoints: CheckpointSink | None = None
     checkpoint_steps: int | None = None
     resume_from: Path | None = None
+    # The adapter a training job starts from (init_from): a folder holding adapter_model.safetensors.
+    init_from: Path | None = None
     # The worker's cache (tokenized datasets, the device's measured peak) and the datasets' sha256 by
     # parameter (dataset, validation_dataset), which key their tokenized copies.
     cache_dir: Path | None = None

@@ -14,7 +14,7 @@ from trl import SFTTrainer
 
 from shared.schemas import Method
 from worker.training import distributed
-from worker.training.adapters import load_tokenizer, name_base_model
+from worker.training.adapters import load_initial_adapter, load_tokenizer, name_base_model
 from worker.training.evaluation import Evaluation, evaluate_adapter
 from worker.training.lora_config import lora_config
 from worker.training.model_card import write_model_card
@@ -86,6 +86,16 @@ class LoraRecipe(Recipe):
             # Under ZeRO-3 every parameter of one group must share a dtype: keep the adapter in the base's.
             autocast_adapter_dtype=spec.resources.zero_stage != 3,
         )
+        init = spec.init_from
+        if init is not None and ctx.init_from is not None and ctx.resume_from is None:
+            # Resumed attempts take the adapter from their own checkpoint instead.
+            source = f"job {init.job}" + (
+                f" at step {init.checkpoint_step}" if init.checkpoint_step else " (its final adapter)"
+            )
+            load_initial_adapter(self.model, ctx.init_from, source)
+            ctx.reporter.event(
+                "init_from", f"the adapter starts from {source}", data=init.model_dump(mode="json")
+            )
         trainable, total = self.model.get_nb_trainable_parameters()
         self.progress.add_time("load", time.perf_counter() - loading)
         ctx.reporter.event(

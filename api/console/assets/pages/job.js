@@ -404,6 +404,8 @@ export function render(root, params, jobId) {
             if (type === "metric") {
               chart.add(data.split === "eval" ? 1 : 0, data.step, data.loss);
               drawCaption();
+            } else if (type === "metrics") {
+              // a logged step's losses as an event (OpenAI's metrics events): the curves show them already
             } else if (type === "end") {
               refreshJob().then(() => Promise.all([loadArtifacts(), loadEvaluation()]));
             } else {
