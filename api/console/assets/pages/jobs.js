@@ -4,7 +4,7 @@
 import { ApiError, SignedOut, api } from "../api.js";
 import { ago, badge, clear, errorBox, etaText, h, progressCell, queueText } from "../dom.js";
 
-const STATUSES = ["validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"];
+const STATUSES = ["validating", "queued", "running", "pausing", "paused", "cancelling", "succeeded", "failed", "cancelled"];
 const PAGE = 20;
 const REFRESH_MS = 5000;
 
