@@ -423,7 +423,8 @@ def main() -> int:
 
         settings = Settings(
             **{
-                k.removeprefix("TUNEFORGE_").lower(): v
+                # JSON lists and objects as the environment gives them to the service's own settings.
+                k.removeprefix("TUNEFORGE_").lower(): json.loads(v) if v[:1] in ("[", "{") else v
                 for k, v in env.items()
                 if k.startswith("TUNEFORGE_") and k != "TUNEFORGE_MODELS"
             }
