@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -104,16 +105,26 @@ def up(
     key = local_api_key()
     # Two workers: one trains, one checks new jobs and makes plans, so a dry run never waits for training.
     service = LocalService(port=port or settings.api_port)
-    trainer = service.start_worker("trainer", role="train")
-    checker = service.start_worker("checker", role="validate")
-    console.print(
-        f"[green]workers started (pids {trainer.pid}, {checker.pid}); state in {settings.home}[/green]"
-    )
-    console.print(f"API key of the default team (also in {settings.home / 'api-key'}): {key}")
+    # The workers run in sessions of their own, so only this process can stop them. uvicorn shuts down on
+    # SIGTERM and then raises the signal again under the handler it found: the default one would end this
+    # process at once, past the `finally` below, and leave both workers running.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        trainer = service.start_worker("trainer", role="train")
+        checker = service.start_worker("checker", role="validate")
+        console.print(
+            f"[green]workers started (pids {trainer.pid}, {checker.pid}); state in {settings.home}[/green]"
+        )
+        console.print(f"API key of the default team (also in {settings.home / 'api-key'}): {key}")
         api(host=host, port=port, workers=1)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the workers' stop short
         service.stop()
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """A SIGTERM to `tuneforge up` is a request to stop: unwind (stopping the workers) and exit 0."""
+    raise SystemExit(0)
 
 
 @teams_app.command("create")

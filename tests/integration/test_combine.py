@@ -4,13 +4,14 @@ adapters trained on a tiny Llama for two different tasks (colors of things, reve
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,11 +27,12 @@ from shared.tenancy import TeamID
 from tests.conftest import BUCKET, TINY_MODEL
 from tests.helpers import color_prompt_completion, corpus, to_jsonl, upload_dataset
 from worker import runner, validation
+from worker.training.adapters import source_names
 from worker.training.data import IGNORE, encode_dataset
 from worker.training.recipes.base import TrainingContext
 from worker.training.recipes.export import MERGE_TOLERANCE, ExportRecipe
 from worker.training.recipes.fusion import FusionRecipe
-from worker.training.recipes.merge import MergeRecipe
+from worker.training.recipes.merge import MERGE_SEED, MergeRecipe
 from worker.training.toy_models import build_llama
 
 TEAM = TeamID(DEFAULT_TEAM_ID)
@@ -258,6 +260,78 @@ def test_other_combinations_make_loadable_adapters(model_dir, adapters, tmp_path
     after = logits(with_adapter(model_dir, folder))
     assert not torch.allclose(before, after, atol=1e-3)
     assert combination_type in (folder / "README.md").read_text()
+
+
+def merge_with_peft(
+    model_dir: Path, folders: list[Path], seed: int = MERGE_SEED, **merge
+) -> dict[str, torch.Tensor]:
+    """What peft's add_weighted_adapter makes of the same sources with the global RNG seeded to `seed`: the new
+    adapter's weights, under the names a saved adapter has."""
+    names = source_names(len(folders))
+    model = PeftModel.from_pretrained(base_model(model_dir), folders[0], adapter_name=names[0])
+    for folder, name in zip(folders[1:], names[1:], strict=True):
+        model.load_adapter(folder, adapter_name=name)
+    torch.manual_seed(seed)
+    model.add_weighted_adapter(adapters=names, adapter_name="merged", **merge)
+    return get_peft_model_state_dict(model, adapter_name="merged")
+
+
+def assert_same_weights(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert saved.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(saved[name], value), (name, (saved[name] - value).abs().max())
+
+
+@pytest.mark.parametrize("combination_type", ["dare_ties", "dare_linear", "magnitude_prune"])
+def test_density_merges_are_what_peft_computes(model_dir, adapters, tmp_path, combination_type):
+    weights, density = [0.6, 0.9], 0.3
+    merge = {"combination_type": combination_type, "weights": weights, "density": density}
+    folders = folders_of(adapters)
+    folder = merge_directly(model_dir, tmp_path / "merged", folders, **merge)
+    saved = load_file(folder / "adapter_model.safetensors")
+    assert_same_weights(saved, merge_with_peft(model_dir, folders, **merge))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == RANK
+    assert not torch.allclose(
+        logits(with_adapter(model_dir, folder)), logits(base_model(model_dir)), atol=1e-3
+    )
+    card = (folder / "README.md").read_text()
+    assert f"| merge.combination_type | {combination_type} |" in card
+
+    # The MLP layers have one source (reverse): there the merge is that adapter, pruned and scaled by
+    # sqrt(weight x scaling) (on A and on B), with dare's kept entries also divided by the density.
+    source = load_file(folders[1] / "adapter_model.safetensors")
+    source_config = json.loads((folders[1] / "adapter_config.json").read_text())
+    scale = math.sqrt(weights[1] * source_config["lora_alpha"] / source_config["r"])
+    mlp = [name for name in saved if ".mlp." in name]
+    assert len(mlp) == 2 * 3 * 2  # gate, up, down in two layers; A and B
+    kept_total = entries = 0
+    for name in mlp:
+        merged, original = saved[name], source[name]
+        kept = merged != 0
+        kept_total, entries = kept_total + int(kept.sum()), entries + merged.numel()
+        factor = scale if combination_type == "magnitude_prune" else scale / density
+        torch.testing.assert_close(merged[kept], original[kept] * factor, rtol=1e-5, atol=0)
+        if combination_type == "magnitude_prune":
+            # The largest entries by magnitude, exactly the density's share of them.
+            assert int(kept.sum()) == int(density * merged.numel()), name
+            assert original[kept].abs().min() >= original[~kept].abs().max(), name
+    print(f"{combination_type}: kept {kept_total} of {entries} MLP adapter weights at density {density}")
+    assert abs(kept_total / entries - density) < 0.03
+
+
+def test_a_dare_merge_job_is_seeded(job_settings, store, model_dir, adapters, tmp_path):
+    # DARE drops entries at random: the worker seeds the draws (MERGE_SEED), so the job's merge in its training
+    # process is the one peft makes here with the same seed, and another seed makes another merge.
+    merge = {"combination_type": "dare_ties", "weights": [1.0, 1.0], "density": 0.5}
+    done = run(job_settings, store, method="merge", merge={"sources": sources_of(adapters), **merge})
+    assert done.result == {**merge, "rank": RANK, "sources": 2}
+    saved = load_file(
+        download(job_settings, store, done.id, tmp_path / "merged") / "adapter_model.safetensors"
+    )
+    assert_same_weights(saved, merge_with_peft(model_dir, folders_of(adapters), **merge))
+    other = merge_with_peft(model_dir, folders_of(adapters), seed=MERGE_SEED + 1, **merge)
+    assert not all(torch.equal(saved[name], value) for name, value in other.items())
 
 
 def test_merging_rslora_adapters_keeps_their_scaling(model_dir, adapters, tmp_path):

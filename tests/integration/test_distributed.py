@@ -21,9 +21,10 @@ from tests.helpers import color_messages, to_jsonl, upload_dataset
 from worker import runner, validation
 
 TEAM = TeamID(DEFAULT_TEAM_ID)
-# Dropout off: each rank would draw its own masks, and the comparison is about the maths of the split.
+# Dropout off: each rank would draw its own masks, and the comparison is about the maths of the split. bf16 off
+# too: its default depends on the CPU, and its rounding differs between one batch and two halves of it.
 ADAPTER = {"rank": 8, "dropout": 0.0, "target_modules": "attention"}
-HP = {"max_steps": 6, "learning_rate": 1e-2, "seed": 11}
+HP = {"max_steps": 6, "learning_rate": 1e-2, "seed": 11, "bf16": False}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,8 @@ def run(
     batch_size: int,
     method: str = "lora",
     expect=JobStatus.succeeded,
+    hyperparameters: dict | None = None,
+    **resources,
 ) -> str:
     with session_scope(settings.database_url) as session:
         upload = upload_dataset(session, settings, store, to_jsonl(color_messages(48, seed=5)))
@@ -50,8 +53,8 @@ def run(
             dataset=upload.id,
             method=method,
             adapter=ADAPTER,
-            hyperparameters=HP | {"batch_size": batch_size},
-            resources={"gpus": gpus, "zero_stage": zero_stage},
+            hyperparameters=HP | {"batch_size": batch_size} | (hyperparameters or {}),
+            resources={"gpus": gpus, "zero_stage": zero_stage, **resources},
         )
         job_id = job_service.create_job(
             session=session, settings=settings, store=store, team_id=TEAM, spec=spec
@@ -122,6 +125,51 @@ def test_zero_on_one_gpu_runs_under_the_launcher_and_matches(
     settings = two_gpu_settings
     job_id = run(settings, store, gpus=1, zero_stage=zero_stage, batch_size=4)
     assert losses(settings, job_id) == pytest.approx(losses(settings, single_process_run), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3], ids=["zero-2", "zero-3"])
+def test_cpu_offload_under_zero_trains_and_matches(
+    two_gpu_settings, store, single_process_run, tmp_path, zero_stage
+):
+    # resources.cpu_offload: DeepSpeed keeps the optimizer states (and under ZeRO-3 the weights) in CPU memory
+    # and steps them there. On this CPU-only machine the step is torch's AdamW (deepspeed_config: DeepSpeed's
+    # CPU Adam would be compiled first); the offloaded partitions, their copies and the step must still give
+    # the single-process losses and weights.
+    settings = two_gpu_settings
+    job_id = run(settings, store, gpus=2, zero_stage=zero_stage, batch_size=2, cpu_offload=True)
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+    assert job.spec["resources"]["cpu_offload"] is True
+    assert job.spec["hyperparameters"]["fused_adamw"] is False
+    split = losses(settings, job_id)
+    assert len(split) == HP["max_steps"] and split[-1] < split[0]
+    assert split == pytest.approx(losses(settings, single_process_run), rel=1e-4, abs=1e-5)
+    weights = load_file(
+        download_adapter(settings, store, job_id, tmp_path / "adapter") / "adapter_model.safetensors"
+    )
+    reference = load_file(
+        download_adapter(settings, store, single_process_run, tmp_path / "ref") / "adapter_model.safetensors"
+    )
+    assert weights.keys() == reference.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-3, atol=1e-5)
+
+
+def test_zero_in_bf16_saves_the_float32_master_weights(two_gpu_settings, store, tmp_path):
+    # DeepSpeed's bf16 mode casts the module's weights to bfloat16 and steps float32 masters in the optimizer;
+    # the saved adapter must be those masters (as one process saves float32 weights), not the rounded copies.
+    settings = two_gpu_settings.model_copy(update={"worker_features": ["bf16"]})  # asked for, so offered
+    job_id = run(settings, store, gpus=2, zero_stage=2, batch_size=2, hyperparameters={"bf16": True})
+    split = losses(settings, job_id)
+    assert len(split) == HP["max_steps"] and split[-1] < split[0]
+    weights = load_file(
+        download_adapter(settings, store, job_id, tmp_path / "adapter") / "adapter_model.safetensors"
+    )
+    assert weights and all(w.dtype is torch.float32 for w in weights.values())
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert all(w.abs().max() > 0 for w in lora_b)
+    # Trained float32 values: most are not representable in bfloat16.
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in lora_b)
 
 
 def test_qlora_under_zero_3_on_two_processes_follows_one_process(

@@ -1,5 +1,6 @@
 """QLoRA on CPU with a tiny Llama: the recipe trains a 4-bit base (bitsandbytes), its adapter reloads exactly,
-its gradients match a float32 model built from the dequantized weights, and a job runs end to end."""
+its gradients match a float32 model built from the dequantized weights, a job runs end to end, and its export
+merges the adapter into the full-precision base."""
 
 from __future__ import annotations
 
@@ -381,11 +382,11 @@ def test_the_gradient_check_catches_bitsandbytes_cpu_repacking(model_dir, datase
 # d. A qlora job through the worker's validation and runner, on PostgreSQL and S3.
 
 
-def test_qlora_job_runs_end_to_end(settings, store, tiny_model_dir, tmp_path):
-    from shared.services import artifacts as artifact_service
-    from shared.services import jobs as job_service
-    from tests.conftest import TINY_MODEL
-    from tests.integration.test_worker import TEAM, job, submit
+@pytest.fixture(scope="module")
+def qlora_job(settings, store, tiny_model_dir) -> str:
+    """A qlora job (attention, 8 steps, evaluated and checkpointed) that succeeded through validation and the
+    runner; its id."""
+    from tests.integration.test_worker import job, submit
     from worker import runner, validation
 
     job_id = submit(
@@ -405,6 +406,16 @@ def test_qlora_job_runs_end_to_end(settings, store, tiny_model_dir, tmp_path):
     )
     assert validation.validate_job(settings, job_id) is JobStatus.queued
     assert runner.run_job(settings, job_id) is JobStatus.succeeded, job(settings, job_id).error_message
+    return job_id
+
+
+def test_qlora_job_runs_end_to_end(qlora_job, settings, store, tiny_model_dir, tmp_path):
+    from shared.services import artifacts as artifact_service
+    from shared.services import jobs as job_service
+    from tests.conftest import TINY_MODEL
+    from tests.integration.test_worker import TEAM, job
+
+    job_id = qlora_job
 
     done = job(settings, job_id)
     assert done.status == "succeeded" and done.error_code is None
@@ -446,3 +457,85 @@ def test_qlora_job_runs_end_to_end(settings, store, tiny_model_dir, tmp_path):
     # ... which counts each 4-bit weight as the full-precision weight it stands for.
     full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
     assert total == full.get_nb_trainable_parameters()[1]
+
+
+# e. Exporting a qlora adapter merges it into the registry's full-precision base, never a 4-bit one.
+
+
+@torch.no_grad()
+def chat_loss(model: torch.nn.Module, tokenizer, rows: list[dict]) -> float:
+    """Mean next-token cross-entropy over the chat-formatted rows."""
+    total = 0.0
+    for row in rows:
+        ids = tokenizer(tokenizer.apply_chat_template(row["messages"], tokenize=False), return_tensors="pt")
+        total += float(model.eval()(**ids, labels=ids["input_ids"]).loss)
+    return total / len(rows)
+
+
+def test_export_of_a_qlora_job_merges_into_the_full_precision_base(
+    qlora_job, settings, store, tiny_model_dir, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    from shared.services import artifacts as artifact_service
+    from shared.services import jobs as job_service
+    from tests.conftest import TINY_MODEL
+    from tests.integration.test_worker import TEAM, job
+    from worker import runner, validation
+    from worker.training.recipes.export import MERGE_TOLERANCE
+
+    with session_scope(settings.database_url) as session:
+        spec = JobSpec(method="export", export={"source": {"job_id": qlora_job}, "dtype": "float32"})
+        export_id = job_service.create_job(
+            session=session, settings=settings, store=store, team_id=TEAM, spec=spec
+        ).id
+    assert validation.validate_job(settings, export_id) is JobStatus.queued
+    assert runner.run_job(settings, export_id) is JobStatus.succeeded, job(settings, export_id).error_message
+    done = job(settings, export_id)
+    assert done.base_model == TINY_MODEL
+    assert done.result["within_tolerance"] and done.result["merge_max_logit_diff"] < 1e-4
+
+    folders = {}
+    with session_scope(settings.database_url) as session:
+        for job_id, kind in ((qlora_job, "adapter"), (export_id, "merged")):
+            folders[kind] = tmp_path / kind
+            for artifact in artifact_service.list_artifacts(
+                session=session, team_id=TEAM, job_id=job_id, kind=kind
+            ):
+                store.get_file(
+                    artifact.storage_key, folders[kind] / artifact.name, expected_sha256=artifact.sha256
+                )
+    config = json.loads((folders["merged"] / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    merged = AutoModelForCausalLM.from_pretrained(folders["merged"])
+    assert merged.dtype is torch.float32
+    assert not any(type(p).__name__ == "Params4bit" for p in merged.parameters())
+
+    tokenizer = AutoTokenizer.from_pretrained(folders["merged"])
+    inputs = tokenizer("What color is snow? snow is white. Reverse stone: enots", return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+        reference = PeftModel.from_pretrained(base, folders["adapter"]).eval()
+        expected = reference(**inputs).logits
+        got = merged.eval()(**inputs).logits
+        quantization = JobSpec.model_validate(job(settings, qlora_job).spec).quantization
+        four_bit = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir,
+            quantization_config=bnb_4bit_config(quantization),
+            dtype=compute_dtype(quantization),
+        )
+        quantized = PeftModel.from_pretrained(four_bit, folders["adapter"]).eval()
+        trained_on = quantized(**inputs).logits.float()
+    # The stated tolerance: the export recipe's, 1e-4 of the largest logit (at least 1e-4).
+    tolerance = MERGE_TOLERANCE * max(1.0, float(expected.abs().max()))
+    difference = float((got - expected).abs().max())
+    print(
+        f"qlora export: merged float32 vs float32 base + adapter {difference:.3g} (tolerance {tolerance:.3g}); "
+        f"vs the 4-bit base + adapter it trained on {float((got - trained_on).abs().max()):.3g}"
+    )
+    assert difference <= tolerance
+    assert not torch.allclose(expected, base_logits, atol=1e-3)  # the adapter is in the merged weights
+    # What the adapter learned on the 4-bit base carries over to the full-precision one.
+    rows = color_messages(16, seed=7)
+    assert chat_loss(merged, tokenizer, rows) < chat_loss(base, tokenizer, rows)

@@ -1,6 +1,7 @@
 """Object storage against a real S3 server (SeaweedFS) and the local-folder backend."""
 
 import hashlib
+import os
 
 import boto3
 import httpx
@@ -8,9 +9,19 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from shared.db import session_scope
+from shared.models import DEFAULT_TEAM_ID, Job
+from shared.schemas import JobSpec
+from shared.services import artifacts as artifact_service
+from shared.services import jobs as job_service
 from shared.settings import Settings
+from shared.states import JobStatus
 from shared.storage import IntegrityError, LocalObjectStore, ObjectNotFound, StorageError, make_store
-from tests.conftest import BUCKET
+from tests.conftest import BUCKET, TINY_MODEL
+from tests.helpers import color_messages, to_jsonl, upload_dataset
+
+# boto3's upload_file sends a file in parts of 8 MiB once it reaches 8 MiB (its TransferConfig defaults).
+PART = 8 * 2**20
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -100,3 +111,49 @@ def test_presigned_url_downloads_and_expires_quickly(settings):
 def test_presigned_ttl_is_capped():
     with pytest.raises(ValueError):
         Settings(presigned_url_ttl_seconds=3600)
+
+
+def test_a_file_past_the_multipart_threshold_is_stored_in_parts_and_served_verified(
+    settings, store, api_client, tmp_path
+):
+    data = os.urandom(2 * PART + 12345)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(data)
+    with session_scope(settings.database_url) as session:
+        dataset = upload_dataset(session, settings, store, to_jsonl(color_messages(4))).id
+        job = job_service.create_job(
+            session=session,
+            settings=settings,
+            store=store,
+            team_id=DEFAULT_TEAM_ID,
+            spec=JobSpec(base_model=TINY_MODEL, dataset=dataset),
+        )
+        key = f"artifacts/{DEFAULT_TEAM_ID}/{job.id}/attempt-1/adapter/{path.name}"
+        stored = store.put_file(key, path)
+        session.query(Job).filter_by(id=job.id).update({"status": JobStatus.succeeded.value, "attempt": 1})
+        artifact_service.record_artifacts(
+            session=session, job=job, kind="adapter", stored=[(path.name, stored)]
+        )
+        job_id = job.id
+    sha256 = hashlib.sha256(data).hexdigest()
+    assert (stored.size, stored.sha256) == (len(data), sha256)
+
+    # The server holds a multipart object: its ETag is the MD5 of the parts' MD5s, then "-" and their count.
+    parts = [data[i : i + PART] for i in range(0, len(data), PART)]
+    assert len(parts) == 3
+    etag = hashlib.md5(b"".join(hashlib.md5(part).digest() for part in parts)).hexdigest() + "-3"
+    assert store.client.head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"') == etag
+    assert store.head(key) == stored  # the sha256 metadata came through the multipart upload
+
+    fetched = store.get_file(key, tmp_path / "back.bin", expected_sha256=sha256)
+    assert fetched.sha256 == sha256 and (tmp_path / "back.bin").read_bytes() == data
+
+    with api_client.stream("GET", f"/v1/jobs/{job_id}/artifacts/adapter/{path.name}") as response:
+        assert response.status_code == 200
+        assert response.headers["X-Checksum-Sha256"] == sha256
+        assert int(response.headers["Content-Length"]) == len(data)
+        digest, size = hashlib.sha256(), 0
+        for chunk in response.iter_bytes():
+            digest.update(chunk)
+            size += len(chunk)
+    assert (size, digest.hexdigest()) == (len(data), sha256)

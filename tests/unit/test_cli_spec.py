@@ -595,32 +595,3 @@ def test_cli_download_through_the_sdk(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "downloaded 2 files" in result.stdout and "sha256 verified" in result.stdout
     assert Path(tmp_path / "j-adapter" / "adapter_config.json").read_bytes() == ADAPTER["adapter_config.json"]
-
-
-def test_the_demo_follows_and_downloads_through_the_sdk(tmp_path, monkeypatch, capsys):
-    from cli import demo
-
-    statuses = iter(["running", "succeeded"])
-    event = {"id": 7, "created_at": "2026-01-01T10:11:12Z", "message": "training started"}
-    artifacts = artifact_server(make_tar("j-adapter", ADAPTER))
-
-    def handler(request):
-        path = request.url.path
-        if path == "/v1/jobs/j":
-            return httpx.Response(200, json={"id": "j", "status": next(statuses)})
-        if path == "/v1/jobs/j/events":
-            seen = request.url.params.get("after") == "7"
-            return httpx.Response(200, json={"data": [] if seen else [event], "has_more": False})
-        if path == "/v1/jobs/j/metrics":
-            return httpx.Response(200, json={"train": [{"step": 2, "loss": 1.25}], "eval": []})
-        return artifacts(request)
-
-    monkeypatch.setattr(demo.time, "sleep", lambda seconds: None)
-    client = make_client(handler)
-    assert demo._follow(client, "j", steps=2)["status"] == "succeeded"
-    folder = demo._download_adapter(client, "j", tmp_path)
-    assert folder == tmp_path / "j-adapter"
-    assert (folder / "adapter_config.json").read_bytes() == ADAPTER["adapter_config.json"]
-    out = capsys.readouterr().out
-    assert out.count("training started") == 1
-    assert "downloaded 2 files" in out and "sha256 verified" in out

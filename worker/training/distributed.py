@@ -114,6 +114,22 @@ def deepspeed_config(spec: JobSpec) -> dict[str, Any] | None:
     return config
 
 
+def float32_trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The float32 master copies DeepSpeed's optimizer keeps of the trainable weights, gathered whole, by
+    parameter name, on the CPU; None where a trainable weight has none (no DeepSpeed optimizer). Under bf16 or
+    fp16 the module itself holds only rounded 16-bit copies. A collective: every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            full = safe_get_full_fp32_param(param)
+            if full is None:
+                return None
+            weights[name] = full.detach().float().cpu()
+    return weights
+
+
 def ddp_backend() -> str | None:
     """gloo between CPU processes; the Trainer's default (NCCL) on GPUs."""
     return "gloo" if on_cpu() and world_size() > 1 else None

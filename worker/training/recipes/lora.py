@@ -121,10 +121,18 @@ class LoraRecipe(Recipe):
         spec = self.ctx.spec
         output_dir.mkdir(parents=True, exist_ok=True)
         trainable, total = self.model.get_nb_trainable_parameters()
-        if distributed.world_size() > 1:
-            # Every rank takes part: under ZeRO-3 saving gathers the sharded adapter weights.
-            self.trainer.save_model(str(output_dir))
-            (output_dir / "training_args.bin").unlink(missing_ok=True)
+        # DeepSpeed's bf16 mode casts the module's weights to bfloat16 (the Trainer would save those): save the
+        # float32 masters the optimizer stepped, as a single process saves its float32 weights. Every rank takes
+        # part, under ZeRO the weights are gathered from their partitions.
+        masters = None
+        if self.trainer.is_deepspeed_enabled:
+            masters = distributed.float32_trainable_weights(self.model)
+        if masters is not None or distributed.world_size() > 1:
+            if masters is None:
+                self.trainer.save_model(str(output_dir))
+                (output_dir / "training_args.bin").unlink(missing_ok=True)
+            elif distributed.is_main_process():
+                self.model.save_pretrained(output_dir, state_dict=masters)
             distributed.barrier()
             if not distributed.is_main_process():
                 return TrainingResult(output_dir, trainable, total, 0, {}, stopped=self.progress.stopped)
