@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from shared.datasets import DatasetInvalid, DatasetSummary, read_dataset
+from shared.datasets import DatasetFormat, DatasetInvalid, DatasetSummary, method_mismatch, read_dataset
 from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job, Plan
@@ -61,6 +61,9 @@ def check_inputs(
             raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: {exc}") from exc
         except UnicodeDecodeError as exc:
             raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: the file is not UTF-8 text") from exc
+        mismatch = method_mismatch(spec.method, DatasetFormat(summaries[param].format))
+        if mismatch is not None:
+            raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: {mismatch}")
     for source in job_sources(spec):
         cache.adapter_dir(source, session=session, team_id=team_id)
     assert spec.base_model is not None
