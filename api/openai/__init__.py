@@ -16,11 +16,14 @@ Mapping onto a JobSpec (the job is an ordinary Tuneforge job, also visible under
   batch_size, learning_rate_multiplier -> learning_rate = BASE_LEARNING_RATE (2e-4) x multiplier; "auto" or
   left out keeps Tuneforge's default. seed -> hyperparameters.seed (default 42, not random: a retry with an
   Idempotency-Key must describe the same job).
-- method.type must be "supervised"; "dpo" and "reinforcement" are refused (400, param method.type).
+- method.type "supervised" trains tuneforge.method (lora by default). "dpo" makes a method dpo job (preference
+  pairs; beta from method.dpo.hyperparameters.beta, loss_type and label_smoothing from tuneforge.dpo) on the
+  adapter tuneforge.method names: lora, dora (adapter.use_dora), rslora (adapter.use_rslora) or qlora (a 4-bit
+  base). "reinforcement" is refused (400, param method.type).
 - suffix is kept in the job's metadata under `tuneforge.suffix` (hidden from this surface's `metadata`).
 - integrations: none are supported; a non-empty list is refused.
 - The `tuneforge` body field (the client's extra_body) carries the PEFT settings, each the JobSpec field of
-  the same name: {"method": "lora|dora|rslora|qlora", "adapter": {...}, "quantization": {...},
+  the same name: {"method": "lora|dora|rslora|qlora", "adapter": {...}, "quantization": {...}, "dpo": {...},
   "hyperparameters": {...any JobSpec hyperparameter, e.g. max_steps...}, "resources": {...}, "priority"}.
   A setting given through an OpenAI field may not be repeated there (epochs, batch_size, learning_rate,
   seed; max_steps clashes with n_epochs).
