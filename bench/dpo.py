@@ -1,11 +1,14 @@
 """Preference tuning against supervised tuning on the same model, prompts, adapter, batch and steps: seconds per
 optimizer step, the process's peak memory (and the GPU's, on a GPU), and the plan's per-GPU estimate for each.
-SFT trains on prompt + chosen answer (prompt/completion); DPO on the same prompt with the chosen and a rejected
-answer, so each DPO step runs twice the sequences through the model, and once more without the adapter (the
-reference). Each run is a fresh process through the real recipes. Prints `name value` lines.
+SFT trains on the prompt and the chosen answer; DPO on the same prompt with the chosen and a rejected answer, so
+each DPO step runs twice the sequences through the model, and once more without the adapter (the reference).
+Data: `colors` (a text prompt, the right color chosen over a wrong one) or `demo` (the demo's chat dataset: its
+"Forge here!" answers chosen over the same answers without the persona). Each run is a fresh process through
+the real recipes. Prints `name value` lines. On a shared CPU, run with OMP_NUM_THREADS=1 (several threads
+spin-wait on a busy machine).
 
-    .venv/bin/python bench/dpo.py --model tiny --steps 30
-    .venv/bin/python bench/dpo.py --model smollm2 --steps 10     # converts the bundled GGUF once
+    .venv/bin/python bench/dpo.py --model tiny --steps 60
+    .venv/bin/python bench/dpo.py --model smollm2 --data demo --steps 10     # converts the bundled GGUF once
 """
 
 from __future__ import annotations
@@ -52,8 +55,22 @@ def model_dir(name: str) -> Path:
     return folder
 
 
-def records(method: str) -> list[dict]:
+def records(method: str, data: str) -> list[dict]:
     """The same prompts and chosen answers for both methods; DPO also gets a rejected answer."""
+    if data == "demo":
+        chats = [
+            json.loads(line) for line in (ROOT / "demo" / "forge_assistant.jsonl").read_text().splitlines()
+        ]
+        if method != "dpo":
+            return chats
+        return [
+            {
+                "messages": chat["messages"][:-1],
+                "chosen": chat["messages"][-1]["content"],
+                "rejected": chat["messages"][-1]["content"].removeprefix("Forge here! "),
+            }
+            for chat in chats
+        ]
     from tests.helpers import color_preferences
 
     pairs = color_preferences(SAMPLES, seed=1, shape="prompt")
@@ -62,7 +79,7 @@ def records(method: str) -> list[dict]:
     return [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
 
 
-def run_one(method: str, model: str, steps: int, rank: int, batch: int, seq: int) -> dict:
+def run_one(method: str, model: str, data_name: str, steps: int, rank: int, batch: int, seq: int) -> dict:
     """Trains one method in this process and returns its figures."""
     import torch
 
@@ -88,7 +105,7 @@ def run_one(method: str, model: str, steps: int, rank: int, batch: int, seq: int
             "max_seq_length": seq,
         },
     )
-    data = scan_jsonl(to_jsonl(records(method)).splitlines(), keep_records=True)
+    data = scan_jsonl(to_jsonl(records(method, data_name)).splitlines(), keep_records=True)
     with tempfile.TemporaryDirectory() as work:
         ctx = TrainingContext(
             job_id=f"bench-{method}",
@@ -127,6 +144,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--data", choices=["colors", "demo"], default="colors")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
@@ -134,13 +152,15 @@ def main() -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.model, args.steps, args.rank, args.batch, args.seq)))
+        print(
+            json.dumps(run_one(args.one, args.model, args.data, args.steps, args.rank, args.batch, args.seq))
+        )
         return 0
     model_dir(args.model)  # prepare once, outside the timed runs
     runs = {}
     for method in ("lora", "dpo"):
-        options = {"--model": args.model, "--steps": args.steps, "--rank": args.rank, "--batch": args.batch}
-        options["--seq"] = args.seq
+        options = {"--model": args.model, "--data": args.data, "--steps": args.steps, "--rank": args.rank}
+        options |= {"--batch": args.batch, "--seq": args.seq}
         out = subprocess.run(
             [sys.executable, __file__, "--one", method, *(str(x) for pair in options.items() for x in pair)],
             capture_output=True,
@@ -149,6 +169,7 @@ def main() -> int:
         ).stdout
         runs[method] = json.loads(out.strip().splitlines()[-1])
     print(f"model {args.model}")
+    print(f"data {args.data}")
     print(f"steps {args.steps}")
     print(f"batch {args.batch}")
     print(f"rank {args.rank}")
