@@ -6,12 +6,14 @@ the margin trl reported; the reference is the base with the adapter switched off
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from shared.datasets import scan_jsonl
@@ -183,3 +185,65 @@ def test_dpo_raises_the_reward_margin_on_held_out_pairs_and_the_adapter_reloads(
     [rewards] = [data for type, _, data in reporter.events if type == "rewards"]
     assert rewards["step"] == STEPS and rewards["reward_margin"] == pytest.approx(margins.mean().item(), 1e-3)
     assert [step for split, step, _ in reporter.metrics if split == "eval"] == [STEPS]
+
+
+class KeptCheckpoints:
+    """A checkpoint sink that keeps a copy of each saved training state on local disk."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.steps: list[int] = []
+
+    def save(self, step: int, folder: Path, metrics: dict, parts=None, unique=None) -> None:
+        shutil.copytree(folder, self.folder / folder.name)
+        self.steps.append(step)
+
+    def wait(self) -> None:
+        pass
+
+
+def test_a_dpo_run_resumed_from_its_checkpoint_follows_the_uninterrupted_one(model_dir, tmp_path):
+    rows = color_preferences(32, seed=1)
+    spec = JobSpec(
+        base_model="tiny-llama",
+        dataset="file:///colors.jsonl",
+        method="dpo",
+        adapter={"rank": 4, "dropout": 0.0},
+        hyperparameters={
+            "max_steps": 8,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "bf16": False,
+            "checkpoint_steps": 4,
+        },
+    )
+    data = scan_jsonl(to_jsonl(rows).splitlines(), keep_records=True)
+
+    def run(name: str, resume_from: Path | None = None):
+        sink = KeptCheckpoints(tmp_path / f"{name}-kept")
+        sink.folder.mkdir()
+        ctx = TrainingContext(
+            job_id=f"ftjob-dpo-{name}",
+            spec=spec,
+            model_dir=model_dir,
+            work_dir=tmp_path / name,
+            reporter=Events(),
+            should_stop=lambda: False,
+            train_data=data,
+            checkpoints=sink,
+            resume_from=resume_from,
+        )
+        recipe = recipe_for(spec.method)(ctx)
+        result = recipe.run()
+        return recipe.progress.losses, result, sink
+
+    straight, straight_result, sink = run("straight")
+    assert sink.steps == [4]
+    resumed, resumed_result, _ = run("resumed", resume_from=sink.folder / "checkpoint-4")
+    # The resumed run logs steps 5 to 8 only, as the uninterrupted run did (same data order, same optimizer).
+    assert resumed == pytest.approx(straight[4:], rel=1e-4, abs=1e-6)
+    a = load_file(straight_result.output_dir / "adapter_model.safetensors")
+    b = load_file(resumed_result.output_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)

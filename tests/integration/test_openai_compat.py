@@ -658,7 +658,10 @@ def test_a_dpo_job_through_the_official_client_trains_on_preference_pairs(
         suffix="prefs",
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "batch_size": 4}}},
         extra_body={
-            "tuneforge": {"adapter": {"rank": 4}, "hyperparameters": {"max_steps": 4, "eval_steps": 4}}
+            "tuneforge": {
+                "adapter": {"rank": 4},
+                "hyperparameters": {"max_steps": 4, "eval_steps": 4, "checkpoint_steps": 2},
+            }
         },
     )
     assert validation.validate_job(settings, job.id) is JobStatus.queued
@@ -683,3 +686,5 @@ def test_a_dpo_job_through_the_official_client_trains_on_preference_pairs(
     assert {"train_reward_margin", "eval_reward_margin", "eval_reward_accuracy"} <= set(result)
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=50))
     assert any(e.tuneforge_type == "rewards" and e.data["step"] == 4 for e in events)
+    # A resumable checkpoint was stored on the way, as for any training job.
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [2]
