@@ -17,7 +17,7 @@ from shared.services import jobs as job_service
 from shared.states import JobStatus
 from shared.tenancy import TeamID
 from tests.conftest import TINY_MODEL, make_settings
-from tests.helpers import color_messages, to_jsonl, upload_dataset
+from tests.helpers import color_messages, color_preferences, to_jsonl, upload_dataset
 from worker import runner, validation
 
 TEAM = TeamID(DEFAULT_TEAM_ID)
@@ -42,15 +42,18 @@ def run(
     batch_size: int,
     method: str = "lora",
     expect=JobStatus.succeeded,
+    rows: list[dict] | None = None,
+    **hyperparameters,
 ) -> str:
     with session_scope(settings.database_url) as session:
-        upload = upload_dataset(session, settings, store, to_jsonl(color_messages(48, seed=5)))
+        rows = rows if rows is not None else color_messages(48, seed=5)
+        upload = upload_dataset(session, settings, store, to_jsonl(rows))
         spec = JobSpec(
             base_model=TINY_MODEL,
             dataset=upload.id,
             method=method,
             adapter=ADAPTER,
-            hyperparameters=HP | {"batch_size": batch_size},
+            hyperparameters=HP | {"batch_size": batch_size} | hyperparameters,
             resources={"gpus": gpus, "zero_stage": zero_stage},
         )
         job_id = job_service.create_job(
@@ -122,6 +125,18 @@ def test_zero_on_one_gpu_runs_under_the_launcher_and_matches(
     settings = two_gpu_settings
     job_id = run(settings, store, gpus=1, zero_stage=zero_stage, batch_size=4)
     assert losses(settings, job_id) == pytest.approx(losses(settings, single_process_run), rel=1e-4, abs=1e-5)
+
+
+def test_dpo_under_zero_3_on_two_processes_follows_one_process(two_gpu_settings, store):
+    # Each rank scores its own pairs against the reference (its adapter switched off); the mean loss over the
+    # two ranks' pairs is the one process's loss over all of them.
+    # In float32: the margins DPO's loss compares are small differences of log-probabilities.
+    settings, pairs = two_gpu_settings, color_preferences(48, seed=5, shape="messages")
+    one = run(settings, store, gpus=1, zero_stage=0, batch_size=4, method="dpo", rows=pairs, bf16=False)
+    two = run(settings, store, gpus=2, zero_stage=3, batch_size=2, method="dpo", rows=pairs, bf16=False)
+    reference, split = losses(settings, one), losses(settings, two)
+    assert len(split) == HP["max_steps"] and reference[0] == pytest.approx(0.693147, abs=1e-5)
+    assert split == pytest.approx(reference, rel=1e-4, abs=1e-5)
 
 
 def test_qlora_under_zero_3_on_two_processes_follows_one_process(
