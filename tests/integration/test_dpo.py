@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from shared.schemas import JobSpec, QuantizationSpec
 from tests.helpers import color_preferences, corpus, to_jsonl
 from worker.training.adapters import load_tokenizer
 from worker.training.data import EncodedPair, encode_preferences
+from worker.training.efficiency import ModelFlops
 from worker.training.quantization import bnb_4bit_config
 from worker.training.recipes import recipe_for
 from worker.training.recipes.base import TrainingContext
@@ -247,3 +249,11 @@ def test_a_dpo_run_resumed_from_its_checkpoint_follows_the_uninterrupted_one(mod
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_reference_forward_counts_in_the_flops():
+    plain = ModelFlops(frozen=10**6, trainable=10**4, layers=2, attention_width=64, hidden=64, vocab=512)
+    dpo = replace(plain, reference_passes=1)
+    # One more forward pass per token: 2 FLOPs per frozen weight and per output-head weight, and the
+    # attention's forward share (4 L d per position attended).
+    assert dpo.per_token(100) - plain.per_token(100) == 2 * 10**6 + 2 * 64 * 512 + 4 * 2 * 64 * 100

@@ -12,7 +12,7 @@ import math
 import resource
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -496,7 +496,8 @@ def dpo_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    progress.flops = ModelFlops.of(trainer.model, trainable, total)
+    # Each sequence also runs forward once more through the reference, which counts in the FLOPs.
+    progress.flops = replace(ModelFlops.of(trainer.model, trainable, total), reference_passes=1)
     progress.batches = BatchCounter(trainer.data_collator)
     trainer.data_collator = progress.batches
     ctx.reporter.event(
