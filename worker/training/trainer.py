@@ -572,7 +572,8 @@ def efficiency(ctx: TrainingContext, trainer: SFTTrainer, progress: TrainingProg
     peak, source = device_peak(ctx.device_peak_tflops, ctx.cache_dir, dtype)
     devices = distributed.world_size()
     result |= {
-        "mfu": round(tokens * per_token / runtime / (peak * devices), 4),
+        # Four significant digits: on small models the MFU is a fraction of a percent.
+        "mfu": float(f"{tokens * per_token / runtime / (peak * devices):.4g}"),
         "device_peak_flops": round(peak),
         "device_peak_source": source,
     }
