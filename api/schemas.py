@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared.models import Artifact, Attempt, Checkpoint, Job, JobEvent, JobMetric, Plan, UploadedFile
 from shared.schemas import (
     AdapterSpec,
+    DpoSpec,
     ExportSpec,
     FusionSpec,
     Hyperparameters,
@@ -73,6 +74,7 @@ class JobOut(BaseModel):
     validation_dataset: str | None
     adapter: AdapterSpec | None = None
     quantization: QuantizationSpec | None = None
+    dpo: DpoSpec | None = None
     merge: MergeSpec | None = None
     fusion: FusionSpec | None = None
     export: ExportSpec | None = None
@@ -128,6 +130,7 @@ class JobOut(BaseModel):
             validation_dataset=job.validation_uri,
             adapter=spec.adapter,
             quantization=spec.quantization,
+            dpo=spec.dpo,
             merge=spec.merge,
             fusion=spec.fusion,
             export=spec.export,
@@ -171,6 +174,7 @@ def job_answer(job: Any) -> dict[str, Any]:
         "validation_dataset": job.validation_uri,
         "adapter": spec.get("adapter"),
         "quantization": spec.get("quantization"),
+        "dpo": spec.get("dpo"),
         "merge": spec.get("merge"),
         "fusion": spec.get("fusion"),
         "export": spec.get("export"),

@@ -26,8 +26,8 @@ from rich.table import Table
 
 from tuneforge_sdk import DEFAULT_URL, TERMINAL_STATUSES, APIConnectionError, Tuneforge, TuneforgeError
 
-METHODS = ("lora", "dora", "rslora", "qlora", "merge", "fusion", "export")
-TRAINING_METHODS = frozenset({"lora", "dora", "rslora", "qlora"})
+METHODS = ("lora", "dora", "rslora", "qlora", "dpo", "merge", "fusion", "export")
+TRAINING_METHODS = frozenset({"lora", "dora", "rslora", "qlora", "dpo"})
 DATASET_METHODS = TRAINING_METHODS | {"fusion"}
 PRIORITIES = ("low", "normal", "high")
 TARGET_PRESETS = ("attention", "all-linear")

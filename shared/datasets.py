@@ -13,6 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from shared.schemas import PREFERENCE_METHODS, Method
 from shared.storage import sha256_file
 from shared.text import find_unstorable
 
@@ -24,6 +25,13 @@ class DatasetFormat(StrEnum):
     messages = "messages"  # chat; loss on assistant turns
     prompt_completion = "prompt_completion"  # loss on the completion
     text = "text"  # plain language modelling
+    preference = "preference"  # a prompt (or messages) with a chosen and a rejected answer
+    openai_preference = "openai_preference"  # OpenAI's: input, preferred_output, non_preferred_output
+
+
+# The formats that hold preference pairs, which only preference methods (dpo) train on, and only on them.
+PREFERENCE_FORMATS = frozenset({DatasetFormat.preference, DatasetFormat.openai_preference})
+OPENAI_PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
 
 
 class FileKind(StrEnum):
@@ -83,10 +91,58 @@ def _type_name(value: Any) -> str:
     )
 
 
+@dataclass(frozen=True)
+class PreferencePair:
+    """A preference sample in one shape, whatever format it was written in: the context (a text prompt, or a
+    conversation ending with a user turn) and the two answers to it, the chosen one first."""
+
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    chosen: str
+    rejected: str
+
+
+def _preference_format(record: dict[str, Any]) -> DatasetFormat | None:
+    """The preference format a record is written in, or None when it has none of their keys; raises ValueError
+    naming the key a preference record lacks."""
+    openai_keys = [k for k in OPENAI_PREFERENCE_KEYS if k in record]
+    native_keys = [k for k in ("chosen", "rejected") if k in record]
+    if openai_keys and native_keys:
+        raise ValueError(
+            "ambiguous record: it has the keys of both preference formats (chosen/rejected and "
+            "input/preferred_output/non_preferred_output)"
+        )
+    if openai_keys:
+        missing = [k for k in OPENAI_PREFERENCE_KEYS if k not in record]
+        if missing:
+            raise ValueError(
+                f"missing '{missing[0]}' (OpenAI's preference format needs input, preferred_output and "
+                "non_preferred_output)"
+            )
+        return DatasetFormat.openai_preference
+    if not native_keys:
+        return None
+    if len(native_keys) == 1:
+        other = "rejected" if native_keys[0] == "chosen" else "chosen"
+        raise ValueError(f"missing '{other}' (a preference pair needs both 'chosen' and 'rejected')")
+    contexts = [k for k in ("prompt", "messages") if k in record]
+    if not contexts:
+        raise ValueError("missing 'prompt' (or 'messages'): a preference pair needs the context it answers")
+    if len(contexts) > 1:
+        raise ValueError("ambiguous record: give the context as 'prompt' or as 'messages', not both")
+    for key in ("completion", "text"):
+        if key in record:
+            raise ValueError(f"ambiguous record: '{key}' has no place in a preference pair (chosen/rejected)")
+    return DatasetFormat.preference
+
+
 def detect_format(record: Any) -> DatasetFormat:
     """Returns the format a record is written in; raises ValueError saying what is missing."""
     if not isinstance(record, dict):
         raise ValueError(f"each line must be a JSON object, got {_type_name(record)}")
+    preference = _preference_format(record)
+    if preference is not None:
+        return preference
     present = [
         fmt
         for fmt, keys in (
@@ -102,8 +158,102 @@ def detect_format(record: Any) -> DatasetFormat:
         if "prompt" in record or "completion" in record:
             missing = "completion" if "prompt" in record else "prompt"
             raise ValueError(f"missing '{missing}' (a prompt/completion record needs both)")
-        raise ValueError("no 'messages', 'prompt'/'completion' or 'text' key")
+        raise ValueError(
+            "no 'messages', 'prompt'/'completion', 'text', 'chosen'/'rejected' or "
+            "'input'/'preferred_output'/'non_preferred_output' key"
+        )
     return present[0]
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    """Raises ValueError naming the message at fault if `messages` is not a non-empty list of role/content
+    objects."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"'{where}' must be a non-empty array")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}[{i}] must be an object, got {_type_name(message)}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ValueError(f"{where}[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}[{i}].content must be a string, got {_type_name(content)}")
+
+
+def _answer(value: Any, where: str, *, messages_only: bool) -> str:
+    """One answer of a preference pair as text: a string, or an array of one assistant message (always for
+    OpenAI's format). Raises ValueError naming the field."""
+    if isinstance(value, str) and not messages_only:
+        text = value
+    elif isinstance(value, list):
+        _check_messages(value, where)
+        if len(value) != 1 or value[0]["role"] != "assistant":
+            raise ValueError(f"'{where}' must hold exactly one assistant message")
+        text = value[0]["content"]
+    else:
+        expected = "an array of one assistant message"
+        expected = expected if messages_only else f"a string or {expected}"
+        raise ValueError(f"'{where}' must be {expected}, got {_type_name(value)}")
+    if not text.strip():
+        raise ValueError(f"'{where}' is empty: there would be no answer to compare")
+    return text
+
+
+def _context(messages: list[dict[str, Any]], where: str) -> list[dict[str, str]]:
+    _check_messages(messages, where)
+    if messages[-1]["role"] != "user":
+        raise ValueError(
+            f"'{where}' must end with a user message: the chosen and rejected answers are the assistant's "
+            f"reply to it (the last one is {messages[-1]['role']!r})"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def preference_pair(record: dict[str, Any], fmt: DatasetFormat) -> PreferencePair:
+    """A record of a preference format as a PreferencePair; raises ValueError naming the field at fault."""
+    if fmt is DatasetFormat.openai_preference:
+        source = record["input"]
+        if not isinstance(source, dict):
+            raise ValueError(f"'input' must be an object with 'messages', got {_type_name(source)}")
+        if "messages" not in source:
+            raise ValueError("'input' has no 'messages'")
+        if source.get("tools"):
+            raise ValueError("'input.tools': tool definitions are not supported; remove them")
+        messages = _context(source["messages"], "input.messages")
+        chosen = _answer(record["preferred_output"], "preferred_output", messages_only=True)
+        rejected = _answer(record["non_preferred_output"], "non_preferred_output", messages_only=True)
+        prompt = None
+        chosen_key, rejected_key = "preferred_output", "non_preferred_output"
+    else:
+        prompt, messages = record.get("prompt"), None
+        if "messages" in record:
+            messages = _context(record["messages"], "messages")
+        elif not isinstance(prompt, str):
+            raise ValueError(f"'prompt' must be a string, got {_type_name(prompt)}")
+        elif not prompt.strip():
+            raise ValueError("'prompt' is empty: a preference pair needs the context it answers")
+        chosen = _answer(record["chosen"], "chosen", messages_only=False)
+        rejected = _answer(record["rejected"], "rejected", messages_only=False)
+        chosen_key, rejected_key = "chosen", "rejected"
+    if chosen == rejected:
+        raise ValueError(f"'{chosen_key}' and '{rejected_key}' are the same answer: the pair teaches nothing")
+    return PreferencePair(prompt=prompt, messages=messages, chosen=chosen, rejected=rejected)
+
+
+def method_mismatch(method: Method, fmt: DatasetFormat) -> str | None:
+    """Why a dataset of format `fmt` cannot train a job of `method`, or None when it can."""
+    if method in PREFERENCE_METHODS and fmt not in PREFERENCE_FORMATS:
+        return (
+            f"method {method.value} learns from preference pairs, and this dataset is in the {fmt.value} format; "
+            "give each line a 'prompt' (or 'messages') with 'chosen' and 'rejected', or OpenAI's 'input', "
+            "'preferred_output' and 'non_preferred_output'"
+        )
+    if method not in PREFERENCE_METHODS and fmt in PREFERENCE_FORMATS:
+        return (
+            f"this dataset holds preference pairs ({fmt.value} format), which method {method.value} cannot "
+            "train on; use method dpo, or a messages, prompt/completion or text dataset"
+        )
+    return None
 
 
 def check_record(record: dict[str, Any], fmt: DatasetFormat) -> None:
@@ -113,6 +263,9 @@ def check_record(record: dict[str, Any], fmt: DatasetFormat) -> None:
         where, problem = unstorable
         # Neither the tokenizer nor the database can take it; say where, so the line can be fixed.
         raise ValueError(f"'{where}' {problem}")
+    if fmt in PREFERENCE_FORMATS:
+        preference_pair(record, fmt)
+        return
     if fmt is DatasetFormat.text:
         if not isinstance(record["text"], str):
             raise ValueError(f"'text' must be a string, got {_type_name(record['text'])}")
@@ -127,19 +280,8 @@ def check_record(record: dict[str, Any], fmt: DatasetFormat) -> None:
             raise ValueError("'completion' is empty: there would be nothing to learn")
         return
     messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty array")
-    has_answer = False
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}] must be an object, got {_type_name(message)}")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string, got {_type_name(content)}")
-        has_answer = has_answer or (role == "assistant" and bool(content.strip()))
-    if not has_answer:
+    _check_messages(messages, "messages")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise ValueError("no non-empty assistant message: there would be nothing to learn")
 
 

@@ -10,7 +10,7 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.schemas import DEFAULT_MAX_SEQ_LENGTH, LORA_METHODS, JobSpec, Method, QuantizationSpec
+from shared.schemas import DEFAULT_MAX_SEQ_LENGTH, LORA_METHODS, PREFERENCE_METHODS, JobSpec, QuantizationSpec
 
 PLAN_VERSION = 1
 GIB = 1024**3
@@ -439,7 +439,7 @@ def static_checks(
                 "resources.nodes",
             )
         )
-    if spec.method is Method.qlora and resources.zero_stage == 3:
+    if spec.quantized and resources.zero_stage == 3:
         notes.append(
             Note(
                 "qlora_zero3_quant_storage",
@@ -480,6 +480,16 @@ def static_checks(
                 "tokens, and without flash-attention the attention builds a (batch_size x max_seq_length)^2 "
                 "boolean mask that keeps packed samples apart (counted in the estimate)",
                 "hyperparameters.packing",
+            )
+        )
+    if spec.method in PREFERENCE_METHODS:
+        notes.append(
+            Note(
+                "preference_pairs",
+                "each pair is two sequences (prompt + chosen, prompt + rejected): a micro-batch of batch_size pairs "
+                f"runs {2 * (hp.batch_size if hp else 1)} sequences through the model with the adapter and again "
+                "without it (the reference: the same weights, no second copy); the estimate counts both",
+                "hyperparameters.batch_size",
             )
         )
     return refusals, notes
@@ -605,6 +615,25 @@ def layer_activation_bytes(
     }
 
 
+def reference_pass_bytes(shape: ModelShape, *, tokens: int, residual: int, quantized: bool) -> int:
+    """The largest working set of DPO's reference pass (the base with the adapter off, without autograd) at
+    `tokens` T: a block's input and output (residual stream), the larger of its attention and MLP tensors, and
+    the fused head's logits tile and per-token statistics; plus, for a 4-bit base, one dequantized weight. It
+    runs after the policy's forward pass, while that pass's activations are held."""
+    a = ACTIVATION_BYTES
+    h, q, i, t = shape.hidden_size, shape.q_dim, shape.intermediate_size, tokens
+    attention = 2 * a * t * q + 2 * a * t * q + 4 * t * shape.num_attention_heads
+    mlp = 3 * a * t * i
+    head = (
+        min(t, FUSED_HEAD_TOKEN_TILE) * FUSED_HEAD_VOCAB_TILE * ACTIVATION_BYTES
+        + FUSED_HEAD_STATS_PER_TOKEN * t
+    )
+    dequantized = (
+        a * max(ly.in_features * ly.out_features for ly in shape.linear_layers().values()) if quantized else 0
+    )
+    return 2 * residual * t * h + max(attention, mlp) + head + dequantized
+
+
 @dataclass
 class MemoryEstimate:
     """Peak GPU memory of one GPU during training, in bytes, by component."""
@@ -649,19 +678,25 @@ def estimate_memory(
     *,
     seq_length: int | None = None,
 ) -> MemoryEstimate:
-    """Estimates the peak memory of each GPU for an adapter-training job (lora, dora, rslora, qlora).
+    """Estimates the peak memory of each GPU for an adapter-training job (lora, dora, rslora, qlora, dpo).
 
     `trainable_params` and `total_params` are peft's counts (worker.planning.count_parameters) or, without the
     worker, adapter_parameters() and base_parameters() + adapter_parameters(). `seq_length` is the longest
-    padded sequence a micro-batch will have (default max_seq_length; packing always fills max_seq_length)."""
+    padded sequence a micro-batch will have (default max_seq_length; packing always fills max_seq_length).
+    A dpo micro-batch holds each pair's chosen and rejected sequences (2 x batch_size rows) and also runs them
+    through the reference (the base with the adapter switched off)."""
     if spec.method not in LORA_METHODS or spec.adapter is None or spec.hyperparameters is None:
-        raise ValueError(f"memory estimates cover lora, dora, rslora and qlora jobs, not {spec.method.value}")
+        raise ValueError(
+            f"memory estimates cover lora, dora, rslora, qlora and dpo jobs, not {spec.method.value}"
+        )
     hp, adapter, resources = spec.hyperparameters, spec.adapter, spec.resources
     gpus, zero = max(resources.gpus, 1), resources.zero_stage
-    b = hp.batch_size
+    preference = spec.method in PREFERENCE_METHODS
+    # Rows of a micro-batch: a preference pair is two sequences, padded to the longer of the batch.
+    b = hp.batch_size * (2 if preference else 1)
     s = hp.seq_length if hp.packing or seq_length is None else max(1, min(seq_length, hp.seq_length))
     t = b * s
-    qlora = spec.method is Method.qlora
+    qlora = spec.quantized
     base_params = max(total_params - trainable_params, 0)
     targets = targeted_layers(spec, shape)
     h, i, n_layers = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
@@ -738,6 +773,15 @@ def estimate_memory(
         # and the weight norm from fp32 copies of the weight and of B x A.
         backward += max(6 * ly.in_features**2 + 14 * ly.in_features * ly.out_features for ly in targets)
 
+    reference = 0
+    if preference:
+        reference = reference_pass_bytes(shape, tokens=t, residual=residual, quantized=qlora)
+        details["preference"] = {
+            "sequences_per_micro_batch": b,
+            "reference_model": "the base model with the adapter switched off: no second copy of the weights",
+            "reference_pass": reference,
+        }
+
     def total_for(activations: int) -> tuple[dict[str, int], int]:
         parts = {
             "weights": weights,
@@ -750,6 +794,8 @@ def estimate_memory(
             "backward_workspace": backward,
             "zero3_gathered_weights": gathered,
         }
+        if preference:
+            parts["reference_pass"] = reference
         subtotal = sum(parts.values())
         parts["overhead"] = CUDA_CONTEXT_BYTES + math.ceil(ALLOCATOR_SLACK * subtotal)
         return parts, subtotal + parts["overhead"]
@@ -759,7 +805,7 @@ def estimate_memory(
     return MemoryEstimate(
         gpus=gpus,
         zero_stage=zero,
-        micro_batch_size=b,
+        micro_batch_size=hp.batch_size,
         seq_length=s,
         tokens_per_micro_batch=t,
         gradient_checkpointing=checkpointing,

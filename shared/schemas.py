@@ -25,6 +25,7 @@ class Method(StrEnum):
     dora = "dora"
     rslora = "rslora"
     qlora = "qlora"
+    dpo = "dpo"
     merge = "merge"
     fusion = "fusion"
     export = "export"
@@ -33,7 +34,13 @@ class Method(StrEnum):
 # Methods this deployment runs (all of them; the check stays for deployments that switch one off).
 AVAILABLE_METHODS: frozenset[Method] = frozenset(Method)
 # Methods that train a LoRA adapter (and so take `adapter` and `hyperparameters`).
-LORA_METHODS: frozenset[Method] = frozenset({Method.lora, Method.dora, Method.rslora, Method.qlora})
+LORA_METHODS: frozenset[Method] = frozenset(
+    {Method.lora, Method.dora, Method.rslora, Method.qlora, Method.dpo}
+)
+# Methods that learn from preference pairs (chosen over rejected) rather than from target text.
+PREFERENCE_METHODS: frozenset[Method] = frozenset({Method.dpo})
+# Methods whose base model may be stored in 4 bits (`quantization`): qlora always, dpo when asked.
+QUANTIZABLE_METHODS: frozenset[Method] = frozenset({Method.qlora, Method.dpo})
 # Methods that read a dataset.
 DATASET_METHODS: frozenset[Method] = LORA_METHODS | {Method.fusion}
 
@@ -246,6 +253,68 @@ class QuantizationSpec(BaseModel):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul"
     )
+
+
+# trl's DPO losses that need nothing but the preference pairs (and beta; robust and exo_pair also take
+# label_smoothing). trl's bco_pair (a running reward mean outside the checkpoint), the unpaired and the
+# combined losses are left out.
+DpoLossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "sppo_hard",
+    "aot",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+]
+LABEL_SMOOTHING_LOSSES = frozenset({"robust", "exo_pair"})
+
+
+class DpoSpec(BaseModel):
+    """Direct preference optimisation (method dpo): how strongly the policy is held to the reference (the base
+    model with the adapter switched off) and which of trl's preference losses it minimises."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="how far the policy may move from the reference: higher keeps it closer (IPO's tau for "
+        "loss_type ipo)",
+    )
+    loss_type: DpoLossType = Field(
+        "sigmoid",
+        description="trl's preference loss: sigmoid (the DPO paper), hinge (SLiC), ipo, robust, exo_pair, "
+        "nca_pair, sppo_hard, aot, apo_zero, apo_down, discopop, sigmoid_norm",
+    )
+    label_smoothing: float | None = Field(
+        None,
+        ge=0,
+        lt=0.5,
+        description="robust: the share of pairs assumed flipped (default 0); exo_pair: epsilon (default 1e-3)",
+    )
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> DpoSpec:
+        if self.loss_type in LABEL_SMOOTHING_LOSSES:
+            if self.label_smoothing is None:
+                self.label_smoothing = 1e-3 if self.loss_type == "exo_pair" else 0.0
+            if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+                raise _field_error(
+                    "label_smoothing", "loss_type exo_pair needs label_smoothing above 0 (1e-3)"
+                )
+        elif self.label_smoothing is not None:
+            raise _field_error(
+                "label_smoothing",
+                f"label_smoothing applies to loss_type robust or exo_pair, not {self.loss_type}",
+            )
+        return self
 
 
 class AdapterSource(BaseModel):
@@ -471,7 +540,10 @@ class JobSpec(BaseModel):
     validation_dataset: str | None = Field(None, min_length=1, max_length=2048)
     method: Method = Method.lora
     adapter: AdapterSpec | None = Field(None, description="LoRA settings (lora, dora, rslora, qlora)")
-    quantization: QuantizationSpec | None = Field(None, description="base weight storage (qlora)")
+    quantization: QuantizationSpec | None = Field(
+        None, description="base weight storage in 4 bits (qlora; dpo on a 4-bit base when given)"
+    )
+    dpo: DpoSpec | None = Field(None, description="beta and loss type (method dpo)")
     merge: MergeSpec | None = Field(None, description="what to merge (method merge)")
     fusion: FusionSpec | None = Field(None, description="what to fuse (method fusion)")
     export: ExportSpec | None = Field(None, description="what to merge into its base (method export)")
@@ -539,9 +611,18 @@ class JobSpec(BaseModel):
             raise _field_error("base_model", f"method {method.value} needs a base_model")
         if method not in LORA_METHODS and self.init_from is not None:
             raise _field_error("init_from", f"method {method.value} trains no adapter to start from another")
+        if method in PREFERENCE_METHODS and self.init_from is not None:
+            # DPO's reference is the base with the adapter switched off: started from another adapter, the
+            # reference would not be the policy it starts from.
+            raise _field_error(
+                "init_from",
+                f"method {method.value} starts from the base model (its reference is the base with the adapter "
+                "switched off); remove init_from",
+            )
         if method is Method.fusion and self.base_model is None:
             raise _field_error("base_model", "method fusion needs the base_model its sources share")
-        for name, owner in (("merge", Method.merge), ("fusion", Method.fusion), ("export", Method.export)):
+        owners = (("merge", Method.merge), ("fusion", Method.fusion), ("export", Method.export))
+        for name, owner in owners:
             value = getattr(self, name)
             if method is owner and value is None:
                 raise _field_error(name, f"method {method.value} needs `{name}`")
@@ -555,8 +636,12 @@ class JobSpec(BaseModel):
             raise _field_error("adapter", f"method {method.value} trains no new LoRA; remove adapter")
         if method is Method.qlora:
             self.quantization = self.quantization or QuantizationSpec()
-        elif self.quantization is not None:
-            raise _field_error("quantization", "quantization applies only to method qlora")
+        elif self.quantization is not None and method not in QUANTIZABLE_METHODS:
+            raise _field_error("quantization", "quantization applies only to methods qlora and dpo")
+        if method is Method.dpo:
+            self.dpo = self.dpo or DpoSpec()
+        elif self.dpo is not None:
+            raise _field_error("dpo", "`dpo` applies only to method dpo")
         if self.chat_template is not None:
             if method not in DATASET_METHODS:
                 raise _field_error(
@@ -569,7 +654,7 @@ class JobSpec(BaseModel):
         if method in DATASET_METHODS:
             self.hyperparameters = self.hyperparameters or Hyperparameters()
             if self.hyperparameters.gradient_checkpointing is None:
-                self.hyperparameters.gradient_checkpointing = method is Method.qlora
+                self.hyperparameters.gradient_checkpointing = self.quantized
             offload = self.resources.cpu_offload
             if self.hyperparameters.fused_adamw and offload:
                 raise _field_error(
@@ -580,8 +665,11 @@ class JobSpec(BaseModel):
             if self.hyperparameters.fused_adamw is None:
                 self.hyperparameters.fused_adamw = not offload
             if self.hyperparameters.learning_rate is None:
-                # A handful of mixing weights need far larger steps than millions of adapter weights.
-                self.hyperparameters.learning_rate = 2e-2 if method is Method.fusion else 2e-4
+                # A handful of mixing weights need far larger steps than millions of adapter weights; preference
+                # tuning starts from a model that already answers and moves it less.
+                self.hyperparameters.learning_rate = {Method.fusion: 2e-2, Method.dpo: 5e-5}.get(method, 2e-4)
+        if method in PREFERENCE_METHODS:
+            self._check_preference_batches()
         return self
 
     def _check_trackers_and_evaluation(self) -> None:
@@ -595,12 +683,15 @@ class JobSpec(BaseModel):
                     f"integrations.{index}.type", f"give at most one {integration.type} integration"
                 )
             seen.add(integration.type)
-        if method not in LORA_METHODS:
+        if method not in LORA_METHODS or method in PREFERENCE_METHODS:
+            why = (
+                "reports its reward margins on the validation pairs instead"
+                if method in PREFERENCE_METHODS
+                else "trains no new adapter to evaluate"
+            )
             for name in ("eval_prompts", "eval_samples", "eval_max_new_tokens"):
                 if getattr(self, name) is not None:
-                    raise _field_error(
-                        name, f"method {method.value} trains no new adapter to evaluate; remove {name}"
-                    )
+                    raise _field_error(name, f"method {method.value} {why}; remove {name}")
             return
         if self.eval_samples and self.validation_dataset is None:
             raise _field_error(
@@ -611,6 +702,28 @@ class JobSpec(BaseModel):
             self.eval_samples = DEFAULT_EVAL_SAMPLES if default else 0
         if self.eval_max_new_tokens is None:
             self.eval_max_new_tokens = DEFAULT_EVAL_MAX_NEW_TOKENS
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen base model is stored in 4 bits (qlora, or dpo with `quantization`)."""
+        return self.quantization is not None
+
+    def _check_preference_batches(self) -> None:
+        hp = self.hyperparameters
+        assert hp is not None
+        # trl's DPOTrainer pads each chosen and rejected sequence (its padding-free path is switched off).
+        if hp.packing:
+            raise _field_error(
+                "hyperparameters.packing",
+                f"method {self.method.value} compares whole chosen and rejected answers and cannot pack them; "
+                "remove packing",
+            )
+        if hp.padding_free:
+            raise _field_error(
+                "hyperparameters.padding_free",
+                f"method {self.method.value} trains on padded batches (trl's DPOTrainer has no padding-free "
+                "path); remove padding_free",
+            )
 
     def _resolve_adapter_flags(self) -> None:
         adapter = self.adapter

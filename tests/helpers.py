@@ -78,3 +78,30 @@ def upload_dataset(session, settings, store, data: bytes, team_id: str = "team-d
         purpose="fine-tune",
         source=io.BytesIO(data),
     )
+
+
+def color_preferences(n: int, seed: int = 0, shape: str = "prompt") -> list[dict]:
+    """Preference pairs (method dpo): the right color chosen over a wrong one. `shape`: "prompt" (a text prompt),
+    "messages" (a conversation) or "openai" (OpenAI's input / preferred_output / non_preferred_output)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        thing = rng.choice(list(COLORS))
+        wrong = rng.choice([c for c in COLORS.values() if c != COLORS[thing]])
+        chosen, rejected = f"{thing} is {COLORS[thing]}.", f"{thing} is {wrong}."
+        question = f"What color is {thing}?"
+        if shape == "prompt":
+            rows.append({"prompt": question + " ", "chosen": chosen, "rejected": rejected})
+        elif shape == "messages":
+            rows.append(
+                {"messages": [{"role": "user", "content": question}], "chosen": chosen, "rejected": rejected}
+            )
+        else:
+            rows.append(
+                {
+                    "input": {"messages": [{"role": "user", "content": question}]},
+                    "preferred_output": [{"role": "assistant", "content": chosen}],
+                    "non_preferred_output": [{"role": "assistant", "content": rejected}],
+                }
+            )
+    return rows

@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from shared.datasets import DatasetFormat, DatasetSummary
+from shared.datasets import PREFERENCE_FORMATS, DatasetFormat, DatasetSummary
 from shared.errors import JobErrorCode, JobFailure
 from shared.planning import (
     LinearLayer,
@@ -30,7 +30,7 @@ from shared.planning import (
 )
 from shared.schemas import LORA_METHODS, JobSpec
 from worker.training.adapters import load_tokenizer
-from worker.training.data import IGNORE, EncodedSample, encode_dataset
+from worker.training.data import IGNORE, EncodedSample, encode_dataset, encode_preferences
 from worker.training.lora_config import lora_config
 
 # How the rendered first sample marks the tokens that carry the loss.
@@ -153,6 +153,8 @@ def dataset_report(
     and the first sample rendered with its loss mask. A dataset larger than `sample_limit` is measured on
     that many samples spread over it, and its counts scaled (`measured_samples` says so). Raises JobFailure
     where encoding would fail."""
+    if fmt in PREFERENCE_FORMATS:
+        return preference_report(records, fmt, tokenizer, max_seq_length, sample_limit)
     measured = _spread(records, sample_limit)
     scale = len(records) / len(measured) if measured else 1.0
     encoded = encode_dataset(measured, fmt, tokenizer, max_seq_length)
@@ -186,6 +188,62 @@ def dataset_report(
         "samples_without_trained_tokens": scaled(sum(1 for n in trained_within if n == 0)),
         "longest_kept_sequence": max(kept_lengths, default=0),
         "first_sample": render_sample(encoded.samples[0], tokenizer, max_seq_length) if count else None,
+    }
+
+
+def preference_report(
+    records: list[dict[str, Any]],
+    fmt: DatasetFormat,
+    tokenizer: Any,
+    max_seq_length: int,
+    sample_limit: int = PLAN_SAMPLES,
+) -> dict[str, Any]:
+    """dataset_report for preference pairs: a sample is a pair, which the model sees as two sequences (prompt +
+    chosen, prompt + rejected); lengths are those sequences', trained tokens the answers', and the first pair is
+    rendered twice (`first_sample` with the chosen answer, `first_sample_rejected`)."""
+    measured = _spread(records, sample_limit)
+    scale = len(records) / len(measured) if measured else 1.0
+    encoded = encode_preferences(measured, fmt, tokenizer, max_seq_length)
+    sequences = [pair.sequence(answer) for pair in encoded.pairs for answer in ("chosen", "rejected")]
+    lengths = sorted(len(seq.input_ids) for seq in sequences)
+    kept = [pair.cut(max_seq_length) for pair in encoded.pairs]
+    kept_lengths = [
+        len(seq.input_ids)
+        for pair in kept
+        if pair
+        for seq in (pair.sequence("chosen"), pair.sequence("rejected"))
+    ]
+    answers = sum(len(pair.chosen_ids) + len(pair.rejected_ids) for pair in encoded.pairs)
+    answers_within = sum(len(pair.chosen_ids) + len(pair.rejected_ids) for pair in kept if pair)
+    count = len(encoded.pairs)
+
+    def scaled(value: int) -> int:
+        return round(value * scale)
+
+    first = encoded.pairs[0] if count else None
+    return {
+        "format": fmt.value,
+        "samples": len(records),
+        "measured_samples": count,
+        "sequences_per_sample": 2,
+        "tokens": {
+            "total": scaled(encoded.total_tokens),
+            "mean": round(sum(lengths) / len(lengths), 2) if lengths else 0,
+            "max": lengths[-1] if lengths else 0,
+            "p95": _percentile(lengths, 0.95),
+            "after_truncation": scaled(sum(kept_lengths)),
+        },
+        "max_seq_length": max_seq_length,
+        "truncated_samples": scaled(encoded.truncated),
+        "trained_tokens": scaled(answers_within),
+        "trained_tokens_before_truncation": scaled(answers),
+        "trained_token_share": round(answers_within / sum(kept_lengths), 4) if kept_lengths else 0,
+        "samples_without_trained_tokens": scaled(sum(1 for pair in kept if pair is None)),
+        "longest_kept_sequence": max(kept_lengths, default=0),
+        "first_sample": render_sample(first.sequence("chosen"), tokenizer, max_seq_length) if first else None,
+        "first_sample_rejected": (
+            render_sample(first.sequence("rejected"), tokenizer, max_seq_length) if first else None
+        ),
     }
 
 

@@ -11,7 +11,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from shared.datasets import DatasetInvalid, DatasetSummary, dataset_digest, read_dataset
+from shared.datasets import (
+    DatasetFormat,
+    DatasetInvalid,
+    DatasetSummary,
+    dataset_digest,
+    method_mismatch,
+    read_dataset,
+)
 from shared.db import session_scope
 from shared.errors import JobErrorCode, JobFailure
 from shared.models import Job, Plan
@@ -64,6 +71,9 @@ def check_inputs(
             summaries[param] = read_dataset(path, split=SPLITS[param])
         except DatasetInvalid as exc:
             raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: {exc}") from exc
+        mismatch = method_mismatch(spec.method, DatasetFormat(summaries[param].format))
+        if mismatch is not None:
+            raise JobFailure(JobErrorCode.invalid_dataset, f"{param}: {mismatch}")
     for source in job_sources(spec):
         cache.adapter_dir(source, session=session, team_id=team_id)
     assert spec.base_model is not None

@@ -18,13 +18,16 @@ Mapping onto a JobSpec (the job is an ordinary Tuneforge job, also visible under
   batch_size, learning_rate_multiplier -> learning_rate = BASE_LEARNING_RATE (2e-4) x multiplier; "auto" or
   left out keeps Tuneforge's default. seed -> hyperparameters.seed (default 42, not random: a retry with an
   Idempotency-Key must describe the same job).
-- method.type must be "supervised"; "dpo" and "reinforcement" are refused (400, param method.type).
+- method.type "supervised" trains tuneforge.method (lora by default). "dpo" makes a method dpo job (preference
+  pairs; beta from method.dpo.hyperparameters.beta, loss_type and label_smoothing from tuneforge.dpo) on the
+  adapter tuneforge.method names: lora, dora (adapter.use_dora), rslora (adapter.use_rslora) or qlora (a 4-bit
+  base). "reinforcement" is refused (400, param method.type).
 - suffix -> suffix (JobSpec's): fine_tuned_model is ft:<base>:<team>:<suffix>:<job id>. Jobs made before
   JobSpec had it keep it in their metadata under `tuneforge.suffix`, hidden from this surface's `metadata`.
 - integrations -> integrations, in OpenAI's shape: {"type": "wandb", "wandb": {project, name, entity, tags}};
   Tuneforge also takes {"type": "mlflow", "mlflow": {experiment, run_name}}.
 - The `tuneforge` body field (the client's extra_body) carries the PEFT settings, each the JobSpec field of
-  the same name: {"method": "lora|dora|rslora|qlora", "adapter": {...}, "quantization": {...},
+  the same name: {"method": "lora|dora|rslora|qlora", "adapter": {...}, "quantization": {...}, "dpo": {...},
   "hyperparameters": {...any JobSpec hyperparameter, e.g. max_steps...}, "resources": {...}, "priority"}.
   A setting given through an OpenAI field may not be repeated there (epochs, batch_size, learning_rate,
   seed; max_steps clashes with n_epochs).

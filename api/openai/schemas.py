@@ -15,9 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared.models import Checkpoint, Job, JobEvent
 from shared.schemas import (
     AdapterSpec,
+    DpoSpec,
     Hyperparameters,
     InitFrom,
     JobSpec,
+    Method,
     Priority,
     QuantizationSpec,
     Resources,
@@ -84,14 +86,28 @@ class SupervisedMethodIn(BaseModel):
     hyperparameters: OpenAIHyperparameters | None = None
 
 
+class OpenAIDpoHyperparameters(OpenAIHyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones and beta; "auto" takes Tuneforge's default."""
+
+    beta: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] | None = Field(
+        None, description="how far the model may move from the reference; auto = 0.1"
+    )
+
+
+class DpoMethodIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: OpenAIDpoHyperparameters | None = None
+
+
 class MethodIn(BaseModel):
-    """OpenAI's `method` object; only `supervised` is trained here."""
+    """OpenAI's `method` object: `supervised` and `dpo` are trained here."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: str = Field(description="supervised (dpo and reinforcement are refused)")
+    type: str = Field(description="supervised or dpo (reinforcement is refused)")
     supervised: SupervisedMethodIn | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethodIn | None = None
     reinforcement: dict[str, Any] | None = None
 
 
@@ -114,9 +130,17 @@ class TuneforgeOptions(BaseModel):
         },
     )
 
-    method: Literal["lora", "dora", "rslora", "qlora"] = Field("lora", description="the PEFT method")
+    method: Literal["lora", "dora", "rslora", "qlora"] = Field(
+        "lora",
+        description="the PEFT method; with OpenAI's method type dpo, the adapter DPO trains (dora and rslora "
+        "set adapter.use_dora / use_rslora, qlora a 4-bit base)",
+    )
     adapter: AdapterSpec | None = Field(None, description="LoRA rank, alpha, dropout, target_modules, ...")
     quantization: QuantizationSpec | None = Field(None, description="4-bit base storage (method qlora)")
+    dpo: DpoSpec | None = Field(
+        None,
+        description="DPO's loss_type and label_smoothing (method type dpo); beta may be given here instead",
+    )
     hyperparameters: dict[str, Any] | None = Field(
         None,
         description="any JobSpec hyperparameter (max_steps, max_seq_length, packing, warmup_ratio, "
@@ -195,9 +219,25 @@ class SupervisedMethodOut(BaseModel):
     hyperparameters: ResolvedHyperparameters
 
 
+class ResolvedDpoHyperparameters(ResolvedHyperparameters):
+    beta: float
+
+
+class DpoMethodOut(BaseModel):
+    hyperparameters: ResolvedDpoHyperparameters
+
+
 class MethodOut(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: SupervisedMethodOut
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: SupervisedMethodOut | None = None
+    dpo: DpoMethodOut | None = None
+
+    @classmethod
+    def of(cls, spec: JobSpec, resolved: ResolvedHyperparameters) -> MethodOut:
+        if spec.method is Method.dpo and spec.dpo is not None:
+            hyperparameters = ResolvedDpoHyperparameters(**resolved.model_dump(), beta=spec.dpo.beta)
+            return cls(type="dpo", dpo=DpoMethodOut(hyperparameters=hyperparameters))
+        return cls(supervised=SupervisedMethodOut(hyperparameters=resolved))
 
 
 class TuneforgeJobInfo(BaseModel):
@@ -209,6 +249,7 @@ class TuneforgeJobInfo(BaseModel):
     method: str
     adapter: AdapterSpec | None = None
     quantization: QuantizationSpec | None = None
+    dpo: DpoSpec | None = None
     hyperparameters: Hyperparameters | None = None
     init_from: InitFrom | None = Field(None, description="the job (and checkpoint) this job continued from")
     resources: Resources
@@ -280,13 +321,14 @@ class FineTuningJobOut(BaseModel):
             validation_file=job.validation_uri,
             metadata=metadata,
             integrations=[i.model_dump(exclude_none=True) for i in spec.integrations],
-            method=MethodOut(supervised=SupervisedMethodOut(hyperparameters=resolved)),
+            method=MethodOut.of(spec, resolved),
             user_provided_suffix=suffix,
             tuneforge=TuneforgeJobInfo(
                 status=job.status,
                 method=job.method,
                 adapter=spec.adapter,
                 quantization=spec.quantization,
+                dpo=spec.dpo,
                 hyperparameters=spec.hyperparameters,
                 init_from=spec.init_from,
                 resources=spec.resources,

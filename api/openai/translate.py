@@ -67,30 +67,49 @@ def to_job_spec(body: FineTuningJobCreate) -> tuple[JobSpec, Origins]:
     origins = Origins()
     options = body.tuneforge or TuneforgeOptions()
     openai_hp, prefix = body.hyperparameters, "hyperparameters"
+    kind = body.method.type if body.method is not None else "supervised"
+    dpo: dict[str, Any] | None = None
     if body.method is not None:
-        kind = body.method.type
-        if kind in ("dpo", "reinforcement"):
+        if kind == "reinforcement":
             raise InvalidRequest(
-                f"method type {kind!r} is not available on Tuneforge; use 'supervised' (choose the PEFT method "
-                "with extra_body tuneforge.method: lora, dora, rslora or qlora)",
+                "method type 'reinforcement' is not available on Tuneforge; use 'supervised' or 'dpo' (choose the "
+                "PEFT method with extra_body tuneforge.method: lora, dora, rslora or qlora)",
                 param="method.type",
                 code="unsupported_method",
             )
-        if kind != "supervised":
-            raise InvalidRequest(f"unknown method type {kind!r}; use 'supervised'", param="method.type")
-        for other in ("dpo", "reinforcement"):
-            if getattr(body.method, other) is not None:
+        if kind not in ("supervised", "dpo"):
+            raise InvalidRequest(
+                f"unknown method type {kind!r}; use 'supervised' or 'dpo'", param="method.type"
+            )
+        for other in ("supervised", "dpo", "reinforcement"):
+            if other != kind and getattr(body.method, other) is not None:
                 raise InvalidRequest(
                     f"method.{other} applies only to method type {other}", param=f"method.{other}"
                 )
-        supervised = body.method.supervised.hyperparameters if body.method.supervised else None
-        if supervised is not None:
+        section = getattr(body.method, kind)
+        given = section.hyperparameters if section is not None else None
+        if given is not None:
             if openai_hp is not None:
                 raise InvalidRequest(
-                    "give hyperparameters in method.supervised.hyperparameters or in hyperparameters, not both",
+                    f"give hyperparameters in method.{kind}.hyperparameters or in hyperparameters, not both",
                     param="hyperparameters",
                 )
-            openai_hp, prefix = supervised, "method.supervised.hyperparameters"
+            openai_hp, prefix = given, f"method.{kind}.hyperparameters"
+    if kind == "dpo":
+        dpo = options.dpo.model_dump(exclude_unset=True) if options.dpo else {}
+        for key in dpo:
+            origins.exact[f"dpo.{key}"] = f"tuneforge.dpo.{key}"
+        beta = getattr(openai_hp, "beta", None)
+        if beta not in (None, "auto"):
+            if "beta" in dpo:
+                raise InvalidRequest(
+                    f"{prefix}.beta and tuneforge.dpo.beta both set beta; give one",
+                    param="tuneforge.dpo.beta",
+                )
+            dpo["beta"] = beta
+            origins.exact["dpo.beta"] = f"{prefix}.beta"
+    elif options.dpo is not None:
+        raise InvalidRequest("tuneforge.dpo applies only to method type dpo", param="tuneforge.dpo")
 
     hp: dict[str, Any] = dict(options.hyperparameters or {})
     for key in hp:
@@ -125,14 +144,37 @@ def to_job_spec(body: FineTuningJobCreate) -> tuple[JobSpec, Origins]:
     base_model, init_from = parse_model(body.model)
     if init_from is not None:  # the fine-tuned model's job and checkpoint both come from `model`
         origins.exact.update({"init_from.job": "model", "init_from.checkpoint_step": "model"})
+    adapter = options.adapter.model_dump() if options.adapter else None
+    quantization = options.quantization.model_dump() if options.quantization else None
+    method = options.method
+    if dpo is not None:
+        # DPO trains the adapter tuneforge.method names: dora and rslora are flags of the adapter, qlora is a
+        # 4-bit base.
+        method = "dpo"
+        flag = {"dora": "use_dora", "rslora": "use_rslora"}.get(options.method)
+        if flag is not None:
+            if adapter is not None and adapter.get(flag) is False:
+                raise InvalidRequest(
+                    f"tuneforge.method {options.method} implies {flag}=true",
+                    param=f"tuneforge.adapter.{flag}",
+                )
+            adapter = {**(adapter or {}), flag: True}
+        if options.method == "qlora":
+            quantization = quantization or {}
+        elif quantization is not None:
+            raise InvalidRequest(
+                "quantization applies to tuneforge.method qlora (DPO on a 4-bit base)",
+                param="tuneforge.quantization",
+            )
     values: dict[str, Any] = {
         "base_model": base_model,
         "init_from": init_from,
         "dataset": body.training_file,
         "validation_dataset": body.validation_file,
-        "method": options.method,
-        "adapter": options.adapter.model_dump() if options.adapter else None,
-        "quantization": options.quantization.model_dump() if options.quantization else None,
+        "method": method,
+        "adapter": adapter,
+        "quantization": quantization,
+        "dpo": dpo,
         "hyperparameters": hp,
         "resources": options.resources.model_dump() if options.resources else None,
         "priority": options.priority,

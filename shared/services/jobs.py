@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
+from shared.datasets import DatasetFormat, method_mismatch
 from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from shared.hub import check_hub_allowed, parse_hub_id
@@ -40,14 +41,22 @@ if TYPE_CHECKING:
 MAX_PAGE = 100
 
 
-def _check_dataset(*, session: Session, settings: Settings, team_id: TeamID, value: str, param: str) -> str:
+def _check_dataset(
+    *, session: Session, settings: Settings, team_id: TeamID, value: str, param: str, method: Method
+) -> str:
     source = resolve_dataset_uri(value, settings, param=param, team_id=team_id)
     if source.kind == "upload":
         found = session.scalar(
-            select(UploadedFile.id).where(UploadedFile.id == source.file_id, UploadedFile.team_id == team_id)
+            select(UploadedFile.format).where(
+                UploadedFile.id == source.file_id, UploadedFile.team_id == team_id
+            )
         )
         if found is None:
             raise InvalidRequest(f"uploaded file {source.file_id} does not exist", param=param)
+        # Other sources are read by the worker, which makes the same check before queueing.
+        mismatch = method_mismatch(method, DatasetFormat(found))
+        if mismatch is not None:
+            raise InvalidRequest(f"{source.file_id}: {mismatch}", param=param)
     return source.uri
 
 
@@ -278,7 +287,9 @@ def check_spec(
         raise InvalidRequest(lacking[0].message, param=lacking[0].param, code="refused_combination")
     spec = _fit_to_model(settings=settings, store=store, spec=spec)
     datasets = {
-        param: _check_dataset(session=session, settings=settings, team_id=team_id, value=value, param=param)
+        param: _check_dataset(
+            session=session, settings=settings, team_id=team_id, value=value, param=param, method=spec.method
+        )
         for param, value in (("dataset", spec.dataset), ("validation_dataset", spec.validation_dataset))
         if value is not None
     }

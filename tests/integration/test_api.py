@@ -7,7 +7,7 @@ import redis
 
 from shared.queue import validate_queue
 from tests.conftest import TINY_MODEL
-from tests.helpers import color_messages, to_jsonl
+from tests.helpers import color_messages, color_preferences, to_jsonl
 
 
 @pytest.fixture
@@ -119,12 +119,43 @@ def test_create_job_fills_defaults_and_enqueues_after_commit(api_client, uploade
         ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate"),
         ({"resources": {"gpus": 8}}, "resources.gpus"),
         ({"unexpected": True}, "unexpected"),
+        ({"method": "dpo"}, "dataset"),  # a messages dataset: dpo needs preference pairs
+        ({"method": "dpo", "dpo": {"beta": -1}}, "dpo.beta"),
+        ({"method": "dpo", "hyperparameters": {"max_steps": 5, "packing": True}}, "hyperparameters.packing"),
+        ({"dpo": {"beta": 0.1}}, "dpo"),
     ],
 )
 def test_bad_jobs_answer_422_naming_the_field(api_client, uploaded, change, param):
     response = api_client.post("/v1/jobs", json=job_body(uploaded["id"]) | change)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_preference_pairs_upload_and_make_a_dpo_job(api_client):
+    rows = color_preferences(6, shape="messages")
+    response = api_client.post("/v1/files", files={"file": ("pairs.jsonl", to_jsonl(rows))})
+    assert response.status_code == 201, response.text
+    pairs = response.json()
+    assert pairs["format"] == "preference" and pairs["num_samples"] == 6
+    bad = to_jsonl([*rows[:2], {"prompt": "p", "chosen": "same", "rejected": "same"}])
+    response = api_client.post("/v1/files", files={"file": ("bad.jsonl", bad)})
+    assert response.status_code == 422
+    assert "line 3: 'chosen' and 'rejected' are the same answer" in response.json()["error"]["message"]
+
+    body = job_body(
+        pairs["id"], method="dpo", adapter={"use_dora": True}, dpo={"beta": 0.2, "loss_type": "hinge"}
+    )
+    response = api_client.post("/v1/jobs", json=body)
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["method"] == "dpo" and job["adapter"]["use_dora"] is True
+    assert job["dpo"] == {"beta": 0.2, "loss_type": "hinge", "label_smoothing": None}
+    assert job["hyperparameters"]["learning_rate"] == 5e-5
+    # The same pairs cannot train a supervised method.
+    response = api_client.post("/v1/jobs", json=job_body(pairs["id"], method="lora"))
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "dataset"
+    assert "use method dpo" in response.json()["error"]["message"]
 
 
 def test_missing_dataset_and_malformed_body(api_client):

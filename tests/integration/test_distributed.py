@@ -17,7 +17,7 @@ from shared.services import jobs as job_service
 from shared.states import JobStatus
 from shared.tenancy import TeamID
 from tests.conftest import TINY_MODEL, make_settings
-from tests.helpers import color_messages, to_jsonl, upload_dataset
+from tests.helpers import color_messages, color_preferences, to_jsonl, upload_dataset
 from worker import runner, validation
 
 TEAM = TeamID(DEFAULT_TEAM_ID)
@@ -44,10 +44,12 @@ def run(
     method: str = "lora",
     expect=JobStatus.succeeded,
     hyperparameters: dict | None = None,
+    rows: list[dict] | None = None,
     **resources,
 ) -> str:
     with session_scope(settings.database_url) as session:
-        upload = upload_dataset(session, settings, store, to_jsonl(color_messages(48, seed=5)))
+        rows = rows if rows is not None else color_messages(48, seed=5)
+        upload = upload_dataset(session, settings, store, to_jsonl(rows))
         spec = JobSpec(
             base_model=TINY_MODEL,
             dataset=upload.id,
@@ -170,6 +172,18 @@ def test_zero_in_bf16_saves_the_float32_master_weights(two_gpu_settings, store, 
     assert all(w.abs().max() > 0 for w in lora_b)
     # Trained float32 values: most are not representable in bfloat16.
     assert any(not torch.equal(w, w.bfloat16().float()) for w in lora_b)
+
+
+def test_dpo_under_zero_3_on_two_processes_follows_one_process(two_gpu_settings, store):
+    # Each rank scores its own pairs against the reference (its adapter switched off); the mean loss over the
+    # two ranks' pairs is the one process's loss over all of them.
+    # In float32: the margins DPO's loss compares are small differences of log-probabilities.
+    settings, pairs = two_gpu_settings, color_preferences(48, seed=5, shape="messages")
+    one = run(settings, store, gpus=1, zero_stage=0, batch_size=4, method="dpo", rows=pairs)
+    two = run(settings, store, gpus=2, zero_stage=3, batch_size=2, method="dpo", rows=pairs)
+    reference, split = losses(settings, one), losses(settings, two)
+    assert len(split) == HP["max_steps"] and reference[0] == pytest.approx(0.693147, abs=1e-5)
+    assert split == pytest.approx(reference, rel=1e-4, abs=1e-5)
 
 
 def test_qlora_under_zero_3_on_two_processes_follows_one_process(

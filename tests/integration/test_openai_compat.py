@@ -13,7 +13,7 @@ from shared.db import session_scope
 from shared.models import Job
 from shared.states import JobStatus
 from tests.conftest import TINY_MODEL
-from tests.helpers import color_messages, to_jsonl
+from tests.helpers import color_messages, color_preferences, to_jsonl
 
 
 @dataclass(frozen=True)
@@ -278,16 +278,67 @@ def test_qlora_with_quantization_through_extra_body(client, api_client, team, tr
     assert native["hyperparameters"]["gradient_checkpointing"] is True
 
 
-@pytest.mark.parametrize("kind", ["dpo", "reinforcement"])
-def test_dpo_and_reinforcement_are_refused(client, training_file, kind):
+def test_dpo_method_maps_onto_a_dpo_job_with_the_adapter_tuneforge_names(client, api_client, team):
+    pairs = client.files.create(
+        file=("pairs.jsonl", to_jsonl(color_preferences(12, shape="openai"))), purpose="fine-tune"
+    )
+    assert pairs.format == "openai_preference" and pairs.num_samples == 12
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL,
+        training_file=pairs.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "batch_size": 2}}},
+        extra_body={"tuneforge": {"method": "dora", "dpo": {"loss_type": "ipo"}}},
+    )
+    assert job.method.type == "dpo" and job.method.supervised is None
+    assert job.method.dpo.hyperparameters.beta == 0.25
+    assert job.method.dpo.hyperparameters.batch_size == 2
+    native = native_job(api_client, team, job.id)
+    assert native["method"] == "dpo"
+    assert native["dpo"] == {"beta": 0.25, "loss_type": "ipo", "label_smoothing": None}
+    assert native["adapter"]["use_dora"] is True and native["quantization"] is None
+    assert native["hyperparameters"]["learning_rate"] == 5e-5
+
+    qlora = client.fine_tuning.jobs.create(
+        model=TINY_MODEL,
+        training_file=pairs.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto"}}},
+        extra_body={"tuneforge": {"method": "qlora"}},
+    )
+    native = native_job(api_client, team, qlora.id)
+    assert native["dpo"]["beta"] == 0.1 and native["quantization"]["quant_type"] == "nf4"
+    assert native["adapter"]["use_dora"] is False and native["hyperparameters"]["gradient_checkpointing"]
+
+
+@pytest.mark.parametrize(
+    ("dataset", "method", "message"),
+    [
+        ("pairs", {"type": "supervised"}, "use method dpo"),
+        ("chat", {"type": "dpo", "dpo": {}}, "learns from preference pairs"),
+    ],
+)
+def test_a_dataset_of_the_wrong_kind_for_the_method_is_refused(
+    client, training_file, dataset, method, message
+):
+    pairs = client.files.create(file=("pairs.jsonl", to_jsonl(color_preferences(4))), purpose="fine-tune")
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.fine_tuning.jobs.create(
-            model=TINY_MODEL, training_file=training_file, method={"type": kind, kind: {}}
+            model=TINY_MODEL, training_file=pairs.id if dataset == "pairs" else training_file, method=method
+        )
+    assert error_of(excinfo)["param"] == "training_file"
+    assert message in error_of(excinfo)["message"]
+
+
+def test_reinforcement_is_refused(client, training_file):
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(
+            model=TINY_MODEL,
+            training_file=training_file,
+            method={"type": "reinforcement", "reinforcement": {}},
         )
     error = error_of(excinfo)
     assert error["param"] == "method.type"
     assert error["code"] == "unsupported_method"
-    assert "supervised" in error["message"]
+    assert "supervised" in error["message"] and "dpo" in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -305,6 +356,23 @@ def test_dpo_and_reinforcement_are_refused(client, training_file, kind):
             "method.supervised.hyperparameters.batch_size",
         ),
         ({"method": {"type": "unsupervised"}}, "method.type"),
+        ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised"),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+            "method.dpo.hyperparameters.beta",
+        ),
+        (
+            {
+                "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+                "extra_body": {"tuneforge": {"dpo": {"beta": 0.3}}},
+            },
+            "tuneforge.dpo.beta",
+        ),
+        (
+            {"method": {"type": "dpo"}, "extra_body": {"tuneforge": {"dpo": {"loss_type": "kto"}}}},
+            "tuneforge.dpo.loss_type",
+        ),
+        ({"extra_body": {"tuneforge": {"dpo": {"beta": 0.3}}}}, "tuneforge.dpo"),
         (
             {
                 "hyperparameters": {"n_epochs": 1},
@@ -621,3 +689,53 @@ def test_a_trained_job_has_a_model_name_results_and_checkpoints(
         headers={"Authorization": f"Bearer {team.key}"},
     ).json()["data"]
     assert [e["data"] for e in native if e["type"] == "metrics"] == [e.data for e in reversed(metrics)]
+
+
+def test_a_dpo_job_through_the_official_client_trains_on_preference_pairs(
+    client, team, settings, tiny_model_dir
+):
+    from worker import runner, validation
+
+    train = client.files.create(
+        file=("pairs.jsonl", to_jsonl(color_preferences(16, seed=1, shape="openai"))), purpose="fine-tune"
+    )
+    valid = client.files.create(
+        file=("valid.jsonl", to_jsonl(color_preferences(4, seed=2, shape="openai"))), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL,
+        training_file=train.id,
+        validation_file=valid.id,
+        suffix="prefs",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "batch_size": 4}}},
+        extra_body={
+            "tuneforge": {
+                "adapter": {"rank": 4},
+                "hyperparameters": {"max_steps": 4, "eval_steps": 4, "checkpoint_steps": 2},
+            }
+        },
+    )
+    assert validation.validate_job(settings, job.id) is JobStatus.queued
+    with session_scope(settings.database_url) as session:
+        plan = session.get(Job, job.id).plan
+    # The plan counts two sequences per pair and the reference pass.
+    assert plan["method"] == "dpo" and plan["datasets"]["dataset"]["sequences_per_sample"] == 2
+    assert plan["memory"]["tokens_per_micro_batch"] == 2 * 4 * plan["memory"]["seq_length"]
+    assert plan["memory"]["components"]["reference_pass"] > 0
+    assert runner.run_job(settings, job.id) is JobStatus.succeeded
+
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded" and done.error is None
+    assert done.fine_tuned_model == f"ft:{TINY_MODEL}:{team.name}:prefs:{job.id}"
+    assert done.method.type == "dpo" and done.method.dpo.hyperparameters.beta == 0.1
+    assert done.trained_tokens > 0
+    result = done.tuneforge["result"]
+    assert result["steps"] == 4
+    assert result["first_train_loss"] == pytest.approx(
+        0.693147, abs=1e-4
+    )  # the policy starts as the reference
+    assert {"train_reward_margin", "eval_reward_margin", "eval_reward_accuracy"} <= set(result)
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=50))
+    assert any(e.tuneforge_type == "rewards" and e.data["step"] == 4 for e in events)
+    # A resumable checkpoint was stored on the way, as for any training job.
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [2]

@@ -16,7 +16,7 @@ from shared.services import jobs as job_service
 from shared.states import JobStatus
 from shared.tenancy import TeamID
 from tests.conftest import BUCKET, TINY_MODEL
-from tests.helpers import color_messages, color_prompt_completion, to_jsonl, upload_dataset
+from tests.helpers import color_messages, color_preferences, color_prompt_completion, to_jsonl, upload_dataset
 from worker import runner, validation
 
 TEAM = TeamID(DEFAULT_TEAM_ID)
@@ -47,6 +47,27 @@ def test_malformed_dataset_fails_validation_with_the_line(settings, store, tiny_
     failed = job(settings, job_id)
     assert failed.error_code == "invalid_dataset"
     assert "dataset: line 6: missing 'completion'" in failed.error_message
+
+
+@pytest.mark.parametrize(
+    ("rows", "method", "message"),
+    [
+        (
+            color_messages(4),
+            "dpo",
+            "dataset: method dpo learns from preference pairs, and this dataset is in the ",
+        ),
+        (color_preferences(4, shape="openai"), "lora", "dataset: this dataset holds preference pairs"),
+    ],
+)
+def test_a_dataset_of_the_wrong_kind_fails_validation(settings, store, tiny_model_dir, rows, method, message):
+    # Outside uploads (whose format the API knows), the worker finds the dataset's kind when it reads it.
+    store.put_bytes(f"datasets/kind-{method}.jsonl", to_jsonl(rows))
+    job_id = submit(settings, store, f"s3://{BUCKET}/datasets/kind-{method}.jsonl", method=method)
+    assert validation.validate_job(settings, job_id) is JobStatus.failed
+    failed = job(settings, job_id)
+    assert failed.error_code == "invalid_dataset"
+    assert message in failed.error_message
 
 
 def test_missing_dataset_object_fails_validation(settings, store, tiny_model_dir):

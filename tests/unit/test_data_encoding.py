@@ -3,7 +3,7 @@
 import pytest
 
 from shared.datasets import DatasetFormat
-from worker.training.data import IGNORE, assistant_spans, encode_dataset
+from worker.training.data import IGNORE, assistant_spans, encode_dataset, encode_preferences
 from worker.training.toy_models import build_tokenizer
 
 
@@ -75,3 +75,74 @@ def test_spans_cover_exactly_the_assistant_turn(tokenizer):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     text, spans = assistant_spans(tokenizer, messages)
     assert [text[a:b] for a, b in spans] == ["hello<|im_end|>\n"]
+
+
+# Preference pairs: the prompt's tokens once, then each answer's tokens (what the DPO loss compares).
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What color is the sky?"},
+]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "record"),
+    [
+        (DatasetFormat.preference, {"messages": CONVERSATION, "chosen": "blue", "rejected": "green"}),
+        (
+            DatasetFormat.openai_preference,
+            {
+                "input": {"messages": CONVERSATION},
+                "preferred_output": [{"role": "assistant", "content": "blue"}],
+                "non_preferred_output": [{"role": "assistant", "content": "green"}],
+            },
+        ),
+    ],
+)
+def test_a_chat_pair_splits_into_the_rendered_prompt_and_each_answer_turn(tokenizer, fmt, record):
+    encoded = encode_preferences([record], fmt, tokenizer, max_seq_length=512)
+    pair = encoded.pairs[0]
+    full = tokenizer.apply_chat_template(
+        [*CONVERSATION, {"role": "assistant", "content": "blue"}], tokenize=False
+    )
+    prompt = tokenizer.decode(pair.prompt_ids)
+    # The prompt is the conversation up to the assistant's header; each answer is its turn as the chat template
+    # renders it, end-of-turn marker included (as assistant turns are trained in messages datasets).
+    assert full.startswith(prompt) and prompt.endswith("assistant\n") and "Be brief." in prompt
+    assert full == prompt + tokenizer.decode(pair.chosen_ids)
+    assert tokenizer.decode(pair.chosen_ids).startswith("blue<|im_end|>")
+    assert tokenizer.decode(pair.rejected_ids).startswith("green<|im_end|>")
+    assert encoded.truncated == 0
+    assert encoded.total_tokens == len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+    chosen = pair.sequence("chosen")
+    assert chosen.input_ids == pair.prompt_ids + pair.chosen_ids
+    assert labelled_text(tokenizer, chosen) == tokenizer.decode(pair.chosen_ids)
+
+
+def test_a_text_pair_ends_each_answer_with_eos_and_is_cut_to_max_seq_length(tokenizer):
+    record = {"prompt": "What color is the sky? ", "chosen": "blue", "rejected": "green red green"}
+    encoded = encode_preferences([record], DatasetFormat.preference, tokenizer, max_seq_length=512)
+    pair = encoded.pairs[0]
+    assert tokenizer.decode(pair.prompt_ids).strip() == "What color is the sky?"
+    assert tokenizer.decode(pair.chosen_ids).endswith("blue<|im_end|>")
+    assert tokenizer.decode(pair.rejected_ids).endswith("green red green<|im_end|>")
+
+    room = len(pair.prompt_ids) + 2
+    short = encode_preferences([record], DatasetFormat.preference, tokenizer, max_seq_length=room)
+    assert short.truncated == 1
+    columns = short.columns(room)
+    assert columns["prompt_ids"] == [pair.prompt_ids]
+    assert columns["rejected_ids"] == [pair.rejected_ids[:2]] and columns["chosen_ids"] == [
+        pair.chosen_ids[:2]
+    ]
+    # A prompt that fills max_seq_length leaves no answer to compare: the pair is left out.
+    assert short.columns(len(pair.prompt_ids))["prompt_ids"] == []
+
+
+def test_sft_and_preference_encoders_refuse_each_others_formats(tokenizer):
+    with pytest.raises(ValueError, match="encode_preferences"):
+        encode_dataset(
+            [{"prompt": "p", "chosen": "a", "rejected": "b"}], DatasetFormat.preference, tokenizer, 64
+        )
+    with pytest.raises(ValueError, match="no preference pairs"):
+        encode_preferences([{"text": "a"}], DatasetFormat.text, tokenizer, 64)

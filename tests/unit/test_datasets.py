@@ -6,11 +6,15 @@ from shared.datasets import (
     DatasetFormat,
     DatasetInvalid,
     FileKind,
+    PreferencePair,
     dataset_digest,
     file_kind,
+    method_mismatch,
+    preference_pair,
     read_dataset,
     scan_jsonl,
 )
+from shared.schemas import Method
 
 
 def lines(*rows):
@@ -45,7 +49,7 @@ CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "co
         (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role must be one of"),
         (CHAT, {"messages": [{"role": "user", "content": "x"}]}, "no non-empty assistant message"),
         (CHAT, {"messages": [{"role": "assistant", "content": None}]}, "content must be a string"),
-        (TEXT, {"other": 1}, "no 'messages', 'prompt'/'completion' or 'text' key"),
+        (TEXT, {"other": 1}, "no 'messages', 'prompt'/'completion', 'text', 'chosen'/'rejected' or"),
         (TEXT, {"text": "a", "messages": []}, "ambiguous"),
     ],
 )
@@ -180,3 +184,115 @@ def test_a_saved_dataset_digest_follows_its_files(tmp_path):
     assert dataset_digest(tmp_path / "saved") == before
     Dataset.from_list([TEXT, TEXT]).save_to_disk(tmp_path / "saved")
     assert dataset_digest(tmp_path / "saved") != before
+
+
+# Preference pairs (method dpo): a prompt or messages with chosen/rejected, or OpenAI's preference format.
+
+PREF = {"prompt": "What color is snow? ", "chosen": "white", "rejected": "green"}
+PREF_CHAT = {
+    "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Snow?"}],
+    "chosen": [{"role": "assistant", "content": "white"}],
+    "rejected": "green",
+}
+OPENAI_PREF = {
+    "input": {"messages": [{"role": "user", "content": "Snow?"}], "tools": [], "parallel_tool_calls": True},
+    "preferred_output": [{"role": "assistant", "content": "white"}],
+    "non_preferred_output": [{"role": "assistant", "content": "green"}],
+}
+
+
+def test_preference_formats_are_detected_and_read_as_pairs():
+    assert scan_jsonl(lines(PREF, PREF_CHAT)).format is DatasetFormat.preference
+    assert scan_jsonl(lines(OPENAI_PREF, OPENAI_PREF)).format is DatasetFormat.openai_preference
+    assert preference_pair(PREF, DatasetFormat.preference) == PreferencePair(
+        prompt="What color is snow? ", messages=None, chosen="white", rejected="green"
+    )
+    chat = preference_pair(PREF_CHAT, DatasetFormat.preference)
+    assert (chat.prompt, chat.messages[-1], chat.chosen, chat.rejected) == (
+        None,
+        {"role": "user", "content": "Snow?"},
+        "white",
+        "green",
+    )
+    ours = preference_pair(OPENAI_PREF, DatasetFormat.openai_preference)
+    assert (ours.messages, ours.chosen, ours.rejected) == (
+        [{"role": "user", "content": "Snow?"}],
+        "white",
+        "green",
+    )
+
+
+def answer(content):
+    return [{"role": "assistant", "content": content}]
+
+
+@pytest.mark.parametrize(
+    ("good", "row", "message"),
+    [
+        (PREF, {"prompt": "p", "chosen": "a"}, "missing 'rejected'"),
+        (PREF, {"chosen": "a", "rejected": "b"}, "missing 'prompt' (or 'messages')"),
+        (
+            PREF,
+            {"prompt": "p", "completion": "c", "chosen": "a", "rejected": "b"},
+            "'completion' has no place",
+        ),
+        (PREF, {**PREF, "messages": PREF_CHAT["messages"]}, "not both"),
+        (PREF, {"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' must be a string, got number"),
+        (PREF, {"prompt": " ", "chosen": "a", "rejected": "b"}, "'prompt' is empty"),
+        (PREF, {"prompt": "p", "chosen": "", "rejected": "b"}, "'chosen' is empty"),
+        (PREF, {"prompt": "p", "chosen": "a", "rejected": 7}, "'rejected' must be a string or an array"),
+        (PREF, {"prompt": "p", "chosen": "same", "rejected": "same"}, "the same answer"),
+        (PREF, {"prompt": "p", "chosen": answer("a") * 2, "rejected": "b"}, "exactly one assistant message"),
+        (
+            PREF_CHAT,
+            {
+                **PREF_CHAT,
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            },
+            "'messages' must end with a user message",
+        ),
+        (PREF_CHAT, {**PREF_CHAT, "messages": [{"role": "robot", "content": "q"}]}, "messages[0].role"),
+        (
+            OPENAI_PREF,
+            {"input": OPENAI_PREF["input"], "preferred_output": answer("a")},
+            "missing 'non_preferred",
+        ),
+        (OPENAI_PREF, {**OPENAI_PREF, "input": "Snow?"}, "'input' must be an object"),
+        (OPENAI_PREF, {**OPENAI_PREF, "input": {"tools": []}}, "'input' has no 'messages'"),
+        (
+            OPENAI_PREF,
+            {**OPENAI_PREF, "input": {"messages": [{"role": "user", "content": 1}]}},
+            "input.messages[0].content must be a string",
+        ),
+        (
+            OPENAI_PREF,
+            {**OPENAI_PREF, "input": {**OPENAI_PREF["input"], "tools": [{"type": "function"}]}},
+            "'input.tools'",
+        ),
+        (OPENAI_PREF, {**OPENAI_PREF, "preferred_output": "white"}, "'preferred_output' must be an array"),
+        (
+            OPENAI_PREF,
+            {**OPENAI_PREF, "non_preferred_output": [{"role": "user", "content": "x"}]},
+            "'non_preferred_output' must hold exactly one assistant message",
+        ),
+        (OPENAI_PREF, {**OPENAI_PREF, "non_preferred_output": answer("white")}, "the same answer"),
+        (OPENAI_PREF, {**OPENAI_PREF, "chosen": "a"}, "both preference formats"),
+        (PREF, OPENAI_PREF, "differs from the preference format"),
+        (PREF, {"prompt": "p", "completion": "c"}, "differs from the preference format"),
+    ],
+)
+def test_bad_preference_lines_are_reported_with_their_number_and_field(good, row, message):
+    with pytest.raises(DatasetInvalid) as info:
+        scan_jsonl(lines(good, good, row, good))
+    problem = info.value.problems[0]
+    assert problem.line == 3
+    assert message in problem.message, problem.message
+
+
+def test_preference_datasets_train_only_preference_methods():
+    assert method_mismatch(Method.dpo, DatasetFormat.preference) is None
+    assert method_mismatch(Method.dpo, DatasetFormat.openai_preference) is None
+    assert method_mismatch(Method.lora, DatasetFormat.messages) is None
+    assert "learns from preference pairs" in method_mismatch(Method.dpo, DatasetFormat.messages)
+    for method in (Method.lora, Method.qlora, Method.fusion):
+        assert "use method dpo" in method_mismatch(method, DatasetFormat.preference)

@@ -377,3 +377,51 @@ def test_byte_helpers():
 def test_the_pure_planner_imports_no_torch():
     code = "import sys, shared.planning; assert not {'torch', 'transformers', 'peft'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("quantization", [None, {}])
+def test_a_dpo_estimate_is_sft_on_both_sequences_plus_the_reference_pass(quantization):
+    """A dpo micro-batch of b pairs runs 2b sequences; the reference adds a no-grad pass over them, and no
+    weights (it is the same base with the adapter switched off)."""
+    shape = ModelShape.from_config(LLAMA2_7B)
+    adapter = {"rank": 16, "target_modules": "all-linear"}
+    hp = {"batch_size": 2, "max_seq_length": 1024, "gradient_checkpointing": True}
+    dpo = JobSpec(
+        base_model="m",
+        dataset="d",
+        method="dpo",
+        adapter=adapter,
+        quantization=quantization,
+        hyperparameters=hp,
+    )
+    sft = JobSpec(
+        base_model="m",
+        dataset="d",
+        method="qlora" if quantization is not None else "lora",
+        adapter=adapter,
+        hyperparameters={**hp, "batch_size": 4},
+    )
+    trainable = adapter_parameters(dpo, shape)
+    total = shape.base_parameters() + trainable
+    pairs = estimate_memory(dpo, shape, trainable, total, seq_length=512)
+    sequences = estimate_memory(sft, shape, trainable, total, seq_length=512)
+    assert pairs.micro_batch_size == 2 and pairs.tokens_per_micro_batch == 2 * 2 * 512
+    assert pairs.details["preference"]["sequences_per_micro_batch"] == 4
+    reference = pairs.components.pop("reference_pass")
+    assert "reference_pass" not in sequences.components
+    for part in (
+        "weights",
+        "adapter_weights",
+        "optimizer_states",
+        "activations",
+        "attention_mask",
+        "lm_head_and_loss",
+    ):
+        assert pairs.components[part] == sequences.components[part], part
+    # The reference's working set: a block's tensors at once (no autograd) and the fused head's tile; far less
+    # than what the policy's pass keeps, and no second copy of the weights.
+    assert 0 < reference < pairs.components["activations"]
+    assert reference == pairs.details["preference"]["reference_pass"]
+    assert pairs.total > sequences.total
+    notes = static_checks(dpo, shape)[1]
+    assert any(note.code == "preference_pairs" and "4 sequences" in note.message for note in notes)

@@ -55,3 +55,44 @@ def test_unknown_method_is_refused():
 def test_spec_round_trips_through_json():
     spec = JobSpec(base_model="m", dataset="s3://b/k.jsonl", adapter={"target_modules": ["q_proj", "v_proj"]})
     assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+def test_dpo_fills_its_defaults_and_trains_lora_dora_or_a_4bit_base():
+    spec = JobSpec(base_model="m", dataset="d", method="dpo")
+    assert (spec.dpo.beta, spec.dpo.loss_type, spec.dpo.label_smoothing) == (0.1, "sigmoid", None)
+    assert spec.adapter.rank == 16 and not spec.adapter.use_dora
+    assert spec.hyperparameters.learning_rate == 5e-5
+    assert spec.quantization is None and not spec.quantized
+    assert spec.hyperparameters.gradient_checkpointing is False
+
+    dora_4bit = JobSpec(
+        base_model="m",
+        dataset="d",
+        method="dpo",
+        adapter={"use_dora": True},
+        quantization={},
+        dpo={"beta": 0.5, "loss_type": "robust"},
+    )
+    assert dora_4bit.adapter.use_dora and dora_4bit.quantized
+    assert dora_4bit.hyperparameters.gradient_checkpointing is True  # as for qlora
+    assert dora_4bit.dpo.label_smoothing == 0.0
+    assert JobSpec.model_validate_json(dora_4bit.model_dump_json()) == dora_4bit
+
+
+@pytest.mark.parametrize(
+    ("fields", "loc"),
+    [
+        ({"method": "dpo", "dpo": {"beta": 0}}, "dpo.beta"),
+        ({"method": "dpo", "dpo": {"loss_type": "kto"}}, "dpo.loss_type"),
+        ({"method": "dpo", "dpo": {"label_smoothing": 0.1}}, "dpo.label_smoothing"),
+        ({"method": "dpo", "dpo": {"loss_type": "exo_pair", "label_smoothing": 0}}, "dpo.label_smoothing"),
+        ({"method": "dpo", "hyperparameters": {"packing": True}}, "hyperparameters.packing"),
+        ({"method": "dpo", "hyperparameters": {"padding_free": True}}, "hyperparameters.padding_free"),
+        ({"method": "lora", "dpo": {}}, "dpo"),
+        ({"method": "dora", "quantization": {}}, "quantization"),
+    ],
+)
+def test_bad_dpo_settings_name_the_field(fields, loc):
+    with pytest.raises(ValidationError) as info:
+        JobSpec(base_model="m", dataset="d", **fields)
+    assert ".".join(map(str, info.value.errors()[0]["loc"])) == loc, info.value.errors()

@@ -41,6 +41,8 @@ class ModelFlops:
     attention_width: int  # d: heads x head dim
     hidden: int  # h
     vocab: int  # V
+    # Forward passes of each token without the adapter and without gradients (DPO's reference: 1).
+    reference_passes: int = 0
 
     @classmethod
     def of(cls, model: torch.nn.Module, trainable: int, total: int) -> ModelFlops:
@@ -64,10 +66,11 @@ class ModelFlops:
 
     def linear_per_token(self) -> float:
         """The FLOPs per token that do not depend on the sequence length."""
-        return 4 * self.frozen + 6 * self.trainable + 4 * self.hidden * self.vocab
+        reference = self.reference_passes * (2 * self.frozen + 2 * self.hidden * self.vocab)
+        return 4 * self.frozen + 6 * self.trainable + 4 * self.hidden * self.vocab + reference
 
     def attention_per_token_and_position(self) -> float:
-        return 12 * self.layers * self.attention_width
+        return (12 + 4 * self.reference_passes) * self.layers * self.attention_width
 
     def per_token(self, mean_length: float) -> float:
         """FLOPs per token when a token attends to `mean_length` positions on average."""

@@ -32,7 +32,7 @@ def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-SECTIONS = ("adapter", "quantization", "merge", "fusion", "export", "hyperparameters")
+SECTIONS = ("adapter", "quantization", "dpo", "merge", "fusion", "export", "hyperparameters")
 
 
 def _lineage(spec: JobSpec) -> list[str]:

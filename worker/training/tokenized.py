@@ -1,7 +1,8 @@
 """Tokenized datasets, ready for the trainer and cached on the worker: a dataset is encoded (worker/training/
 data.py), cut to max_seq_length, rid of samples with nothing to learn and, for `packing`, packed into rows by
 trl, once per (dataset sha256, tokenizer, chat template, format, max_seq_length, packing); retries, resumed
-attempts and other jobs on the same data load the stored Arrow files instead.
+attempts and other jobs on the same data load the stored Arrow files instead. Preference pairs (dpo) become
+prompt_ids/chosen_ids/rejected_ids columns, each pair cut to max_seq_length.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import trl
 from datasets import Dataset, load_from_disk
 from trl import pack_dataset
 
-from shared.datasets import DatasetFormat
-from worker.training.data import encode_dataset
+from shared.datasets import PREFERENCE_FORMATS, DatasetFormat
+from worker.training.data import encode_dataset, encode_preferences
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,13 @@ META_FILE = "tokenized.json"
 class TokenizedDataset:
     """A dataset as the trainer takes it, with what the encoding found."""
 
-    dataset: Dataset  # input_ids and labels (and seq_lengths, packed in rows)
+    # input_ids and labels (and seq_lengths, packed in rows); prompt_ids, chosen_ids and rejected_ids for
+    # preference pairs
+    dataset: Dataset
     samples: int  # records encoded
     tokens: int  # their tokens, before cutting to max_seq_length
     truncated: int  # samples longer than max_seq_length
-    lengths: list[int]  # tokens of each sample kept, after cutting
+    lengths: list[int]  # tokens of each sample kept, after cutting (of a pair: its longer sequence)
     cached: bool = False  # read from the cache
 
     def meta(self) -> dict[str, Any]:
@@ -92,6 +95,19 @@ def tokenize(
 ) -> TokenizedDataset:
     """Encodes the records, cuts each sample to `max_length`, drops the samples left with no token to learn,
     and packs the rest into rows of `max_length` when `packing`."""
+    if fmt in PREFERENCE_FORMATS:
+        preferences = encode_preferences(records, fmt, tokenizer, max_length)
+        pairs = preferences.columns(max_length)
+        return TokenizedDataset(
+            dataset=Dataset.from_dict(pairs),
+            samples=len(preferences.pairs),
+            tokens=preferences.total_tokens,
+            truncated=preferences.truncated,
+            lengths=[
+                len(prompt) + max(len(chosen), len(rejected))
+                for prompt, chosen, rejected in zip(*pairs.values(), strict=True)
+            ],
+        )
     encoded = encode_dataset(records, fmt, tokenizer, max_length)
     columns = encoded.columns(max_length)
     dataset = Dataset.from_dict(columns)

@@ -13,14 +13,14 @@ import math
 import resource
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from shared.errors import JobErrorCode, JobFailure
 from shared.planning import PADDING_FREE_MODEL_TYPES
@@ -117,6 +117,9 @@ class TrainingProgress:
 
     losses: list[float] = field(default_factory=list)
     last_eval_loss: float | None = None
+    # Preference tuning (trl's DPO logs): the last logged reward margin (chosen over rejected) and the share
+    # of pairs whose chosen answer the adapter rewards more, on the training batches and on the eval set.
+    rewards: dict[str, float] = field(default_factory=dict)
     stopped: bool = False
     runtime: float = 0.0
     # Where the time went, by phase (tokenize, load, train, checkpoint, save), in seconds.
@@ -188,47 +191,76 @@ def training_datasets(
     return TrainingData(train.dataset, evaluation, train.lengths)
 
 
+def _trainer_arguments(
+    ctx: TrainingContext, hp: Hyperparameters, kernels: Kernels, *, has_eval: bool
+) -> dict[str, Any]:
+    """The transformers TrainingArguments every recipe shares: the job's hyperparameters and kernels,
+    checkpoints when the job keeps them, and DeepSpeed or data parallelism for multi-GPU jobs."""
+    distributed.skip_cpu_shm_op(ctx.spec)
+    return {
+        "output_dir": str(ctx.work_dir / "trainer"),
+        "num_train_epochs": hp.epochs or 1,
+        "max_steps": hp.max_steps or -1,
+        "per_device_train_batch_size": hp.batch_size,
+        "per_device_eval_batch_size": hp.batch_size,
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "learning_rate": hp.learning_rate,
+        "lr_scheduler_type": hp.lr_scheduler,
+        "warmup_steps": hp.warmup_ratio,
+        "weight_decay": hp.weight_decay,
+        "logging_steps": hp.logging_steps,
+        "eval_strategy": ("steps" if hp.eval_steps else "epoch") if has_eval else "no",
+        "eval_steps": hp.eval_steps,
+        "save_strategy": "steps" if ctx.checkpoints is not None else "no",
+        "save_steps": hp.checkpoint_steps or ctx.checkpoint_steps or 100,
+        # The local copy is only a staging area: stored checkpoints are in object storage.
+        "save_total_limit": 1,
+        "report_to": "none",
+        "seed": hp.seed,
+        "data_seed": hp.seed,
+        "max_length": hp.seq_length,
+        "gradient_checkpointing": bool(hp.gradient_checkpointing),
+        "bf16": kernels.bf16,
+        "optim": "adamw_torch_fused" if kernels.fused_adamw else "adamw_torch",
+        "use_liger_kernel": kernels.liger_kernel,
+        "torch_compile": kernels.torch_compile,
+        "use_cpu": distributed.on_cpu(),
+        "ddp_backend": distributed.ddp_backend(),
+        "deepspeed": distributed.deepspeed_config(ctx.spec),
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
 def training_args(
     ctx: TrainingContext, hp: Hyperparameters, kernels: Kernels, *, has_eval: bool
 ) -> SFTConfig:
     """trl's SFTConfig for a job: its hyperparameters and kernels, checkpoints when the job keeps them, and
     DeepSpeed or data parallelism for multi-GPU jobs. Build it before loading the model: under ZeRO-3 the model
     is partitioned while it loads. The datasets come tokenized, cut and packed (training_datasets)."""
-    distributed.skip_cpu_shm_op(ctx.spec)
     args = SFTConfig(
-        output_dir=str(ctx.work_dir / "trainer"),
-        num_train_epochs=hp.epochs or 1,
-        max_steps=hp.max_steps or -1,
-        per_device_train_batch_size=hp.batch_size,
-        per_device_eval_batch_size=hp.batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
-        learning_rate=hp.learning_rate,
-        lr_scheduler_type=hp.lr_scheduler,
-        warmup_steps=hp.warmup_ratio,
-        weight_decay=hp.weight_decay,
-        logging_steps=hp.logging_steps,
-        eval_strategy=("steps" if hp.eval_steps else "epoch") if has_eval else "no",
-        eval_steps=hp.eval_steps,
-        save_strategy="steps" if ctx.checkpoints is not None else "no",
-        save_steps=hp.checkpoint_steps or ctx.checkpoint_steps or 100,
-        # The local copy is only a staging area: stored checkpoints are in object storage.
-        save_total_limit=1,
-        report_to="none",
-        seed=hp.seed,
-        data_seed=hp.seed,
-        max_length=hp.seq_length,
+        **_trainer_arguments(ctx, hp, kernels, has_eval=has_eval),
         packing=hp.packing,
         dataset_kwargs={"skip_prepare_dataset": True},
-        gradient_checkpointing=bool(hp.gradient_checkpointing),
-        bf16=kernels.bf16,
-        optim="adamw_torch_fused" if kernels.fused_adamw else "adamw_torch",
-        use_liger_kernel=kernels.liger_kernel,
-        torch_compile=kernels.torch_compile,
-        use_cpu=distributed.on_cpu(),
-        ddp_backend=distributed.ddp_backend(),
-        deepspeed=distributed.deepspeed_config(ctx.spec),
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+    )
+    distributed.init_process_group(ctx.spec)
+    return args
+
+
+def dpo_training_args(
+    ctx: TrainingContext, hp: Hyperparameters, kernels: Kernels, *, has_eval: bool
+) -> DPOConfig:
+    """trl's DPOConfig for a dpo job: what training_args sets, with the job's beta and loss. Dropout stays as
+    the adapter asks (trl would switch it off everywhere): it acts on the adapter's branch only, which the
+    reference pass switches off. Build it before loading the model, as training_args."""
+    dpo = ctx.spec.dpo
+    assert dpo is not None
+    args = DPOConfig(
+        **_trainer_arguments(ctx, hp, kernels, has_eval=has_eval),
+        beta=dpo.beta,
+        loss_type=[dpo.loss_type],
+        label_smoothing=dpo.label_smoothing or 0.0,
+        disable_dropout=False,
     )
     distributed.init_process_group(ctx.spec)
     return args
@@ -315,6 +347,16 @@ class ProgressCallback(TrainerCallback):
             train_loss = self.last_train[1] if self.last_train and self.last_train[0] == step else None
             self._metrics_event(step, state.max_steps, train_loss, float(logs["eval_loss"]))
             log.info("step %d/%d: eval loss %.4f", step, state.max_steps, logs["eval_loss"])
+            if self._keep_rewards(logs, "eval_"):
+                rewards = self.progress.rewards
+                margin, accuracy = rewards["eval_reward_margin"], rewards.get("eval_reward_accuracy")
+                self.ctx.reporter.event(
+                    "rewards",
+                    f"step {step}: on the validation pairs the chosen answers are rewarded {margin:+.4f} over the "
+                    "rejected ones"
+                    + (f", and preferred in {accuracy:.0%} of pairs" if accuracy is not None else ""),
+                    data={"step": step, "reward_margin": margin, "reward_accuracy": accuracy},
+                )
             return
         if "loss" not in logs:
             return
@@ -338,6 +380,7 @@ class ProgressCallback(TrainerCallback):
             logs.get("learning_rate") or 0.0,
             f", {rate:,.0f} tokens/s" if rate else "",
         )
+        self._keep_rewards(logs, "")
         # Queued: the attempt's writer stores it in the background.
         self.ctx.reporter.metric(
             "train",
@@ -367,6 +410,17 @@ class ProgressCallback(TrainerCallback):
         if valid_loss is not None:
             data["valid_loss"] = valid_loss
         self.ctx.reporter.event("metrics", f"Step {step}/{total}: {', '.join(parts)}", data=data)
+
+    def _keep_rewards(self, logs: dict[str, float], prefix: str) -> bool:
+        """Keeps the reward margin and accuracy trl's DPOTrainer logged (under `prefix`); False when it logged
+        none (any other trainer)."""
+        found = False
+        for name, key in (("reward_margin", "rewards/margins"), ("reward_accuracy", "rewards/accuracies")):
+            value = logs.get(prefix + key)
+            if value is not None and math.isfinite(value):
+                self.progress.rewards[f"{prefix or 'train_'}{name}"] = float(value)
+                found = found or name == "reward_margin"
+        return found
 
 
 def use_padding_free(
@@ -437,6 +491,56 @@ def sft_trainer(
     return trainer
 
 
+class PreferenceTrainer(DPOTrainer):
+    """trl's DPOTrainer on pairs tokenized here (prompt_ids, chosen_ids, rejected_ids; worker/training/data.py),
+    so that the plan, the cache and training see the same tokens: trl's own preparation is skipped."""
+
+    def _prepare_dataset(
+        self, dataset: Dataset, processing_class: Any, args: Any, dataset_name: str
+    ) -> Dataset:
+        return dataset
+
+
+def dpo_trainer(
+    ctx: TrainingContext,
+    model: torch.nn.Module,
+    peft_config: Any,
+    tokenizer: Any,
+    data: TrainingData,
+    args: DPOConfig,
+    progress: TrainingProgress,
+) -> PreferenceTrainer:
+    """trl's DPOTrainer on the base `model`, wrapping it in the job's adapter (`peft_config`) and reporting
+    through a ProgressCallback into `progress`. No reference model is given: trl then scores the reference
+    with the adapter switched off, on the same weights."""
+    kernels = progress.kernels
+    assert kernels is not None
+    trainer = PreferenceTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[ProgressCallback(ctx, progress)],
+        peft_config=peft_config,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    # Each sequence also runs forward once more through the reference, which counts in the FLOPs.
+    progress.flops = replace(ModelFlops.of(trainer.model, trainable, total), reference_passes=1)
+    progress.batches = BatchCounter(trainer.data_collator)
+    trainer.data_collator = progress.batches
+    ctx.reporter.event(
+        "kernels",
+        f"training with {kernels.attn_implementation} attention, {'bf16' if kernels.bf16 else 'fp32'}"
+        f"{', fused AdamW' if kernels.fused_adamw else ''}; padded batches of chosen and rejected sequences; "
+        "reference: the base model with the adapter switched off",
+        data={**kernels.to_dict(), "padding_free": False, "packing": False},
+    )
+    return trainer
+
+
 def train(ctx: TrainingContext, trainer: SFTTrainer, progress: TrainingProgress) -> None:
     """Runs the training loop, resuming from the job's checkpoint when there is one, and waits until its last
     checkpoint is stored."""
@@ -499,7 +603,8 @@ def efficiency(ctx: TrainingContext, trainer: SFTTrainer, progress: TrainingProg
     peak, source = device_peak(ctx.device_peak_tflops, ctx.cache_dir, dtype)
     devices = distributed.world_size()
     result |= {
-        "mfu": round(tokens * per_token / runtime / (peak * devices), 4),
+        # Four significant digits: on small models the MFU is a fraction of a percent.
+        "mfu": float(f"{tokens * per_token / runtime / (peak * devices):.4g}"),
         "device_peak_flops": round(peak),
         "device_peak_source": source,
     }
@@ -516,6 +621,7 @@ def training_metrics(trainer: SFTTrainer, progress: TrainingProgress, ctx: Train
         "first_train_loss": progress.losses[0] if progress.losses else None,
         "final_train_loss": progress.losses[-1] if progress.losses else None,
         "eval_loss": progress.last_eval_loss,
+        **{name: round(value, 6) for name, value in sorted(progress.rewards.items())},
         "train_runtime_seconds": round(runtime, 3),
         "seconds_per_step": round(runtime / state.global_step, 4) if state.global_step else None,
         **efficiency(ctx, trainer, progress),

@@ -13,6 +13,7 @@ _RECIPES: dict[Method, str] = {
     Method.dora: "worker.training.recipes.lora:DoraRecipe",
     Method.rslora: "worker.training.recipes.lora:RsLoraRecipe",
     Method.qlora: "worker.training.recipes.qlora:QLoraRecipe",
+    Method.dpo: "worker.training.recipes.dpo:DpoRecipe",
     Method.merge: "worker.training.recipes.merge:MergeRecipe",
     Method.fusion: "worker.training.recipes.fusion:FusionRecipe",
     Method.export: "worker.training.recipes.export:ExportRecipe",

@@ -88,11 +88,16 @@ class QLoraRecipe(LoraRecipe):
     def setup(self) -> None:
         super().setup()
         assert self.model is not None
-        # trl's SFTTrainer casts the trainable adapter weights of a quantized model to bfloat16 (following
-        # the QLoRA paper), whatever compute dtype was asked for. The optimizer then updates bfloat16 weights
-        # with no float32 master copy, so updates smaller than bfloat16's resolution are lost. Keep them in
-        # float32 like every other LoRA job here (on GPU the trainer's bf16 autocast still computes the adapter
-        # matmuls in bfloat16). The optimizer does not exist yet, so it is built on the float32 weights.
-        for param in self.model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.to(torch.float32)
+        keep_adapter_in_float32(self.model)
+
+
+def keep_adapter_in_float32(model: torch.nn.Module) -> None:
+    """Undoes trl's cast of a quantized model's adapter to bfloat16. trl's trainers (SFT and DPO) cast the
+    trainable adapter weights of a quantized model to bfloat16 (following the QLoRA paper), whatever compute
+    dtype was asked for. The optimizer then updates bfloat16 weights with no float32 master copy, so updates
+    smaller than bfloat16's resolution are lost. Keep them in float32 like every other LoRA job here (on GPU the
+    trainer's bf16 autocast still computes the adapter matmuls in bfloat16). Call it before training starts:
+    the optimizer does not exist yet, so it is built on the float32 weights."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
