@@ -90,6 +90,10 @@ def test_dpo_fills_its_defaults_and_trains_lora_dora_or_a_4bit_base():
         ({"method": "dpo", "hyperparameters": {"padding_free": True}}, "hyperparameters.padding_free"),
         ({"method": "lora", "dpo": {}}, "dpo"),
         ({"method": "dora", "quantization": {}}, "quantization"),
+        # Its reference is the base with the adapter switched off; it reports reward margins, not answers.
+        ({"method": "dpo", "init_from": {"job": "ftjob-x"}}, "init_from"),
+        ({"method": "dpo", "eval_prompts": ["Snow?"]}, "eval_prompts"),
+        ({"method": "dpo", "validation_dataset": "v", "eval_samples": 2}, "eval_samples"),
     ],
 )
 def test_bad_dpo_settings_name_the_field(fields, loc):
