@@ -122,7 +122,7 @@ class Hyperparameters(BaseModel):
     bf16: bool | None = Field(
         None,
         description="train under bfloat16 autocast; default: on GPUs that have it, and on CPUs with AVX512-BF16 "
-        "or AMX where it measured faster",
+        "or AMX where the deployment offers bf16 (TUNEFORGE_WORKER_FEATURES) and it measured faster",
     )
     fused_adamw: bool | None = Field(
         None,

@@ -176,6 +176,7 @@ def train_attempt(
             cache_dir=settings.cache_dir,
             dataset_sha256=dataset_digests(launch),
             device_peak_tflops=settings.device_peak_tflops,
+            bf16_offered="bf16" in settings.worker_features,
         )
         log.info(
             "rank %d: %s of %s, attempt %d%s",

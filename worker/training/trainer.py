@@ -61,13 +61,18 @@ def _installed(module: str) -> bool:
 def training_kernels(ctx: TrainingContext, hp: Hyperparameters) -> Kernels:
     """The job's precision, attention kernel and fast paths on this device: what it asked for, checked against
     the hardware (a JobFailure naming the option when it cannot run here), and safe defaults for the rest:
-    bf16 on GPUs that have it (on CPUs with native bf16 where it measured faster), FlashAttention-2 where
+    bf16 on GPUs that have it (on CPUs with native bf16 that the deployment offers bf16 on, where it measured
+    faster), FlashAttention-2 where
     installed on a GPU, SDPA otherwise."""
     on_gpu = torch.cuda.is_available()
     gpu_bf16 = on_gpu and torch.cuda.is_bf16_supported()
     if hp.bf16 and on_gpu and not gpu_bf16:
         raise JobFailure(JobErrorCode.invalid_config, "bf16: this worker's GPU has no bfloat16; remove bf16")
-    default_bf16 = gpu_bf16 if on_gpu else hp.bf16 is None and cpu_bf16_pays(ctx.cache_dir)
+    # On a CPU only where the deployment offers bf16: the speed-up is measured on a machine that may be busy, and a
+    # default that follows a measurement would change a job's numbers from one run to the next.
+    default_bf16 = (
+        gpu_bf16 if on_gpu else hp.bf16 is None and ctx.bf16_offered and cpu_bf16_pays(ctx.cache_dir)
+    )
     bf16 = hp.bf16 if hp.bf16 is not None else default_bf16
     attn = hp.attn_implementation
     flash = on_gpu and bf16 and _installed("flash_attn")

@@ -62,6 +62,9 @@ class TrainingContext:
     dataset_sha256: dict[str, str] = field(default_factory=dict)
     # The deployment's figure for the device's peak TFLOP/s (measured when unset).
     device_peak_tflops: float | None = None
+    # Whether the deployment says its workers offer bf16 (TUNEFORGE_WORKER_FEATURES): a CPU worker turns bf16
+    # autocast on by default only then (and only where it measured faster).
+    bf16_offered: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check_stop(self) -> None:
