@@ -514,6 +514,9 @@ def test_export_of_a_qlora_job_merges_into_the_full_precision_base(
     tokenizer = AutoTokenizer.from_pretrained(folders["merged"])
     inputs = tokenizer("What color is snow? snow is white. Reverse stone: enots", return_tensors="pt")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = color_messages(16, seed=7)
+    # Before PeftModel.from_pretrained, which puts the adapter's layers into `base` itself.
+    base_loss = chat_loss(base, tokenizer, rows)
     with torch.no_grad():
         base_logits = base(**inputs).logits
         reference = PeftModel.from_pretrained(base, folders["adapter"]).eval()
@@ -537,5 +540,4 @@ def test_export_of_a_qlora_job_merges_into_the_full_precision_base(
     assert difference <= tolerance
     assert not torch.allclose(expected, base_logits, atol=1e-3)  # the adapter is in the merged weights
     # What the adapter learned on the 4-bit base carries over to the full-precision one.
-    rows = color_messages(16, seed=7)
-    assert chat_loss(merged, tokenizer, rows) < chat_loss(base, tokenizer, rows)
+    assert chat_loss(merged, tokenizer, rows) < base_loss
