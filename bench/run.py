@@ -397,6 +397,7 @@ def main() -> int:
     parser.add_argument("--packing-length", type=int, default=256, help="max_seq_length of the packing runs")
     parser.add_argument("--skip-api", action="store_true", help="leave out (b)")
     parser.add_argument("--skip-packing", action="store_true", help="leave out (p)")
+    parser.add_argument("--skip-bf16", action="store_true", help="leave out (c)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tuneforge-bench-"))
@@ -442,11 +443,13 @@ def main() -> int:
             "base_model": "bench",
             "dataset": file_id,
             "adapter": adapter,
-            # Padded like the bare script: the comparison is of the same work.
+            # Padded and in float32 like the bare script: the comparison is of the same work ((c) measures
+            # bf16 autocast on CPUs that have it).
             "hyperparameters": {
                 "max_steps": args.steps,
                 "batch_size": args.batch,
                 "max_seq_length": 512,
+                "bf16": False,
                 **packing_options()["padded"],
             },
         }
@@ -516,7 +519,8 @@ def main() -> int:
 
         if not args.skip_packing:
             figures |= bench_packing(client, model_dir, mixed, work, args)
-        figures |= bench_cpu_bf16(client, spec, args)
+        if not args.skip_bf16:
+            figures |= bench_cpu_bf16(client, spec, args)
 
         if not args.skip_api:
             tool = "wrk" if shutil.which("wrk") else "a Python asyncio client"
