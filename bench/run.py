@@ -305,8 +305,10 @@ def fixed_overhead(client: Any, job: dict[str, Any]) -> float | None:
         (e for e in events if e["type"] == "status" and (e.get("data") or {}).get("status") == "running"),
         None,
     )
-    dataset = next((e for e in events if e["type"] == "dataset"), None)
-    model = next((e for e in events if e["type"] == "model"), None)
+    # The training process's own dataset and model events (validation reported the dataset before the claim).
+    after_claim = [e for e in events if claimed is not None and e["id"] > claimed["id"]]
+    dataset = next((e for e in after_claim if e["type"] == "dataset"), None)
+    model = next((e for e in after_claim if e["type"] == "model"), None)
     train = client.metrics(job["id"])["train"]
     step = (job.get("result") or {}).get("seconds_per_step")
     if not (claimed and dataset and model and train and step):
