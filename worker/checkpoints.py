@@ -156,6 +156,9 @@ class CheckpointUploader:
                 metrics=metrics,
             )
 
+        # The metric points and events up to this step go first: an attempt resumed from this checkpoint starts
+        # after it and never logs them again, so a point still queued when the worker dies would be lost.
+        self.writer.flush_queued()
         self.writer.write(record, "a checkpoint")
 
 

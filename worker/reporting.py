@@ -82,6 +82,10 @@ class AttemptWriter:
         self._error: BaseException | None = None
         self._hurry = False
         self._thread: threading.Thread | None = None
+        # Entries queued and entries written (or given up on) so far: written in order, so everything queued
+        # before a moment is written once the second count reaches the first's value at that moment.
+        self._queued_total = 0
+        self._written_total = 0
 
     def write(
         self, action: Callable[[Session], T], what: str, *, retry_for: float = RETRY_SECONDS
@@ -161,6 +165,26 @@ class AttemptWriter:
                     raise self._error or TimeoutError(f"{kept} events and metric points are still unwritten")
                 self._changed.wait(min(left, 0.5))
 
+    def flush_queued(self, timeout: float = RETRY_SECONDS) -> None:
+        """Waits until everything queued before this call is written (what is queued meanwhile may still wait:
+        a training loop that keeps logging does not hold the caller up); raises like `flush`."""
+        if self._queue is None:
+            self.flush(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            target = self._queued_total
+            self._hurry = True
+            self._changed.notify_all()
+            while self._written_total < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = target - self._written_total
+                    raise self._error or TimeoutError(
+                        f"{missing} events and metric points are still unwritten"
+                    )
+                self._changed.wait(min(left, 0.5))
+
     def start_background(self) -> None:
         """From now on events and metric points are queued and written by a thread of this writer."""
         if self._thread is not None:
@@ -182,6 +206,7 @@ class AttemptWriter:
             return False
         with self._changed:
             self._queue.append(entry)
+            self._queued_total += 1
             self._changed.notify_all()
         return True
 
@@ -203,6 +228,7 @@ class AttemptWriter:
                     retry_for=0,
                 )
                 delay, self._error = 0.5, None
+                done = len(batch)
             except (OperationalError, InterfaceError) as exc:
                 # The database is away: keep the batch, in front of whatever came since, and try again.
                 log.warning("could not write events and metrics of job %s (%s); retrying", self.job_id, exc)
@@ -211,10 +237,13 @@ class AttemptWriter:
                     self._queue[:0] = batch
                     self._error = exc
                 pause, delay = delay, min(2 * delay, 5.0)
+                done = 0
             except Exception:
                 log.exception("events and metrics of job %s could not be written; dropped", self.job_id)
+                done = len(batch)
             with self._changed:
                 self._writing = []
+                self._written_total += done
                 self._changed.notify_all()
                 # Wait a little for more to batch with, unless someone flushes.
                 self._changed.wait_for(lambda: self._hurry, timeout=pause)
