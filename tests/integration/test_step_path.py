@@ -144,6 +144,55 @@ def test_points_wait_in_the_background_while_the_database_is_away_and_none_is_lo
     ]
 
 
+def test_a_checkpoint_waits_for_the_points_queued_before_it_not_for_later_ones(settings, store):
+    # What a checkpoint's record waits for (CheckpointUploader.store_and_record): every point queued before it
+    # (a resumed attempt starts after the checkpoint and never logs them again), but not the points a training
+    # loop keeps queuing meanwhile.
+    job_id = running_job(settings, store)
+    url = settings.database_url
+    host, port = url.split("@", 1)[1].split("/", 1)[0].split(":")
+    relay = Relay(host, int(port))
+    through_relay = settings.model_copy(
+        update={"database_url": url.replace(f"{host}:{port}", f"127.0.0.1:{relay.port}")}
+    )
+    writer = AttemptWriter(through_relay, job_id, 1)
+    writer.start_background()
+    writer.metric("train", 1, {"loss": 1.0})
+    writer.flush()
+    relay.cut()
+    for step in range(2, 21):
+        writer.metric("train", step, {"loss": 1.0 / step})
+    seen_when_done: list[list[int]] = []
+    flushing = threading.Thread(
+        target=lambda: (
+            writer.flush_queued(timeout=60),
+            seen_when_done.append(metric_steps(settings, job_id)),
+        )
+    )
+    flushing.start()
+    flushing.join(timeout=1.0)
+    assert flushing.is_alive()  # the database is away: the points before it are not written yet
+    stop = threading.Event()
+
+    def keep_logging() -> None:  # the training loop goes on, a point every 10 ms, all through the flush
+        step = 21
+        while not stop.wait(0.01):
+            writer.metric("train", step, {"loss": 0.01})
+            step += 1
+
+    loop = threading.Thread(target=keep_logging)
+    loop.start()
+    try:
+        relay.restore()
+        flushing.join(timeout=60)
+        assert not flushing.is_alive()
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert seen_when_done and seen_when_done[0][:20] == list(range(1, 21))
+    writer.flush(timeout=60)
+
+
 def test_a_stale_attempt_writes_nothing_from_the_background(settings, store):
     job_id = running_job(settings, store, attempt=2)
     stale = AttemptWriter(settings, job_id, 1)
