@@ -256,22 +256,7 @@ class Tuneforge:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         """Cancels a job: at once if it waits, through `cancelling` if it trains. Retried safely: a retry
         that finds the job already cancelled returns the job."""
-        attempts = 1 + self.retries
-        for attempt in range(attempts):
-            try:
-                return self._json(self._request("POST", f"/v1/jobs/{job_id}/cancel", retry=False))
-            except APIConnectionError:
-                if attempt == attempts - 1:
-                    raise
-            except TuneforgeError as error:
-                if attempt > 0 and error.status_code == 409:
-                    job = self.get_job(job_id)
-                    if job["status"] in ("cancelled", "cancelling"):
-                        return job
-                if error.status_code not in RETRY_STATUSES or attempt == attempts - 1:
-                    raise
-            self._pause(attempt)
-        raise AssertionError("unreachable")
+        return self._move(job_id, "cancel", done=("cancelled", "cancelling"))
 
     def pause_job(self, job_id: str) -> dict[str, Any]:
         """Pauses a job: at once if it is queued, through `pausing` (a checkpoint, then its GPUs back) if it
@@ -281,17 +266,22 @@ class Tuneforge:
     def resume_job(self, job_id: str) -> dict[str, Any]:
         """Puts a paused job back in the queue. Retried safely: a retry that finds the job queued or running
         again returns the job."""
+        return self._move(job_id, "resume", done=("queued", "running"))
+
+    def _move(self, job_id: str, action: str, *, done: tuple[str, ...]) -> dict[str, Any]:
+        """POSTs /v1/jobs/{id}/<action>, retried: the 409 of a retry whose first try went through (the job is
+        already in one of the `done` statuses) returns the job."""
         attempts = 1 + self.retries
         for attempt in range(attempts):
             try:
-                return self._json(self._request("POST", f"/v1/jobs/{job_id}/resume", retry=False))
+                return self._json(self._request("POST", f"/v1/jobs/{job_id}/{action}", retry=False))
             except APIConnectionError:
                 if attempt == attempts - 1:
                     raise
             except TuneforgeError as error:
                 if attempt > 0 and error.status_code == 409:
                     job = self.get_job(job_id)
-                    if job["status"] in ("queued", "running"):
+                    if job["status"] in done:
                         return job
                 if error.status_code not in RETRY_STATUSES or attempt == attempts - 1:
                     raise

@@ -115,15 +115,20 @@ def events_of(settings, job_id: str, type: str) -> list[JobEvent]:
 # --------------------------------------------------------------------------------- the background writer
 
 
-def test_points_wait_in_the_background_while_the_database_is_away_and_none_is_lost(settings, store):
-    job_id = running_job(settings, store)
+def writer_through_relay(settings, job_id: str) -> tuple[Relay, AttemptWriter]:
+    """An attempt's writer whose database connections go through a relay the test can cut and restore."""
     url = settings.database_url
     host, port = url.split("@", 1)[1].split("/", 1)[0].split(":")
     relay = Relay(host, int(port))
     through_relay = settings.model_copy(
         update={"database_url": url.replace(f"{host}:{port}", f"127.0.0.1:{relay.port}")}
     )
-    writer = AttemptWriter(through_relay, job_id, 1)
+    return relay, AttemptWriter(through_relay, job_id, 1)
+
+
+def test_points_wait_in_the_background_while_the_database_is_away_and_none_is_lost(settings, store):
+    job_id = running_job(settings, store)
+    relay, writer = writer_through_relay(settings, job_id)
     writer.start_background()
     for step in range(1, 6):
         writer.metric("train", step, {"loss": 1.0 / step})
@@ -149,13 +154,7 @@ def test_a_checkpoint_waits_for_the_points_queued_before_it_not_for_later_ones(s
     # (a resumed attempt starts after the checkpoint and never logs them again), but not the points a training
     # loop keeps queuing meanwhile.
     job_id = running_job(settings, store)
-    url = settings.database_url
-    host, port = url.split("@", 1)[1].split("/", 1)[0].split(":")
-    relay = Relay(host, int(port))
-    through_relay = settings.model_copy(
-        update={"database_url": url.replace(f"{host}:{port}", f"127.0.0.1:{relay.port}")}
-    )
-    writer = AttemptWriter(through_relay, job_id, 1)
+    relay, writer = writer_through_relay(settings, job_id)
     writer.start_background()
     writer.metric("train", 1, {"loss": 1.0})
     writer.flush()
