@@ -19,6 +19,7 @@ Each section ends with `name value` lines; the last lines of the run repeat them
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import secrets
@@ -252,16 +253,20 @@ def fairness(minutes: int = 30) -> None:
 
 
 def scale(
-    nodes: int = 1000, slots: int = 8, queued: int = 100_000, teams_count: int = 20, seconds: float = 30
+    nodes: int = 1000,
+    slots: int = 8,
+    queued: int = 100_000,
+    teams_count: int = 20,
+    seconds: float = 30,
+    processes: int = 4,
+    threads: int = 6,
+    job_seconds: tuple[float, float] = (2.0, 6.0),
 ) -> None:
     from sqlalchemy import text
 
     from shared.db import engine_for, session_scope
     from shared.schemas import JobSpec
-    from shared.services import claims, usage
-    from shared.services import jobs as job_service
-    from shared.services.claims import NodeCapacity
-    from shared.states import JobStatus
+    from shared.services import usage
 
     url = fresh_database("tuneforge_bench_claims")
     settings = settings_for(url, Path(tempfile.mkdtemp()))
@@ -312,71 +317,125 @@ def scale(
         conn.execute(text("ANALYZE"))
     print(f"loaded {queued} queued jobs in {time.perf_counter() - started:.1f}s", flush=True)
 
+    # The simulated nodes run in several processes (each a few threads, one connection pool), as real nodes
+    # are separate machines: one process would measure its own GIL, not the claims.
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    node_ids = [f"sim-node-{i:04d}" for i in range(nodes)]
+    begin_at = time.time() + 8.0  # every process starts claiming at the same moment, after its imports
+    workers = [
+        context.Process(
+            target=_claim_process,
+            args=(
+                url,
+                str(settings.home),
+                node_ids[i::processes],
+                slots,
+                threads,
+                begin_at,
+                seconds,
+            ),
+            kwargs={"results": results, "job_seconds": job_seconds},
+        )
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
     latencies: list[float] = []
     claimed: dict[str, int] = defaultdict(int)
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-    node_ids = [f"sim-node-{i:04d}" for i in range(nodes)]
-
-    class SimNode:
-        def __init__(self, name: str) -> None:
-            self.name = name
-            self.busy: dict[int, tuple[str, float]] = {}  # gpu -> (job, ends at)
-
-    sims = [SimNode(n) for n in node_ids]
-
-    def driver(mine: list[SimNode]) -> None:
-        rng = random.Random()
-        while time.monotonic() < stop:
-            for sim in mine:
-                now = time.monotonic()
-                if now >= stop:
-                    return
-                for job_id in {j for j, end in sim.busy.values() if end <= now}:
-                    with session_scope(url) as session:
-                        job_service.transition(session=session, job_id=job_id, to=JobStatus.succeeded)
-                    sim.busy = {g: v for g, v in sim.busy.items() if v[0] != job_id}
-                free = tuple(g for g in range(slots) if g not in sim.busy)
-                if not free:
-                    continue
-                began = time.perf_counter()
-                with session_scope(url) as session:
-                    got = claims.claim_next(
-                        session=session,
-                        settings=settings,
-                        node=NodeCapacity(sim.name, slots, free, host=sim.name),
-                    )
-                took = time.perf_counter() - began
-                if got is not None:
-                    ends = time.monotonic() + rng.uniform(2.0, 6.0)
-                    sim.busy.update({g: (got.job_id, ends) for g in got.gpu_indices})
-                    with lock:
-                        latencies.append(took)
-                        claimed[got.team_id] += 1
-
-    threads_count = 24
-    groups = [sims[i::threads_count] for i in range(threads_count)]
-    threads = [threading.Thread(target=driver, args=(g,)) for g in groups]
-    began = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - began
+    ended = 0
+    for _ in workers:
+        # A process that broke (its traceback is above) would leave this waiting forever: give up instead.
+        mine, teams_claimed, finished = results.get(timeout=seconds + 120)
+        latencies.extend(mine)
+        ended += finished
+        for team, count in teams_claimed.items():
+            claimed[team] += count
+    for worker in workers:
+        worker.join()
     latencies.sort()
     with session_scope(url) as session:
         shares = usage.team_usage(session, window_seconds=3600)
     total = sum(shares.values()) or 1.0
-    figure("claims_per_s", round(len(latencies) / elapsed, 1))
+    figure("claims_per_s", round(len(latencies) / seconds, 1))
     figure("claim_p50_ms", round(1000 * latencies[len(latencies) // 2], 2))
     figure("claim_p99_ms", round(1000 * latencies[int(len(latencies) * 0.99)], 2))
+    figure("scale_ends_per_s", round(ended / seconds, 1))
     figure(
         "scale_teams_share_max_deviation_pct",
         round(max(abs(v / total - 1 / teams_count) * 100 * teams_count for v in shares.values()), 2),
     )
     figure("scale_queued_jobs", queued)
     figure("scale_nodes", nodes)
-    _ = claims, usage
+
+
+def _claim_process(
+    url: str,
+    home: str,
+    node_ids: list[str],
+    slots: int,
+    threads_count: int,
+    begin_at: float,
+    seconds: float,
+    *,
+    results,
+    job_seconds: tuple[float, float],
+) -> None:
+    """One process of simulated nodes: each node claims through the real claim code whenever it has free slots,
+    and each claimed job "runs" for a few seconds, then ends through the real state machine."""
+    sys.path.insert(0, str(ROOT))
+    from shared.db import session_scope
+    from shared.services import claims
+    from shared.services import jobs as job_service
+    from shared.services.claims import NodeCapacity
+    from shared.states import JobStatus
+
+    settings = settings_for(url, Path(home))
+    latencies: list[float] = []
+    claimed: dict[str, int] = defaultdict(int)
+    ended = [0]
+    lock = threading.Lock()
+    time.sleep(max(0.0, begin_at - time.time()))
+    stop = time.monotonic() + seconds
+
+    def driver(mine: list[str]) -> None:
+        rng = random.Random()
+        busy: dict[str, dict[int, tuple[str, float]]] = {name: {} for name in mine}  # gpu -> (job, ends at)
+        while time.monotonic() < stop:
+            for name in mine:
+                now = time.monotonic()
+                if now >= stop:
+                    return
+                for job_id in {j for j, end in busy[name].values() if end <= now}:
+                    with session_scope(url) as session:
+                        job_service.transition(session=session, job_id=job_id, to=JobStatus.succeeded)
+                    busy[name] = {g: v for g, v in busy[name].items() if v[0] != job_id}
+                    with lock:
+                        ended[0] += 1
+                free = tuple(g for g in range(slots) if g not in busy[name])
+                if not free:
+                    continue
+                began = time.perf_counter()
+                with session_scope(url) as session:
+                    got = claims.claim_next(
+                        session=session, settings=settings, node=NodeCapacity(name, slots, free, host=name)
+                    )
+                took = time.perf_counter() - began
+                if got is not None:
+                    ends = time.monotonic() + rng.uniform(*job_seconds)
+                    busy[name].update({g: (got.job_id, ends) for g in got.gpu_indices})
+                    with lock:
+                        latencies.append(took)
+                        claimed[got.team_id] += 1
+
+    threads = [
+        threading.Thread(target=driver, args=(node_ids[i::threads_count],)) for i in range(threads_count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results.put((latencies, dict(claimed), ended[0]))
 
 
 def main() -> None:
@@ -387,13 +446,26 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the scale section claims")
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--queued", type=int, default=100_000)
+    parser.add_argument("--processes", type=int, default=4, help="processes of simulated nodes (scale)")
+    parser.add_argument("--threads", type=int, default=6, help="claiming threads per process (scale)")
+    parser.add_argument(
+        "--job-seconds", default="2:6", help="how long a simulated job runs, min:max seconds (scale)"
+    )
     args = parser.parse_args()
     if args.section in ("makespan", "all"):
         makespan()
     if args.section in ("fairness", "all"):
         fairness()
     if args.section in ("scale", "all"):
-        scale(nodes=args.nodes, queued=args.queued, seconds=args.seconds)
+        low, high = (float(x) for x in args.job_seconds.split(":"))
+        scale(
+            nodes=args.nodes,
+            queued=args.queued,
+            seconds=args.seconds,
+            processes=args.processes,
+            threads=args.threads,
+            job_seconds=(low, high),
+        )
     print()
     for name, value in FIGURES:
         print(f"{name} {value:g}")

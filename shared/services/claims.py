@@ -24,7 +24,8 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, true, update
+from sqlalchemy import String, and_, bindparam, delete, func, insert, or_, select, true, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from shared.models import Attempt, GpuUsage, Job, JobEvent, Node, Team, utcnow
@@ -75,9 +76,14 @@ class LeaseState:
 def launcher_for(spec: JobSpec) -> str:
     """How an attempt's training starts: one process, torchrun's process group, or a Ray Train job."""
     resources = spec.resources
-    if resources.nodes > 1:
+    return launcher_of(resources.nodes, resources.gpus, resources.zero_stage)
+
+
+def launcher_of(nodes: int, gpus: int, zero_stage: int) -> str:
+    """launcher_for, from the three numbers it depends on (a claim reads them without validating the spec)."""
+    if nodes > 1:
         return "ray"
-    return "torchrun" if resources.gpus > 1 or resources.zero_stage else "process"
+    return "torchrun" if gpus > 1 or zero_stage else "process"
 
 
 @dataclass(frozen=True)
@@ -168,7 +174,8 @@ def _candidates(
         "p_stale": now - timedelta(seconds=settings.lease_timeout_seconds),
         "p_since": minute_of(now - timedelta(seconds=settings.fair_share_window_seconds)),
     }
-    return [_Candidate(*row[:7], float(row[7]), int(row[8])) for row in session.execute(query, params)]
+    rows = session.connection().execute(query, params)
+    return [_Candidate(*row[:7], float(row[7]), int(row[8])) for row in rows]
 
 
 def _ranked(candidates: Sequence[_Candidate], charge_seconds: float) -> list[_Candidate]:
@@ -289,7 +296,9 @@ STARTED = (Job.id, Job.team_id, Job.attempt, Job.gpus, Job.nodes, Job.spec)
 
 @cache
 def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
-    """The statements of a take, built once (see _take); bound: p_job, p_team, p_worker, p_now, p_limit (named apart from columns, which an UPDATE would set)."""
+    """The statements of a take, built once (see _take). Bound: p_worker, p_now, p_limit, and on PostgreSQL
+    p_ids (the candidates, best first), on SQLite p_job, p_team and p_gpus (named apart from columns, which an
+    UPDATE would set)."""
     now = bindparam("p_now")
     under = (
         Team.running_jobs < func.coalesce(Team.max_running_jobs, bindparam("p_limit"))
@@ -308,24 +317,26 @@ def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
         "reserved_at": None,
         "preempt_requested_at": None,
     }
-    job_id, team_id = bindparam("p_job"), bindparam("p_team")
     if postgres:
-        team = (select(Team.id).where(Team.id == team_id, under).with_for_update(skip_locked=True)).cte(
-            "team"
+        # The first candidate, in the given order, whose job row and team row no other claim holds right now
+        # (SKIP LOCKED) and whose team is under its limit: the rows are locked as the sorted candidates come,
+        # so claims racing for the same best job each take the next one instead of trying again.
+        ranked = (
+            func.unnest(bindparam("p_ids", type_=postgresql.ARRAY(String)))
+            .table_valued("id", with_ordinality="n")
+            .render_derived()
         )
         pick = (
             select(Job.id)
-            .where(Job.id == job_id, waiting)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
+            .join(ranked, ranked.c.id == Job.id)
+            .join(Team, Team.id == Job.team_id)
+            .where(waiting, under)
+            .order_by(ranked.c.n)
+            .limit(1)
+            .with_for_update(skip_locked=True, of=(Job, Team))
+            .cte("pick")
         )
-        started = (
-            update(Job)
-            .where(Job.id == pick, select(team.c.id).exists())
-            .values(**running)
-            .returning(*STARTED)
-            .cte("started")
-        )
+        started = update(Job).where(Job.id == pick.c.id).values(**running).returning(*STARTED).cte("started")
         counted = (
             update(Team)
             .where(Team.id == started.c.team_id)
@@ -333,7 +344,7 @@ def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
             .cte("counted")
         )
         return (select(started).add_cte(counted),)
-    gpus = bindparam("p_gpus")
+    job_id, team_id, gpus = bindparam("p_job"), bindparam("p_team"), bindparam("p_gpus")
     return (
         update(Team)
         .where(Team.id == team_id, under)
@@ -348,65 +359,61 @@ def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
 def _take(
     session: Session,
     settings: Settings,
-    job_id: str,
-    team_id: str,
+    candidates: Sequence[tuple[str, str, int]],
     worker_id: str,
     now: datetime,
     *,
-    gpus: int,
     enforce_limit: bool = True,
 ) -> Any:
-    """Starts the next attempt of queued job `job_id` if its team is under its running limit and no other claim
-    holds the job or the team right now; returns the job's (id, team, attempt, gpus, nodes, spec), or None."""
+    """Starts the next attempt of the first of the queued jobs `candidates` ((job, team, GPUs), best first)
+    whose team is under its running limit and that no other claim holds (nor its team) right now; returns the
+    job's (id, team, attempt, gpus, nodes, spec), or None."""
+    if not candidates:
+        return None
     postgres = session.get_bind().dialect.name == "postgresql"
     statements = _take_statements(postgres, enforce_limit)
-    params = {
-        "p_job": job_id,
-        "p_team": team_id,
-        "p_worker": worker_id,
-        "p_now": now,
-        "p_limit": settings.team_max_running_jobs,
-        "p_gpus": gpus,
-    }
+    params = {"p_worker": worker_id, "p_now": now, "p_limit": settings.team_max_running_jobs}
+    connection = session.connection()
     if postgres:
-        # One round trip: the team row (skipped if another claim holds it: try the next candidate) under its
-        # limit, the job row (skipped likewise), the move to running, and the team's count, together.
-        return session.execute(statements[0], params).one_or_none()
-    # SQLite runs one writer at a time: the same steps, one after the other.
+        # One round trip, however many candidates other claims hold: the pick, the move to running and the
+        # team's count, together.
+        params["p_ids"] = [job_id for job_id, _, _ in candidates]
+        return connection.execute(statements[0], params).one_or_none()
+    # SQLite runs one writer at a time: the same steps, one candidate after the other.
     count, start, uncount = statements
-    if not session.execute(count, params).rowcount:
-        return None
-    row = session.execute(start, params).one_or_none()
-    if row is None:
-        session.execute(uncount, params)
-    return row
+    for job_id, team_id, gpus in candidates:
+        one = params | {"p_job": job_id, "p_team": team_id, "p_gpus": gpus}
+        if not connection.execute(count, one).rowcount:
+            continue
+        row = connection.execute(start, one).one_or_none()
+        if row is not None:
+            return row
+        connection.execute(uncount, one)
+    return None
 
 
 def _take_first(
     session: Session, settings: Settings, node: NodeCapacity, ranked: Sequence[_Candidate], now: datetime
 ) -> Claim | None:
-    for candidate in ranked:
-        row = _take(
-            session, settings, candidate.id, candidate.team_id, node.worker_id, now, gpus=candidate.gpus
-        )
-        if row is not None:
-            job_id, team_id, attempt, gpus, nodes, spec = row
-            indices = () if nodes > 1 else tuple(node.free_gpus[:gpus])
-            return _record_start(
-                session,
-                settings,
-                job_id,
-                team_id,
-                attempt,
-                gpus,
-                nodes,
-                spec,
-                node.worker_id,
-                node.host,
-                indices,
-                now,
-            )
-    return None
+    row = _take(session, settings, [(c.id, c.team_id, c.gpus) for c in ranked], node.worker_id, now)
+    if row is None:
+        return None
+    job_id, team_id, attempt, gpus, nodes, spec = row
+    indices = () if nodes > 1 else tuple(node.free_gpus[:gpus])
+    return _record_start(
+        session,
+        settings,
+        job_id,
+        team_id,
+        attempt,
+        gpus,
+        nodes,
+        spec,
+        node.worker_id,
+        node.host,
+        indices,
+        now,
+    )
 
 
 @cache
@@ -456,11 +463,13 @@ def _record_start(
 ) -> Claim:
     """The attempts row of an attempt that just started (it holds its GPUs from now on: the team is charged for
     them as it runs) and the event saying where it runs."""
-    spec = JobSpec.model_validate(spec_values)
-    launcher = launcher_for(spec)
+    # The stored spec is a validated JobSpec's dump: read the few fields needed instead of validating it again.
+    resources = spec_values.get("resources") or {}
+    launcher = launcher_of(nodes, gpus, resources.get("zero_stage") or 0)
     where = f"{host}, GPUs {', '.join(map(str, gpu_indices))}" if gpu_indices else host
     if launcher == "ray":
-        where = f"{host}, driving a Ray Train job on {spec.resources.nodes} nodes x {spec.resources.gpus_per_node} GPUs"
+        per_node = resources.get("gpus_per_node") or gpus // nodes
+        where = f"{host}, driving a Ray Train job on {nodes} nodes x {per_node} GPUs"
     params = {
         "p_job": job_id,
         "p_team": team_id,
@@ -481,8 +490,11 @@ def _record_start(
             "launcher": launcher,
         },
     }
+    connection = (
+        session.connection()
+    )  # Core statements: the ORM's bulk-insert path costs more than the insert
     for statement in _start_statements(session.get_bind().dialect.name == "postgresql"):
-        session.execute(statement, params)
+        connection.execute(statement, params)
     return Claim(job_id, team_id, number, gpus, nodes, gpu_indices, launcher)
 
 
@@ -534,7 +546,7 @@ def claim_job(
     if job.status != JobStatus.queued or (job.not_before is not None and job.not_before > now):
         return None
     row = _take(
-        session, settings, job_id, job.team_id, worker_id, now, gpus=job.gpus, enforce_limit=enforce_limit
+        session, settings, [(job_id, job.team_id, job.gpus)], worker_id, now, enforce_limit=enforce_limit
     )
     if row is None and enforce_limit:
         team = session.get(Team, job.team_id)
