@@ -357,7 +357,8 @@ def scale(
     with session_scope(url) as session:
         shares = usage.team_usage(session, window_seconds=3600)
     total = sum(shares.values()) or 1.0
-    figure("claims_per_s", round(len(latencies) / seconds, 1))
+    figure("claims_per_s", round(sum(claimed.values()) / seconds, 1))
+    figure("claim_calls_per_s", round(len(latencies) / seconds, 1))
     figure("claim_p50_ms", round(1000 * latencies[len(latencies) // 2], 2))
     figure("claim_p99_ms", round(1000 * latencies[int(len(latencies) * 0.99)], 2))
     figure("scale_ends_per_s", round(ended / seconds, 1))
@@ -417,16 +418,19 @@ def _claim_process(
                     continue
                 began = time.perf_counter()
                 with session_scope(url) as session:
-                    got = claims.claim_next(
+                    # As worker/node.py does: as many jobs as fit the free slots, in one transaction.
+                    got = claims.claim_batch(
                         session=session, settings=settings, node=NodeCapacity(name, slots, free, host=name)
                     )
                 took = time.perf_counter() - began
-                if got is not None:
+                if got:
                     ends = time.monotonic() + rng.uniform(*job_seconds)
-                    busy[name].update({g: (got.job_id, ends) for g in got.gpu_indices})
+                    for claim in got:
+                        busy[name].update({g: (claim.job_id, ends) for g in claim.gpu_indices})
                     with lock:
                         latencies.append(took)
-                        claimed[got.team_id] += 1
+                        for claim in got:
+                            claimed[claim.team_id] += 1
 
     threads = [
         threading.Thread(target=driver, args=(node_ids[i::threads_count],)) for i in range(threads_count)

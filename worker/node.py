@@ -113,16 +113,17 @@ class NodeAgent:
         except Exception:
             log.warning("could not take node %s out of the pool", self.settings.worker_id, exc_info=True)
 
-    def claim_once(self) -> Claim | None:
-        """Claims the best job that fits the free GPUs now and starts its attempt; None when none fits."""
+    def claim_once(self) -> list[Claim]:
+        """Claims the best jobs that fit the free GPUs now, together (one transaction), and starts their
+        attempts; an empty list when none fits."""
         node = self.capacity()
         if not node.free_gpus and not node.ray_driver_free:
-            return None
+            return []
         with session_scope(self.settings.database_url) as session:
-            claim = claims.claim_next(session=session, settings=self.settings, node=node)
-        if claim is not None:
+            started = claims.claim_batch(session=session, settings=self.settings, node=node)
+        for claim in started:
             self._launch(claim)
-        return claim
+        return started
 
     def _launch(self, claim: Claim) -> None:
         devices = self.allocator.take(claim.gpu_indices)
@@ -148,7 +149,7 @@ class NodeAgent:
     def _claim_loop(self) -> None:
         while not self._stop.is_set() and not SHUTDOWN.is_set():
             try:
-                while not self._stop.is_set() and not SHUTDOWN.is_set() and self.claim_once() is not None:
+                while not self._stop.is_set() and not SHUTDOWN.is_set() and self.claim_once():
                     pass
             except Exception:  # the database may be restarting: look again at the next wake-up
                 log.warning("claiming failed on node %s", self.settings.worker_id, exc_info=True)

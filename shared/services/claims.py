@@ -17,14 +17,18 @@ its team used since, and the node's free and busy GPUs (shown in /metrics).
 
 from __future__ import annotations
 
+import heapq
+import random
 import socket
+import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, delete, func, insert, or_, select, true, update
+from sqlalchemy import String, and_, bindparam, case, delete, func, insert, or_, select, true, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -37,6 +41,8 @@ from shared.states import ACTIVE, JobStatus
 
 # How many of each team's best queued jobs a claim looks at (more when some are locked by other claims).
 CANDIDATES_PER_TEAM = 3
+# How often a claim tries to take its candidates when other claims hold all of them at that moment.
+TAKE_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -189,8 +195,26 @@ def claim_next(
 ) -> Claim | None:
     """Starts an attempt of the best queued job that fits the node's free GPUs (see the module docstring), or
     returns None when none should start here now. The caller commits."""
+    started = claim_batch(session=session, settings=settings, node=node, now=now, max_jobs=1)
+    return started[0] if started else None
+
+
+def claim_batch(
+    *,
+    session: Session,
+    settings: Settings,
+    node: NodeCapacity,
+    now: datetime | None = None,
+    max_jobs: int | None = None,
+) -> list[Claim]:
+    """Starts attempts of up to `max_jobs` queued jobs (default: as many as the free GPUs can hold) that fit the
+    node's free GPUs together, in the order claiming one job at a time would start them (see the module
+    docstring): one read of the candidates and one statement that takes them, however many. Returns the
+    claims in that order, none when nothing should start here now. The caller commits."""
     now = now or utcnow()
     free = len(node.free_gpus)
+    slots = free + (1 if node.ray_driver_free else 0)
+    max_jobs = slots if max_jobs is None else min(max_jobs, slots)
     charge = settings.fair_share_claim_charge_seconds
     everything = _ranked(_candidates(session, settings, node, now, gpus_up_to=node.total_gpus), charge)
     reserved = [c for c in everything if c.reserved_for == node.worker_id]
@@ -202,15 +226,43 @@ def claim_next(
         ):
             if settings.preemption and head.priority_rank == 0:
                 _preempt_for(session, node, head, free, now)
-            return None  # drain: the reserved job takes the GPUs as they free up
+            return []  # drain: the reserved job takes the GPUs as they free up
     fitting = [c for c in everything if c.nodes > 1 or c.gpus <= free]
     if len(fitting) < len(everything):  # more fitting jobs may wait behind the ones that do not fit
         known = {c.id for c in fitting}
         more = _candidates(session, settings, node, now, gpus_up_to=free)
-        fitting = _ranked([*fitting, *(c for c in more if c.id not in known)], charge)
+        fitting = [*fitting, *(c for c in more if c.id not in known)]
     # A job this node reserved goes first once it fits.
-    fitting.sort(key=lambda c: c.reserved_for != node.worker_id)
-    return _take_first(session, settings, node, fitting, now)
+    order = sorted(_claim_order(fitting, charge), key=lambda c: c.reserved_for != node.worker_id)
+    return _take_all(session, settings, node, order, now, max_jobs=max_jobs)
+
+
+def _claim_order(candidates: Sequence[_Candidate], charge_seconds: float) -> list[_Candidate]:
+    """The order in which one claim after another would start these candidates, if each succeeded: after each
+    pick its team holds that many more GPUs, which lowers the rank of its next job. At most one job that
+    spans several nodes (a node drives one more Ray job at a time)."""
+    by_team: dict[str, list[_Candidate]] = defaultdict(list)
+    for candidate in sorted(candidates, key=lambda c: (c.priority_rank, c.created_at, c.id)):
+        by_team[candidate.team_id].append(candidate)
+    picked: dict[str, int] = defaultdict(int)  # GPUs each team's earlier picks hold
+
+    def key(c: _Candidate) -> tuple[Any, ...]:
+        return (c.priority_rank, c.used + (c.held + picked[c.team_id]) * charge_seconds, c.created_at, c.id)
+
+    heap = [(key(jobs[0]), team) for team, jobs in by_team.items()]
+    heapq.heapify(heap)
+    order: list[_Candidate] = []
+    spanning = False
+    while heap:
+        _, team = heapq.heappop(heap)
+        best = by_team[team].pop(0)
+        if best.nodes == 1 or not spanning:
+            spanning = spanning or best.nodes > 1
+            order.append(best)
+            picked[team] += best.gpus
+        if by_team[team]:
+            heapq.heappush(heap, (key(by_team[team][0]), team))
+    return order
 
 
 def _reserve(
@@ -297,14 +349,11 @@ STARTED = (Job.id, Job.team_id, Job.attempt, Job.gpus, Job.nodes, Job.spec)
 @cache
 def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
     """The statements of a take, built once (see _take). Bound: p_worker, p_now, p_limit, and on PostgreSQL
-    p_ids (the candidates, best first), on SQLite p_job, p_team and p_gpus (named apart from columns, which an
-    UPDATE would set)."""
+    p_ids (the candidates, in claim order), p_max (how many to take) and p_free (the node's free GPUs); on
+    SQLite p_job, p_team and p_gpus (named apart from columns, which an UPDATE would set)."""
     now = bindparam("p_now")
-    under = (
-        Team.running_jobs < func.coalesce(Team.max_running_jobs, bindparam("p_limit"))
-        if enforce_limit
-        else true()
-    )
+    limit = func.coalesce(Team.max_running_jobs, bindparam("p_limit"))
+    under = Team.running_jobs < limit if enforce_limit else true()
     waiting = and_(Job.status == JobStatus.queued.value, or_(Job.not_before.is_(None), Job.not_before <= now))
     running = {
         "status": JobStatus.running.value,
@@ -318,29 +367,61 @@ def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
         "preempt_requested_at": None,
     }
     if postgres:
-        # The first candidate, in the given order, whose job row and team row no other claim holds right now
-        # (SKIP LOCKED) and whose team is under its limit: the rows are locked as the sorted candidates come,
-        # so claims racing for the same best job each take the next one instead of trying again.
+        # The first p_max candidates, in the given order, whose job row and team row no other claim holds
+        # right now (SKIP LOCKED: rows are locked as the sorted candidates come, so claims racing for the same
+        # jobs each take the next ones instead of trying again); then, in that order, those that keep their
+        # team within its running limit and, together, within the node's free GPUs.
         ranked = (
             func.unnest(bindparam("p_ids", type_=postgresql.ARRAY(String)))
             .table_valued("id", with_ordinality="n")
             .render_derived()
         )
-        pick = (
-            select(Job.id)
+        locked = (
+            select(
+                Job.id,
+                Job.team_id,
+                ranked.c.n,
+                case((Job.nodes > 1, 0), else_=Job.gpus).label("local_gpus"),  # a Ray job runs elsewhere
+                Team.running_jobs,
+                limit.label("team_limit"),
+            )
             .join(ranked, ranked.c.id == Job.id)
             .join(Team, Team.id == Job.team_id)
             .where(waiting, under)
             .order_by(ranked.c.n)
-            .limit(1)
+            .limit(bindparam("p_max"))
             .with_for_update(skip_locked=True, of=(Job, Team))
-            .cte("pick")
+            .cte("locked")
         )
-        started = update(Job).where(Job.id == pick.c.id).values(**running).returning(*STARTED).cte("started")
+        within = locked
+        if enforce_limit:
+            counted_in = select(
+                locked,
+                (
+                    locked.c.running_jobs
+                    + func.row_number().over(partition_by=locked.c.team_id, order_by=locked.c.n)
+                ).label("with_these"),
+            ).subquery()
+            within = select(counted_in).where(counted_in.c.with_these <= counted_in.c.team_limit).subquery()
+        fits = select(
+            within.c.id, func.sum(within.c.local_gpus).over(order_by=within.c.n).label("gpus_so_far")
+        ).subquery()
+        chosen = select(fits.c.id).where(fits.c.gpus_so_far <= bindparam("p_free")).cte("chosen")
+        started = (
+            update(Job).where(Job.id == chosen.c.id).values(**running).returning(*STARTED).cte("started")
+        )
+        per_team = (
+            select(started.c.team_id, func.count().label("jobs"), func.sum(started.c.gpus).label("gpus"))
+            .group_by(started.c.team_id)
+            .subquery()
+        )
         counted = (
             update(Team)
-            .where(Team.id == started.c.team_id)
-            .values(running_jobs=Team.running_jobs + 1, running_gpus=Team.running_gpus + started.c.gpus)
+            .where(Team.id == per_team.c.team_id)
+            .values(
+                running_jobs=Team.running_jobs + per_team.c.jobs,
+                running_gpus=Team.running_gpus + per_team.c.gpus,
+            )
             .cte("counted")
         )
         return (select(started).add_cte(counted),)
@@ -359,61 +440,78 @@ def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
 def _take(
     session: Session,
     settings: Settings,
-    candidates: Sequence[tuple[str, str, int]],
+    candidates: Sequence[_Candidate | tuple[str, str, int, int]],
     worker_id: str,
     now: datetime,
     *,
+    max_jobs: int,
+    free_gpus: int,
     enforce_limit: bool = True,
-) -> Any:
-    """Starts the next attempt of the first of the queued jobs `candidates` ((job, team, GPUs), best first)
-    whose team is under its running limit and that no other claim holds (nor its team) right now; returns the
-    job's (id, team, attempt, gpus, nodes, spec), or None."""
-    if not candidates:
-        return None
+) -> list[Any]:
+    """Starts the next attempts of up to `max_jobs` of the queued jobs `candidates` ((job, team, GPUs, nodes),
+    in claim order) that together fit `free_gpus` (a job spanning several nodes uses none here), keep their
+    team within its running limit, and that no other claim holds (nor their team) right now. Returns the
+    started jobs' (id, team, attempt, gpus, nodes, spec) in claim order."""
+    wanted = [(c.id, c.team_id, c.gpus, c.nodes) if isinstance(c, _Candidate) else c for c in candidates]
+    if not wanted or max_jobs <= 0:
+        return []
     postgres = session.get_bind().dialect.name == "postgresql"
     statements = _take_statements(postgres, enforce_limit)
     params = {"p_worker": worker_id, "p_now": now, "p_limit": settings.team_max_running_jobs}
     connection = session.connection()
     if postgres:
-        # One round trip, however many candidates other claims hold: the pick, the move to running and the
-        # team's count, together.
-        params["p_ids"] = [job_id for job_id, _, _ in candidates]
-        return connection.execute(statements[0], params).one_or_none()
+        # One round trip, however many jobs it takes and however many candidates other claims hold: the
+        # picks, their moves to running and their teams' counts, together.
+        params |= {"p_ids": [job_id for job_id, *_ in wanted], "p_max": max_jobs, "p_free": free_gpus}
+        rows = connection.execute(statements[0], params).all()
+        place = {job_id: i for i, (job_id, *_) in enumerate(wanted)}
+        return sorted(rows, key=lambda row: place[row[0]])
     # SQLite runs one writer at a time: the same steps, one candidate after the other.
     count, start, uncount = statements
-    for job_id, team_id, gpus in candidates:
+    taken: list[Any] = []
+    for job_id, team_id, gpus, nodes in wanted:
+        local = 0 if nodes > 1 else gpus
+        if len(taken) >= max_jobs or local > free_gpus:
+            continue
         one = params | {"p_job": job_id, "p_team": team_id, "p_gpus": gpus}
         if not connection.execute(count, one).rowcount:
             continue
         row = connection.execute(start, one).one_or_none()
-        if row is not None:
-            return row
-        connection.execute(uncount, one)
-    return None
+        if row is None:
+            connection.execute(uncount, one)
+            continue
+        taken.append(row)
+        free_gpus -= local
+    return taken
 
 
-def _take_first(
-    session: Session, settings: Settings, node: NodeCapacity, ranked: Sequence[_Candidate], now: datetime
-) -> Claim | None:
-    row = _take(session, settings, [(c.id, c.team_id, c.gpus) for c in ranked], node.worker_id, now)
-    if row is None:
-        return None
-    job_id, team_id, attempt, gpus, nodes, spec = row
-    indices = () if nodes > 1 else tuple(node.free_gpus[:gpus])
-    return _record_start(
-        session,
-        settings,
-        job_id,
-        team_id,
-        attempt,
-        gpus,
-        nodes,
-        spec,
-        node.worker_id,
-        node.host,
-        indices,
-        now,
-    )
+def _take_all(
+    session: Session,
+    settings: Settings,
+    node: NodeCapacity,
+    order: Sequence[_Candidate],
+    now: datetime,
+    *,
+    max_jobs: int,
+) -> list[Claim]:
+    rows: list[Any] = []
+    for retry in range(TAKE_TRIES):
+        rows = _take(
+            session, settings, order, node.worker_id, now, max_jobs=max_jobs, free_gpus=len(node.free_gpus)
+        )
+        if rows or not order or max_jobs <= 0 or retry == TAKE_TRIES - 1:
+            break
+        # Nothing taken although jobs wait: their rows or their teams' rows were held by other claims that
+        # commit within milliseconds (or their teams are at their limits). Look again shortly.
+        time.sleep(random.uniform(0.002, 0.008))
+    free = list(node.free_gpus)
+    starts = []
+    for job_id, team_id, attempt, gpus, nodes, spec in rows:
+        indices: tuple[int, ...] = ()
+        if nodes == 1:
+            indices, free = tuple(free[:gpus]), free[gpus:]
+        starts.append((job_id, team_id, attempt, gpus, nodes, spec, indices))
+    return _record_starts(session, node.worker_id, node.host, starts, now)
 
 
 @cache
@@ -446,56 +544,55 @@ def _start_statements(postgres: bool) -> tuple[Any, ...]:
     return (attempt, event)
 
 
-def _record_start(
+def _record_starts(
     session: Session,
-    settings: Settings,
-    job_id: str,
-    team_id: str,
-    number: int,
-    gpus: int,
-    nodes: int,
-    spec_values: dict[str, Any],
     worker_id: str,
     host: str,
-    gpu_indices: tuple[int, ...],
+    starts: Sequence[tuple[str, str, int, int, int, dict[str, Any], tuple[int, ...]]],
     now: datetime,
     taken_over: bool = False,
-) -> Claim:
-    """The attempts row of an attempt that just started (it holds its GPUs from now on: the team is charged for
-    them as it runs) and the event saying where it runs."""
-    # The stored spec is a validated JobSpec's dump: read the few fields needed instead of validating it again.
-    resources = spec_values.get("resources") or {}
-    launcher = launcher_of(nodes, gpus, resources.get("zero_stage") or 0)
-    where = f"{host}, GPUs {', '.join(map(str, gpu_indices))}" if gpu_indices else host
-    if launcher == "ray":
-        per_node = resources.get("gpus_per_node") or gpus // nodes
-        where = f"{host}, driving a Ray Train job on {nodes} nodes x {per_node} GPUs"
-    params = {
-        "p_job": job_id,
-        "p_team": team_id,
-        "p_number": number,
-        "p_worker": worker_id,
-        "p_host": host,
-        "p_indices": list(gpu_indices),
-        "p_gpus": gpus,
-        "p_launcher": launcher,
-        "p_now": now,
-        "p_message": f"attempt {number} started on {worker_id} ({where})"
-        + (" (the previous worker stopped heartbeating)" if taken_over else ""),
-        "p_data": {
-            "status": JobStatus.running.value,
-            "worker_id": worker_id,
-            "host": host,
-            "gpu_indices": list(gpu_indices),
-            "launcher": launcher,
-        },
-    }
-    connection = (
-        session.connection()
-    )  # Core statements: the ORM's bulk-insert path costs more than the insert
-    for statement in _start_statements(session.get_bind().dialect.name == "postgresql"):
-        connection.execute(statement, params)
-    return Claim(job_id, team_id, number, gpus, nodes, gpu_indices, launcher)
+) -> list[Claim]:
+    """The attempts rows of attempts that just started ((job, team, number, gpus, nodes, spec, GPU indices)
+    each; they hold their GPUs from now on: their teams are charged for them as they run) and the events
+    saying where each runs, in one round trip."""
+    claims, rows = [], []
+    for job_id, team_id, number, gpus, nodes, spec_values, gpu_indices in starts:
+        # The stored spec is a validated JobSpec's dump: the few fields needed, without validating it again.
+        resources = spec_values.get("resources") or {}
+        launcher = launcher_of(nodes, gpus, resources.get("zero_stage") or 0)
+        where = f"{host}, GPUs {', '.join(map(str, gpu_indices))}" if gpu_indices else host
+        if launcher == "ray":
+            per_node = resources.get("gpus_per_node") or gpus // nodes
+            where = f"{host}, driving a Ray Train job on {nodes} nodes x {per_node} GPUs"
+        rows.append(
+            {
+                "p_job": job_id,
+                "p_team": team_id,
+                "p_number": number,
+                "p_worker": worker_id,
+                "p_host": host,
+                "p_indices": list(gpu_indices),
+                "p_gpus": gpus,
+                "p_launcher": launcher,
+                "p_now": now,
+                "p_message": f"attempt {number} started on {worker_id} ({where})"
+                + (" (the previous worker stopped heartbeating)" if taken_over else ""),
+                "p_data": {
+                    "status": JobStatus.running.value,
+                    "worker_id": worker_id,
+                    "host": host,
+                    "gpu_indices": list(gpu_indices),
+                    "launcher": launcher,
+                },
+            }
+        )
+        claims.append(Claim(job_id, team_id, number, gpus, nodes, gpu_indices, launcher))
+    if rows:
+        # Core statements (the ORM's bulk-insert path costs more than the inserts), all rows at once.
+        connection = session.connection()
+        for statement in _start_statements(session.get_bind().dialect.name == "postgresql"):
+            connection.execute(statement, rows)
+    return claims
 
 
 def claim_job(
@@ -542,12 +639,20 @@ def claim_job(
             .where(Team.id == job.team_id)
             .values(running_jobs=Team.running_jobs + 1, running_gpus=Team.running_gpus + job.gpus)
         )
-        return _record_start(session, settings, *row, worker_id, host, indices, now, taken_over=True).attempt
+        return _record_starts(session, worker_id, host, [(*row, indices)], now, taken_over=True)[0].attempt
     if job.status != JobStatus.queued or (job.not_before is not None and job.not_before > now):
         return None
-    row = _take(
-        session, settings, [(job_id, job.team_id, job.gpus)], worker_id, now, enforce_limit=enforce_limit
+    taken = _take(
+        session,
+        settings,
+        [(job_id, job.team_id, job.gpus, job.nodes)],
+        worker_id,
+        now,
+        max_jobs=1,
+        free_gpus=job.gpus,
+        enforce_limit=enforce_limit,
     )
+    row = taken[0] if taken else None
     if row is None and enforce_limit:
         team = session.get(Team, job.team_id)
         at_limit = team is not None and team.running_jobs >= team_limits(session, settings, job.team_id)[0]
@@ -560,7 +665,7 @@ def claim_job(
             )
     if row is None:
         return None
-    return _record_start(session, settings, *row, worker_id, host, indices, now).attempt
+    return _record_starts(session, worker_id, host, [(*row, indices)], now)[0].attempt
 
 
 def heartbeat(*, session: Session, job_id: str, attempt: int) -> JobStatus | None:

@@ -272,6 +272,73 @@ def test_jobs_spanning_nodes_go_to_a_node_that_can_drive_ray(db):
     assert (started.job_id, started.launcher, started.gpu_indices) == (wide, "ray", ())
 
 
+def batch(settings, capacity: NodeCapacity, now: datetime = T0) -> list[claims.Claim]:
+    with session_scope(settings.database_url) as session:
+        return claims.claim_batch(session=session, settings=settings, node=capacity, now=now)
+
+
+def test_a_batch_claim_fills_a_node_in_the_order_single_claims_would(db):
+    teams = [team(db, name) for name in ("alpha", "beta", "gamma")]
+    capped = team(db, "capped", max_running=1)
+    for i, t in enumerate(teams):
+        for j in range(4):
+            queue(db, t, gpus=2 if (i, j) == (0, 0) else 1, at=T0 + timedelta(seconds=i * 10 + j))
+    capped_jobs = [queue(db, capped, at=T0 - timedelta(minutes=5 - i)) for i in range(3)]
+    started = batch(db, node(total=8, busy=(7,)), T0 + timedelta(minutes=1))
+    # 7 free GPUs: filled with disjoint GPUs, the capped team once (its limit), the others spread evenly
+    # (each pick charges its team for the GPUs it holds, as single claims one after another would).
+    assert sum(c.gpus for c in started) == 7
+    indices = [i for c in started for i in c.gpu_indices]
+    assert sorted(indices) == list(range(7))
+    per_team = defaultdict(int)
+    for c in started:
+        per_team[c.team_id] += c.gpus
+    assert per_team[capped] == 1 and [c.job_id for c in started if c.team_id == capped] == capped_jobs[:1]
+    assert sorted(per_team[t] for t in teams) == [2, 2, 2]
+    with session_scope(db.database_url) as session:
+        counts = {t.id: (t.running_jobs, t.running_gpus) for t in session.scalars(select(Team))}
+        attempts = {a.job_id: a for a in session.scalars(select(Attempt).where(Attempt.ended_at.is_(None)))}
+    assert counts[capped] == (1, 1)
+    for t in teams:
+        mine = [c for c in started if c.team_id == t]
+        assert counts[t] == (len(mine), sum(c.gpus for c in mine))
+    assert {c.job_id: list(c.gpu_indices) for c in started} == {j: a.gpu_indices for j, a in attempts.items()}
+    # Nothing fits the one GPU left but a 1-GPU job; a batch of a full node starts nothing.
+    assert [c.gpus for c in batch(db, node(total=8, busy=tuple(range(7))), T0 + timedelta(minutes=1))] == [1]
+    assert batch(db, node(total=8, busy=tuple(range(8))), T0 + timedelta(minutes=1)) == []
+
+
+def test_racing_batch_claims_take_each_job_once_and_never_overfill_a_node(db):
+    teams = [team(db, f"batch-race-{i}", max_running=100) for i in range(3)]
+    jobs = {
+        queue(db, random.choice(teams), gpus=random.choice((1, 1, 2)), at=T0 + timedelta(milliseconds=i))
+        for i in range(40)
+    }
+    won: list[claims.Claim] = []
+    lock = threading.Lock()
+
+    def node_claims(name: str) -> None:
+        busy: tuple[int, ...] = ()
+        for _ in range(6):
+            got = batch(db, node(name, total=8, busy=busy), T0 + timedelta(minutes=1))
+            taken = [i for c in got for i in c.gpu_indices]
+            assert not set(taken) & set(busy) and len(taken) == len(set(taken))
+            busy = (*busy, *taken)
+            if len(busy) == 8:
+                busy = ()  # the node's jobs ended (their GPUs are free again for this test's purpose)
+            with lock:
+                won.extend(got)
+
+    threads = [threading.Thread(target=node_claims, args=(f"batcher-{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(c.job_id for c in won) == sorted(jobs)  # every job once, none twice
+    with session_scope(db.database_url) as session:
+        assert len(session.scalars(select(Attempt)).all()) == len(jobs)
+
+
 def test_racing_nodes_claim_each_job_once(db):
     teams = [team(db, f"race-{i}", max_running=100) for i in range(3)]
     jobs = {queue(db, random.choice(teams), at=T0 + timedelta(milliseconds=i)) for i in range(24)}
