@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.datasets import DatasetFormat, method_mismatch
@@ -499,14 +499,16 @@ def transition(
         # Leaving running or cancelling frees the attempt's GPUs (a no-op from validating or queued).
         close_attempt(session, job_id, to.value, now)
     if changed:
-        add_event(
-            session=session,
-            job_id=job_id,
-            type="status",
-            message=message or f"job is {to.value}",
-            level="error" if to is JobStatus.failed else "info",
-            attempt=attempt or 0,
-            data={"status": to.value, **(event_data or {})},
+        # A Core insert: every move of every job writes one, and the ORM's unit of work costs more than it.
+        session.connection().execute(
+            insert(JobEvent).values(
+                job_id=job_id,
+                type="status",
+                message=message or f"job is {to.value}",
+                level="error" if to is JobStatus.failed else "info",
+                attempt=attempt or 0,
+                data={"status": to.value, **(event_data or {})},
+            )
         )
         record_job_finished(session=session, job_id=job_id, status=to)  # webhooks; terminal statuses only
     return changed

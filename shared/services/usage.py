@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import Float, bindparam, case, cast, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -65,15 +65,82 @@ def team_usage(session: Session, *, window_seconds: float, now: datetime | None 
     return {team: float(total or 0.0) for team, total in rows}
 
 
-def close_attempt(session: Session, job_id: str, outcome: str, now: datetime | None = None) -> Attempt | None:
+@cache
+def _close_statement() -> Any:
+    """close_attempt on PostgreSQL in one statement, built once; bound: p_job, p_outcome, p_now, p_minute. The
+    attempt's row is locked, ended and charged up to now; its team's minute bucket gets what it owed and its
+    team's running counts drop by it."""
+    now = bindparam("p_now", type_=Attempt.started_at.type)
+    ran = func.greatest(0.0, func.extract("epoch", now - Attempt.started_at))
+    held = (
+        select(
+            Attempt.id,
+            Attempt.charged_gpu_seconds.label("before"),
+            cast(Attempt.gpus * ran, Float).label("used"),
+        )
+        .where(Attempt.job_id == bindparam("p_job"), Attempt.ended_at.is_(None))
+        .with_for_update()
+        .cte("held")
+    )
+    closed = (
+        update(Attempt)
+        .where(Attempt.id == held.c.id)
+        .values(
+            ended_at=now,
+            outcome=bindparam("p_outcome"),
+            charged_gpu_seconds=func.greatest(held.c.before, held.c.used),
+        )
+        .returning(
+            Attempt.id,
+            Attempt.team_id,
+            Attempt.gpus,
+            (Attempt.charged_gpu_seconds - held.c.before).label("owed"),
+        )
+        .cte("closed")
+    )
+    upsert = postgresql.insert(GpuUsage).from_select(
+        ["team_id", "minute", "gpu_seconds"],
+        select(closed.c.team_id, bindparam("p_minute", type_=GpuUsage.minute.type), closed.c.owed).where(
+            closed.c.owed > 0
+        ),
+    )
+    charged = upsert.on_conflict_do_update(
+        index_elements=[GpuUsage.team_id, GpuUsage.minute],
+        set_={"gpu_seconds": GpuUsage.gpu_seconds + upsert.excluded.gpu_seconds},
+    ).cte("charged")
+    counted = (
+        update(Team)
+        .where(Team.id == closed.c.team_id)
+        .values(
+            running_jobs=case((Team.running_jobs > 0, Team.running_jobs - 1), else_=0),
+            running_gpus=case(
+                (Team.running_gpus > closed.c.gpus, Team.running_gpus - closed.c.gpus), else_=0
+            ),
+        )
+        .cte("counted")
+    )
+    return select(closed.c.id).add_cte(charged).add_cte(counted)
+
+
+def close_attempt(session: Session, job_id: str, outcome: str, now: datetime | None = None) -> bool:
     """Ends the job's attempt that still holds GPUs (charging what it ran), if there is one: its GPUs are
-    free from now on. Called with every move out of running, cancelling or pausing."""
+    free from now on. Called with every move out of running, cancelling or pausing. Returns whether there
+    was one."""
     now = now or utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        # One round trip: this runs at the end of every attempt.
+        session.flush()  # the statement goes around the session: what it holds goes first
+        params = {"p_job": job_id, "p_outcome": outcome, "p_now": now, "p_minute": minute_of(now)}
+        closed = session.connection().execute(_close_statement(), params).first() is not None
+        for loaded in [o for o in session.identity_map.values() if isinstance(o, Attempt)]:
+            if loaded.job_id == job_id:
+                session.expire(loaded)  # the statement bypassed the session: read it again if used
+        return closed
     held = session.scalar(
         select(Attempt).where(Attempt.job_id == job_id, Attempt.ended_at.is_(None)).with_for_update()
     )
     if held is None:
-        return None
+        return False
     accrue(session, held, now)
     held.ended_at = now
     held.outcome = outcome
@@ -86,4 +153,4 @@ def close_attempt(session: Session, job_id: str, outcome: str, now: datetime | N
         )
     )
     session.flush()
-    return held
+    return True

@@ -215,6 +215,17 @@ def record_job_finished(*, session: Session, job_id: str, status: JobStatus) -> 
     if status not in TERMINAL:
         return []
     event = f"job.{status.value}"
+    # The team's webhooks first: most teams have none, and then the job's row is not needed.
+    team_of_job = select(Job.team_id).where(Job.id == job_id).scalar_subquery()
+    webhooks = [
+        w
+        for w in session.scalars(
+            select(Webhook).where(Webhook.team_id == team_of_job, Webhook.disabled_at.is_(None))
+        )
+        if event in (w.events or EVENTS)
+    ]
+    if not webhooks:
+        return []
     # Columns, not the Job entity: the status UPDATE that just ran bypassed any Job loaded in this session.
     row = session.execute(
         select(
@@ -241,15 +252,6 @@ def record_job_finished(*, session: Session, job_id: str, status: JobStatus) -> 
         ).where(Job.id == job_id)
     ).one_or_none()
     if row is None:
-        return []
-    webhooks = [
-        w
-        for w in session.scalars(
-            select(Webhook).where(Webhook.team_id == row.team_id, Webhook.disabled_at.is_(None))
-        )
-        if event in (w.events or EVENTS)
-    ]
-    if not webhooks:
         return []
     now = utcnow()
     payload = {"id": new_id("evt"), "type": event, "created_at": now.isoformat(), "data": job_payload(row)}
