@@ -66,60 +66,91 @@ def team_usage(session: Session, *, window_seconds: float, now: datetime | None 
 
 
 @cache
-def _close_statement() -> Any:
-    """close_attempt on PostgreSQL in one statement, built once; bound: p_job, p_outcome, p_now, p_minute. The
-    attempt's row is locked, ended and charged up to now; its team's minute bucket gets what it owed and its
-    team's running counts drop by it."""
+def _charge_statement(closing: bool) -> Any:
+    """On PostgreSQL, in one statement built once: the open attempts of one job (closing: bound p_job,
+    p_outcome) or of one node (bound p_worker) are locked and charged up to p_now, their teams' buckets of
+    minute p_minute get what they owed; closing also ends the attempt and drops its team's running counts."""
     now = bindparam("p_now", type_=Attempt.started_at.type)
     ran = func.greatest(0.0, func.extract("epoch", now - Attempt.started_at))
+    whose = Attempt.job_id == bindparam("p_job") if closing else Attempt.worker_id == bindparam("p_worker")
     held = (
         select(
             Attempt.id,
             Attempt.charged_gpu_seconds.label("before"),
             cast(Attempt.gpus * ran, Float).label("used"),
         )
-        .where(Attempt.job_id == bindparam("p_job"), Attempt.ended_at.is_(None))
+        .where(whose, Attempt.ended_at.is_(None))
         .with_for_update()
         .cte("held")
     )
-    closed = (
+    values: dict[str, Any] = {"charged_gpu_seconds": func.greatest(held.c.before, held.c.used)}
+    if closing:
+        values |= {"ended_at": now, "outcome": bindparam("p_outcome")}
+    charged_rows = (
         update(Attempt)
         .where(Attempt.id == held.c.id)
-        .values(
-            ended_at=now,
-            outcome=bindparam("p_outcome"),
-            charged_gpu_seconds=func.greatest(held.c.before, held.c.used),
-        )
+        .values(**values)
         .returning(
             Attempt.id,
             Attempt.team_id,
             Attempt.gpus,
             (Attempt.charged_gpu_seconds - held.c.before).label("owed"),
         )
-        .cte("closed")
+        .cte("charged_rows")
     )
-    upsert = postgresql.insert(GpuUsage).from_select(
-        ["team_id", "minute", "gpu_seconds"],
-        select(closed.c.team_id, bindparam("p_minute", type_=GpuUsage.minute.type), closed.c.owed).where(
-            closed.c.owed > 0
-        ),
+    owed = (
+        select(
+            charged_rows.c.team_id,
+            bindparam("p_minute", type_=GpuUsage.minute.type),
+            func.sum(charged_rows.c.owed),
+        )
+        .where(charged_rows.c.owed > 0)
+        .group_by(charged_rows.c.team_id)
     )
-    charged = upsert.on_conflict_do_update(
+    upsert = postgresql.insert(GpuUsage).from_select(["team_id", "minute", "gpu_seconds"], owed)
+    buckets = upsert.on_conflict_do_update(
         index_elements=[GpuUsage.team_id, GpuUsage.minute],
         set_={"gpu_seconds": GpuUsage.gpu_seconds + upsert.excluded.gpu_seconds},
-    ).cte("charged")
-    counted = (
-        update(Team)
-        .where(Team.id == closed.c.team_id)
-        .values(
-            running_jobs=case((Team.running_jobs > 0, Team.running_jobs - 1), else_=0),
-            running_gpus=case(
-                (Team.running_gpus > closed.c.gpus, Team.running_gpus - closed.c.gpus), else_=0
-            ),
+    ).cte("buckets")
+    statement = select(charged_rows.c.id).add_cte(buckets)
+    if closing:
+        counted = (
+            update(Team)
+            .where(Team.id == charged_rows.c.team_id)
+            .values(
+                running_jobs=case((Team.running_jobs > 0, Team.running_jobs - 1), else_=0),
+                running_gpus=case(
+                    (Team.running_gpus > charged_rows.c.gpus, Team.running_gpus - charged_rows.c.gpus),
+                    else_=0,
+                ),
+            )
+            .cte("counted")
         )
-        .cte("counted")
-    )
-    return select(closed.c.id).add_cte(charged).add_cte(counted)
+        statement = statement.add_cte(counted)
+    return statement
+
+
+def accrue_node(session: Session, worker_id: str, now: datetime) -> None:
+    """Charges the teams of all the node's running attempts for the GPU time they ran beyond what was
+    charged already (each heartbeat)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.flush()  # the statement goes around the session: what it holds goes first
+        params = {"p_worker": worker_id, "p_now": now, "p_minute": minute_of(now)}
+        session.connection().execute(_charge_statement(False), params).all()
+        _expire_attempts(session, lambda a: a.worker_id == worker_id)
+        return
+    held = session.scalars(
+        select(Attempt).where(Attempt.worker_id == worker_id, Attempt.ended_at.is_(None))
+    ).all()
+    for attempt in held:
+        accrue(session, attempt, now)
+
+
+def _expire_attempts(session: Session, which: Any) -> None:
+    """Forgets what the session holds of attempts a statement around it changed (read again if used)."""
+    for loaded in [o for o in session.identity_map.values() if isinstance(o, Attempt)]:
+        if which(loaded):
+            session.expire(loaded)
 
 
 def close_attempt(session: Session, job_id: str, outcome: str, now: datetime | None = None) -> bool:
@@ -131,10 +162,8 @@ def close_attempt(session: Session, job_id: str, outcome: str, now: datetime | N
         # One round trip: this runs at the end of every attempt.
         session.flush()  # the statement goes around the session: what it holds goes first
         params = {"p_job": job_id, "p_outcome": outcome, "p_now": now, "p_minute": minute_of(now)}
-        closed = session.connection().execute(_close_statement(), params).first() is not None
-        for loaded in [o for o in session.identity_map.values() if isinstance(o, Attempt)]:
-            if loaded.job_id == job_id:
-                session.expire(loaded)  # the statement bypassed the session: read it again if used
+        closed = session.connection().execute(_charge_statement(True), params).first() is not None
+        _expire_attempts(session, lambda a: a.job_id == job_id)
         return closed
     held = session.scalar(
         select(Attempt).where(Attempt.job_id == job_id, Attempt.ended_at.is_(None)).with_for_update()

@@ -160,6 +160,46 @@ def test_a_claim_records_where_the_attempt_runs_and_holds_disjoint_gpus(db):
     assert ended.charged_gpu_seconds == pytest.approx(2 * 100)
 
 
+def test_a_heartbeat_charges_running_attempts_once_and_renews_only_live_leases(db):
+    a = team(db, "alpha")
+    two, one = queue(db, a, gpus=2), queue(db, a, at=T0 + timedelta(seconds=1))
+    started = [claim(db, node(total=4), T0), claim(db, node(total=4, busy=(0, 1)), T0)]
+    assert [c.job_id for c in started] == [two, one]
+    leases = [(two, 1), (one, 1)]
+
+    def beat_at(seconds: int) -> dict:
+        with session_scope(db.database_url) as session:
+            return claims.beat(
+                session=session,
+                node=node(total=4, busy=(0, 1, 2)),
+                leases=leases,
+                now=T0 + timedelta(seconds=seconds),
+            )
+
+    with session_scope(db.database_url) as session:
+        states = claims.beat(session=session, node=node(total=4, busy=(0, 1, 2)), leases=[(one, 7)], now=T0)
+    assert states[one].status is None  # attempt 7 does not hold the job: its lease is not renewed
+    states = beat_at(30)
+    assert states[two].status is JobStatus.running and states[one].status is JobStatus.running
+    assert states[one].preempt is False and states[one].status is JobStatus.running
+    beat_at(30)  # the same moment again charges nothing more
+    with session_scope(db.database_url) as session:
+        assert usage.team_usage(session, window_seconds=3600, now=T0 + timedelta(seconds=30)) == {
+            a: pytest.approx(3 * 30)
+        }
+        heartbeat = session.scalar(select(Job.heartbeat_at).where(Job.id == two))
+        assert heartbeat == T0 + timedelta(seconds=30)
+        assert session.get(Node, "node-a").busy_gpus == [0, 1, 2]
+    beat_at(60)
+    finish(db, two, T0 + timedelta(seconds=100))
+    with session_scope(db.database_url) as session:
+        charged = {r.job_id: r.charged_gpu_seconds for r in session.scalars(select(Attempt))}
+        total = usage.team_usage(session, window_seconds=3600, now=T0 + timedelta(seconds=100))
+    # The 2-GPU attempt: 100 s in all, whatever the beats charged on the way; the other up to its last beat.
+    assert charged == {two: pytest.approx(200), one: pytest.approx(60)}
+    assert total == {a: pytest.approx(260)}
+
+
 def test_fair_share_goes_to_the_team_that_used_the_least(db):
     a, b = team(db, "alpha"), team(db, "beta")
     with session_scope(db.database_url) as session:
