@@ -9,9 +9,13 @@ makespan: the real node agent (worker/node.py) with 4 slots runs 8 one-slot jobs
   Llama; the concurrency over time comes from the attempts' start and end times; then the same 8 jobs on 1
   slot. On a machine without GPUs a slot is one training process, so the gain is bounded by the cores.
 fairness: the real claim and accounting code in virtual time (as tests/integration/test_gpu_pool.py), longer.
-scale: simulated node workers (no training) claim through shared/services/claims.py against one PostgreSQL
-  holding 100,000 queued jobs of 20 teams; each claimed job "runs" for a few seconds of real time and ends
-  through the real state machine. Reports claims/s, claim latency percentiles and the teams' shares.
+scale: simulated node workers (no training) against one PostgreSQL holding 100,000 queued jobs of 20 teams. Each
+  node claims as worker/node.py does (claims.claim_batch: as many jobs as fit its free slots, in one
+  transaction), heartbeats its attempts every heartbeat_interval_seconds (claims.beat), and each claimed job
+  "runs" for --job-seconds of real time and ends through the real state machine (jobs.transition). The nodes
+  run in --processes processes of --threads threads (real nodes are separate machines; one process would
+  measure its own GIL). Reports jobs claimed/s, claim calls/s, call latency percentiles, ends/s, heartbeats/s
+  and the teams' shares. On a 2-core machine the simulated nodes and PostgreSQL share the CPU.
 
 Each section ends with `name value` lines; the last lines of the run repeat them all.
 """
@@ -343,12 +347,13 @@ def scale(
         worker.start()
     latencies: list[float] = []
     claimed: dict[str, int] = defaultdict(int)
-    ended = 0
+    ended = beats = 0
     for _ in workers:
         # A process that broke (its traceback is above) would leave this waiting forever: give up instead.
-        mine, teams_claimed, finished = results.get(timeout=seconds + 120)
+        mine, teams_claimed, finished, beaten = results.get(timeout=seconds + 120)
         latencies.extend(mine)
         ended += finished
+        beats += beaten
         for team, count in teams_claimed.items():
             claimed[team] += count
     for worker in workers:
@@ -362,6 +367,7 @@ def scale(
     figure("claim_p50_ms", round(1000 * latencies[len(latencies) // 2], 2))
     figure("claim_p99_ms", round(1000 * latencies[int(len(latencies) * 0.99)], 2))
     figure("scale_ends_per_s", round(ended / seconds, 1))
+    figure("scale_heartbeats_per_s", round(beats / seconds, 1))
     figure(
         "scale_teams_share_max_deviation_pct",
         round(max(abs(v / total - 1 / teams_count) * 100 * teams_count for v in shares.values()), 2),
@@ -394,26 +400,39 @@ def _claim_process(
     settings = settings_for(url, Path(home))
     latencies: list[float] = []
     claimed: dict[str, int] = defaultdict(int)
-    ended = [0]
+    ended, beats = [0], [0]
     lock = threading.Lock()
     time.sleep(max(0.0, begin_at - time.time()))
     stop = time.monotonic() + seconds
 
     def driver(mine: list[str]) -> None:
         rng = random.Random()
-        busy: dict[str, dict[int, tuple[str, float]]] = {name: {} for name in mine}  # gpu -> (job, ends at)
+        # gpu -> (job, attempt, ends at), per node; each node heartbeats its attempts as worker/node.py does.
+        busy: dict[str, dict[int, tuple[str, int, float]]] = {name: {} for name in mine}
+        interval = settings.heartbeat_interval_seconds
+        next_beat = {name: time.monotonic() + rng.uniform(0, interval) for name in mine}
         while time.monotonic() < stop:
             for name in mine:
                 now = time.monotonic()
                 if now >= stop:
                     return
-                for job_id in {j for j, end in busy[name].values() if end <= now}:
+                for job_id in {j for j, _, end in busy[name].values() if end <= now}:
                     with session_scope(url) as session:
                         job_service.transition(session=session, job_id=job_id, to=JobStatus.succeeded)
                     busy[name] = {g: v for g, v in busy[name].items() if v[0] != job_id}
                     with lock:
                         ended[0] += 1
                 free = tuple(g for g in range(slots) if g not in busy[name])
+                if now >= next_beat[name]:
+                    next_beat[name] = now + interval
+                    with session_scope(url) as session:
+                        claims.beat(
+                            session=session,
+                            node=NodeCapacity(name, slots, free, host=name),
+                            leases=sorted({(j, a) for j, a, _ in busy[name].values()}),
+                        )
+                    with lock:
+                        beats[0] += 1
                 if not free:
                     continue
                 began = time.perf_counter()
@@ -426,7 +445,7 @@ def _claim_process(
                 if got:
                     ends = time.monotonic() + rng.uniform(*job_seconds)
                     for claim in got:
-                        busy[name].update({g: (claim.job_id, ends) for g in claim.gpu_indices})
+                        busy[name].update({g: (claim.job_id, claim.attempt, ends) for g in claim.gpu_indices})
                     with lock:
                         latencies.append(took)
                         for claim in got:
@@ -439,7 +458,7 @@ def _claim_process(
         thread.start()
     for thread in threads:
         thread.join()
-    results.put((latencies, dict(claimed), ended[0]))
+    results.put((latencies, dict(claimed), ended[0], beats[0]))
 
 
 def main() -> None:
