@@ -32,7 +32,6 @@ from api.schemas import (
     metric_curves,
 )
 from shared.errors import NotFound
-from shared.models import Job
 from shared.schemas import JobSpec
 from shared.services import artifacts as artifact_service
 from shared.services import evaluations, job_logs, job_reads, pausing, submission

@@ -179,7 +179,9 @@ def claim(
 def complete_claimed(*, session: Session, key_id: int, status_code: int, body: dict[str, Any]) -> None:
     """Stores the answer of a claimed key, in the transaction that claimed it."""
     session.execute(
-        update(IdempotencyKey).where(IdempotencyKey.id == key_id).values(status_code=status_code, response=body),
+        update(IdempotencyKey)
+        .where(IdempotencyKey.id == key_id)
+        .values(status_code=status_code, response=body),
         execution_options={"synchronize_session": False},  # no key row is loaded in the session
     )
 

@@ -192,7 +192,9 @@ def check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) 
     waiting = session.scalar(
         select(func.count()).select_from(
             select(Job.id)
-            .where(Job.team_id == team_id, Job.status.in_([JobStatus.validating.value, JobStatus.queued.value]))
+            .where(
+                Job.team_id == team_id, Job.status.in_([JobStatus.validating.value, JobStatus.queued.value])
+            )
             .limit(limit)
             .subquery()
         )
