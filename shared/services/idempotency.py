@@ -144,19 +144,24 @@ def claim(
         "created_at": utcnow(),
     }
     while True:
-        claimed = session.scalar(_insert_if_absent(session, values))
+        # Core statements on the session's connection: no ORM object is involved.
+        claimed = session.connection().scalar(_insert_if_absent(session, values))
         if claimed is not None:
             return claimed
         # The key is taken by a committed request (an insert racing with ours has ended by now).
-        row = session.execute(
-            select(IdempotencyKey.id, IdempotencyKey.request_hash, IdempotencyKey.status_code)
-            .add_columns(IdempotencyKey.response, IdempotencyKey.created_at)
-            .where(
-                IdempotencyKey.team_id == team_id,
-                IdempotencyKey.endpoint == endpoint,
-                IdempotencyKey.key == key,
+        row = (
+            session.connection()
+            .execute(
+                select(IdempotencyKey.id, IdempotencyKey.request_hash, IdempotencyKey.status_code)
+                .add_columns(IdempotencyKey.response, IdempotencyKey.created_at)
+                .where(
+                    IdempotencyKey.team_id == team_id,
+                    IdempotencyKey.endpoint == endpoint,
+                    IdempotencyKey.key == key,
+                )
             )
-        ).one_or_none()
+            .one_or_none()
+        )
         if row is None:  # released between our insert and our read: try again
             continue
         if row.request_hash != fingerprint:
@@ -171,18 +176,17 @@ def claim(
             raise Conflict(
                 "a request with this Idempotency-Key is still being processed; retry in a moment", param=PARAM
             )
-        session.execute(
+        session.connection().execute(
             delete(IdempotencyKey).where(IdempotencyKey.id == row.id, IdempotencyKey.status_code.is_(None))
         )
 
 
 def complete_claimed(*, session: Session, key_id: int, status_code: int, body: dict[str, Any]) -> None:
     """Stores the answer of a claimed key, in the transaction that claimed it."""
-    session.execute(
+    session.connection().execute(
         update(IdempotencyKey)
         .where(IdempotencyKey.id == key_id)
-        .values(status_code=status_code, response=body),
-        execution_options={"synchronize_session": False},  # no key row is loaded in the session
+        .values(status_code=status_code, response=body)
     )
 
 

@@ -189,7 +189,7 @@ def check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) 
     """Raises 429 when the team already has as many jobs waiting as its limit allows."""
     _, limit = team_limits(session, settings, team_id)
     # Counted up to the limit only: a team far over it (a lowered limit) costs no more than one at it.
-    waiting = session.scalar(
+    waiting = session.connection().scalar(
         select(func.count()).select_from(
             select(Job.id)
             .where(
@@ -374,7 +374,7 @@ def create_job(
         result={},
     )
     session.add(job)
-    session.flush()
+    # One flush writes both (the job first: the event refers to it).
     add_event(session=session, job_id=job.id, type="created", message=f"job created ({spec.method.value})")
     return job
 
