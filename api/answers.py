@@ -5,11 +5,12 @@ If-None-Match gets a bodiless 304 while nothing changed."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic_core import to_json
+from pydantic_core import to_json, to_jsonable_python
 
 # Every client revalidates (the answer changes as the job moves); only the client itself may keep a copy.
 CACHE_CONTROL = "private, no-cache"
@@ -36,3 +37,20 @@ def json_answer(request: Request, content: Any, status_code: int = 200) -> Respo
     if if_none_match is not None and _matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+class CreatedAnswer:
+    """The 201 answer of a creating request, built once by `build` (plain data, as json_answer takes): the
+    service stores it for Idempotency-Key retries (`answer(resource)`, JSON-ready), and the route sends it."""
+
+    def __init__(self, build: Callable[[Any], Any]) -> None:
+        self.build = build
+        self.body: Any = None
+
+    def __call__(self, resource: Any) -> Any:
+        self.body = to_jsonable_python(self.build(resource), inf_nan_mode="null")
+        return self.body
+
+    def response(self, resource: Any) -> Response:
+        body = self.body if self.body is not None else self.build(resource)
+        return Response(encode(body), status_code=201, media_type="application/json")

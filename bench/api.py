@@ -14,6 +14,7 @@ submissions; downloads are timed with curl.
   --list-connections connections.
 - metrics_10k_ms: GET /v1/jobs/{id}/metrics of a job with 10,000 points, median of 20 in a row.
 - submits_per_s: POST /v1/jobs with an Idempotency-Key, 16 clients; the rows are counted against the 201s.
+  submit_cpu_ms: CPU the API's processes spent per submission during that run.
 - submit_to_queued_p50_s: a job on a 10,000-line dataset, from POST to `queued` (median of 5).
 - download_ratio, tar_download_ratio: a 77 MB adapter file and the whole adapter tar through the API, against
   the same objects fetched from S3 by presigned URL, with curl (median MB/s of 5 each, interleaved);
@@ -459,9 +460,11 @@ def main() -> int:
             asyncio.run(
                 submit_many(base, key, {**spec, "metadata": {"phase": "warm"}}, 200, args.clients, "warm")
             )
+            used = cpu_seconds(api)
             statuses, elapsed, created = asyncio.run(
                 submit_many(base, key, submit_spec, args.submissions, args.clients, run)
             )
+            used = cpu_seconds(api) - used
             count_sql = "SELECT count(*), count(DISTINCT id) FROM jobs WHERE metadata->>'phase' = 'submit'"
             with psycopg.connect(db_url) as conn:
                 rows = conn.execute(count_sql).fetchone()
@@ -478,6 +481,7 @@ def main() -> int:
                 print("MISMATCH: the jobs recorded do not match the 201s", flush=True)
             figures["submits_mismatch"] = abs(rows[0] - len(created)) + abs(after - rows[0])
             figures["submits_per_s"] = statuses.get(201, 0) / elapsed
+            figures["submit_cpu_ms"] = 1000 * used / max(sum(statuses.values()), 1)
 
         # Downloads: one 77 MB file and the whole adapter, through the API and straight from S3.
         if "download" not in skip:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Engine, create_engine, event, tuple_
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, InvalidatePoolError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -50,7 +50,35 @@ def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     # Sized for the API's threadpool (40 threads) so requests rarely wait for a connection.
-    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
+    engine = create_engine(url, pool_size=20, max_overflow=20)
+    event.listen(engine, "checkin", _note_checkin)
+    event.listen(engine, "checkout", _pinger(engine))
+    return engine
+
+
+# A pooled connection is pinged before use only when it sat idle this long: one that was just in use is
+# alive, and a ping per checkout is a round trip on every request (a database that went away under load fails
+# the statement instead, which invalidates the pool, as a failed ping would).
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info["checked_in"] = time.monotonic()
+
+
+def _pinger(engine: Engine) -> Callable[[Any, Any, Any], None]:
+    def ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        checked_in = record.info.get("checked_in")
+        if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE_SECONDS:
+            return  # a new connection, or one in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # Dead: the connections opened before it are suspect too. The pool drops them all and this checkout
+            # goes on with a new connection.
+            raise InvalidatePoolError("a pooled connection failed its ping") from exc
+
+    return ping_if_idle
 
 
 def make_async_engine(url: str) -> AsyncEngine:

@@ -58,9 +58,10 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        # Task events let Flower show each job's tasks, not only the workers.
+        # Task events let Flower show each job's tasks (from the moment a worker receives one), not only the
+        # workers. No `task-sent` event: it would be a second broker write for every job submitted.
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options,
         worker_hijack_root_logger=False,

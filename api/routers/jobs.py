@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
-from api.answers import json_answer
+from api.answers import CreatedAnswer, json_answer
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
 from api.downloads import artifact_response, refuse_damaged, stream_archive
 from api.event_stream import job_event_stream
@@ -32,7 +32,6 @@ from api.schemas import (
     metric_curves,
 )
 from shared.errors import NotFound
-from shared.models import Job
 from shared.schemas import JobSpec
 from shared.services import artifacts as artifact_service
 from shared.services import evaluations, job_logs, job_reads, pausing, submission
@@ -52,8 +51,9 @@ def create_job(
     store: StoreDep,
     team: CallerTeam,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> Response | JobOut:
+) -> Response:
     """Submits a job (training, merge, fusion or export). It is checked, stored, and only then queued."""
+    answer = CreatedAnswer(job_answer)
     submitted = submission.submit_job(
         session=session,
         settings=settings,
@@ -63,9 +63,9 @@ def create_job(
         idempotency=idempotent_call(
             request, team, "jobs.create", idempotency_key, request_hash(spec.model_dump_json())
         ),
-        answer=_answer,
+        answer=answer,
     )
-    return replayed(submitted) if isinstance(submitted, Replay) else JobOut.of(submitted)
+    return replayed(submitted) if isinstance(submitted, Replay) else answer.response(submitted)
 
 
 @router.post("/{job_id}/export", status_code=status.HTTP_201_CREATED, response_model=JobOut)
@@ -78,9 +78,10 @@ def export_job(
     team: CallerTeam,
     body: ExportRequest | None = None,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> Response | JobOut:
+) -> Response:
     """Starts an export job that merges this finished job's adapter into its base model."""
     options = (body or ExportRequest()).model_dump(mode="json")
+    answer = CreatedAnswer(job_answer)
     submitted = submission.submit_export(
         session=session,
         settings=settings,
@@ -95,13 +96,9 @@ def export_job(
             idempotency_key,
             request_hash(job_id, json.dumps(options, sort_keys=True)),
         ),
-        answer=_answer,
+        answer=answer,
     )
-    return replayed(submitted) if isinstance(submitted, Replay) else JobOut.of(submitted)
-
-
-def _answer(job: Job) -> dict:
-    return JobOut.of(job).model_dump(mode="json")
+    return replayed(submitted) if isinstance(submitted, Replay) else answer.response(submitted)
 
 
 @router.get("", response_model=JobPage)

@@ -2,8 +2,15 @@
 
 The same key with the same request replays the first response; with a different request it is a 422; two
 requests racing with one key make one resource (the second waits for the first and replays its answer).
-The key row is written before the work starts and its answer is stored in the same transaction as the
-work, so a crash in between leaves neither a resource nor a stored answer (and the key can be retried).
+
+Two ways to hold a key while the work runs:
+- `claim` (job submission, whose work is database writes only): the key row is inserted in the transaction
+  that makes the resource and updated with the answer before it commits. A racing request's insert waits on
+  the row until that transaction ends, then replays its answer (or goes ahead, if it rolled back). One
+  transaction, no separate commit; a failure or a crash rolls the key back with the work.
+- `begin` / `complete` / `release` (file uploads, whose bytes go to storage first): the key row is committed
+  before the work starts, in a transaction of its own, and its answer stored in the transaction of the
+  work, so a crash in between leaves neither a resource nor a stored answer (and the key can be retried).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Insert, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -103,6 +110,86 @@ def begin(
         time.sleep(0.1)
 
 
+def _insert_if_absent(session: Session, values: dict[str, Any]) -> Insert:
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return (
+        insert(IdempotencyKey)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["team_id", "endpoint", "key"])
+        .returning(IdempotencyKey.id)
+    )
+
+
+def claim(
+    *,
+    session: Session,
+    team_id: str,
+    endpoint: str,
+    key: str,
+    fingerprint: str,
+    abandoned_after_seconds: float = 120.0,
+) -> int | Replay:
+    """Claims `key` in the caller's transaction (returns the key row's id: go ahead, and `complete_claimed` it
+    in the same transaction) or returns the first request's answer. A request racing with this one on the
+    same key waits here until this one's transaction ends."""
+    _check_key(key)
+    values = {
+        "team_id": team_id,
+        "endpoint": endpoint,
+        "key": key,
+        "request_hash": fingerprint,
+        "created_at": utcnow(),
+    }
+    while True:
+        # Core statements on the session's connection: no ORM object is involved.
+        claimed = session.connection().scalar(_insert_if_absent(session, values))
+        if claimed is not None:
+            return claimed
+        # The key is taken by a committed request (an insert racing with ours has ended by now).
+        row = (
+            session.connection()
+            .execute(
+                select(IdempotencyKey.id, IdempotencyKey.request_hash, IdempotencyKey.status_code)
+                .add_columns(IdempotencyKey.response, IdempotencyKey.created_at)
+                .where(
+                    IdempotencyKey.team_id == team_id,
+                    IdempotencyKey.endpoint == endpoint,
+                    IdempotencyKey.key == key,
+                )
+            )
+            .one_or_none()
+        )
+        if row is None:  # released between our insert and our read: try again
+            continue
+        if row.request_hash != fingerprint:
+            raise InvalidRequest(
+                "this Idempotency-Key was used with a different request; use a new key for a new request",
+                param=PARAM,
+            )
+        if row.status_code is not None:
+            return Replay(row.status_code, row.response or {})
+        # A key committed without an answer (by `begin`): in progress, or abandoned by a request that died.
+        if utcnow() - row.created_at <= timedelta(seconds=abandoned_after_seconds):
+            raise Conflict(
+                "a request with this Idempotency-Key is still being processed; retry in a moment", param=PARAM
+            )
+        session.connection().execute(
+            delete(IdempotencyKey).where(IdempotencyKey.id == row.id, IdempotencyKey.status_code.is_(None))
+        )
+
+
+def complete_claimed(*, session: Session, key_id: int, status_code: int, body: dict[str, Any]) -> None:
+    """Stores the answer of a claimed key, in the transaction that claimed it."""
+    session.connection().execute(
+        update(IdempotencyKey)
+        .where(IdempotencyKey.id == key_id)
+        .values(status_code=status_code, response=body)
+    )
+
+
 def complete(
     *, session: Session, team_id: str, endpoint: str, key: str, status_code: int, body: dict[str, Any]
 ) -> None:
@@ -147,6 +234,19 @@ class IdempotentCall:
             return None
         return begin(
             factory=self.factory,
+            team_id=self.team_id,
+            endpoint=self.endpoint,
+            key=self.key,
+            fingerprint=self.fingerprint,
+        )
+
+    def claim(self, session: Session) -> int | Replay | None:
+        """Claims the key in `session`'s transaction (see `claim`): its row id (go ahead), or the first
+        request's answer to send again; None without a key."""
+        if self.key is None:
+            return None
+        return claim(
+            session=session,
             team_id=self.team_id,
             endpoint=self.endpoint,
             key=self.key,

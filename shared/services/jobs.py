@@ -188,10 +188,16 @@ def team_limits(session: Session, settings: Settings, team_id: str) -> tuple[int
 def check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) -> None:
     """Raises 429 when the team already has as many jobs waiting as its limit allows."""
     _, limit = team_limits(session, settings, team_id)
-    waiting = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.team_id == team_id, Job.status.in_([JobStatus.validating.value, JobStatus.queued.value]))
+    # Counted up to the limit only: a team far over it (a lowered limit) costs no more than one at it.
+    waiting = session.connection().scalar(
+        select(func.count()).select_from(
+            select(Job.id)
+            .where(
+                Job.team_id == team_id, Job.status.in_([JobStatus.validating.value, JobStatus.queued.value])
+            )
+            .limit(limit)
+            .subquery()
+        )
     )
     if waiting >= limit:
         raise TooManyRequests(
@@ -368,7 +374,7 @@ def create_job(
         result={},
     )
     session.add(job)
-    session.flush()
+    # One flush writes both (the job first: the event refers to it).
     add_event(session=session, job_id=job.id, type="created", message=f"job created ({spec.method.value})")
     return job
 

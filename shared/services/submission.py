@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from shared.models import Job
 from shared.schemas import AdapterSource, ExportSpec, JobSpec, Method
 from shared.services.dispatch import send_new_job_after_commit
-from shared.services.idempotency import IdempotentCall, Replay
+from shared.services.idempotency import IdempotentCall, Replay, complete_claimed
 from shared.services.jobs import create_job, get_job
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -31,20 +31,22 @@ def submit_job(
     idempotency: IdempotentCall,
     answer: Callable[[Job], dict[str, Any]],
 ) -> Job | Replay:
-    """Creates a job in `validating` and commits it with its answer (`answer(job)`, replayed to retries with
-    the same Idempotency-Key); it is sent for validation after the commit. Returns the job, or the first
-    request's stored answer."""
-    replay = idempotency.begin()
-    if replay is not None:
-        return replay
+    """Creates a job in `validating` and commits it with its Idempotency-Key and answer (`answer(job)`, replayed
+    to retries with the same key) in one transaction; it is sent for validation after the commit. Returns the
+    job, or the first request's stored answer."""
     try:
+        # The key is claimed in the transaction that records the job: one commit makes both, or neither.
+        claimed = idempotency.claim(session)
+        if isinstance(claimed, Replay):
+            session.rollback()
+            return claimed
         job = create_job(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
-        idempotency.complete(session, CREATED, answer(job))
+        if claimed is not None:
+            complete_claimed(session=session, key_id=claimed, status_code=CREATED, body=answer(job))
         send_new_job_after_commit(session, settings, job)
         session.commit()
     except BaseException:
         session.rollback()
-        idempotency.release()
         raise
     return job
 

@@ -88,3 +88,17 @@ def test_high_priority_jobs_are_served_before_low_ones(api_client, settings):
     second = client.brpop(keys, timeout=1)
     assert high in first[1].decode() and low in second[1].decode()
     assert BROKER_PRIORITY == {"high": 0, "normal": 3, "low": 6}
+
+
+def test_a_retry_at_the_limit_replays_the_first_answer(api_client, make_team):
+    """The Idempotency-Key is looked up before any check: a retry of an accepted job is not refused for the
+    job it made itself."""
+    _, key = make_team(max_queued_jobs=1)
+    headers = {**client_for(api_client, key), "Idempotency-Key": "at-the-limit"}
+    first = submit(api_client, headers)
+    assert first.status_code == 201
+    again = submit(api_client, headers)
+    assert again.status_code == 201
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert submit(api_client, client_for(api_client, key)).status_code == 429
