@@ -346,6 +346,11 @@ def scale(
     ]
     for worker in workers:
         worker.start()
+    # CPU spent in the steady window by this database's PostgreSQL backends and by the simulated nodes.
+    time.sleep(max(0.0, begin_at + warmup - time.time()))
+    cpu_before = _cpu_seconds(url.rsplit("/", 1)[1], [w.pid for w in workers])
+    time.sleep(max(0.0, begin_at + seconds - 0.3 - time.time()))
+    cpu_after = _cpu_seconds(url.rsplit("/", 1)[1], [w.pid for w in workers])
     calls: list[tuple[float, float, int]] = []  # (seconds since the start, latency, jobs claimed)
     claimed: dict[str, int] = defaultdict(int)
     ended = beats = 0
@@ -374,6 +379,9 @@ def scale(
     figure("claim_p50_ms", round(1000 * steady[len(steady) // 2], 2))
     figure("claim_p99_ms", round(1000 * steady[int(len(steady) * 0.99)], 2))
     figure("burst_claims_per_s", max(per_second.values()))
+    steady_jobs = sum(jobs for at, _, jobs in calls if at >= warmup - 0.3) or 1
+    figure("pg_cpu_ms_per_claim", round(1000 * (cpu_after[0] - cpu_before[0]) / steady_jobs, 3))
+    figure("nodes_cpu_ms_per_claim", round(1000 * (cpu_after[1] - cpu_before[1]) / steady_jobs, 3))
     figure("scale_ends_per_s", round(ended / seconds, 1))
     figure("scale_heartbeats_per_s", round(beats / seconds, 1))
     figure(
@@ -382,6 +390,29 @@ def scale(
     )
     figure("scale_queued_jobs", queued)
     figure("scale_nodes", nodes)
+
+
+def _cpu_seconds(database: str, pids: list[int]) -> tuple[float, float]:
+    """CPU seconds used so far by the PostgreSQL backends serving `database` and by processes `pids` (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(pid: str) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+    backends = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if command.startswith("postgres:") and f" {database} " in command:
+                backends += used(entry.name)
+    return backends, sum(used(str(pid)) for pid in pids)
 
 
 def _claim_process(
