@@ -398,6 +398,7 @@ def main() -> int:
     parser.add_argument("--packing-steps", type=int, default=12, help="steps of each packing run")
     parser.add_argument("--packing-length", type=int, default=256, help="max_seq_length of the packing runs")
     parser.add_argument("--skip-api", action="store_true", help="leave out (b)")
+    parser.add_argument("--skip-loop", action="store_true", help="leave out (a) (the warm-up job still runs)")
     parser.add_argument("--skip-packing", action="store_true", help="leave out (p)")
     parser.add_argument("--skip-bf16", action="store_true", help="leave out (c)")
     args = parser.parse_args()
@@ -456,69 +457,10 @@ def main() -> int:
             },
         }
         # A warm-up job, so the worker's first-job imports and caches do not count.
-        submit(client, {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": 1}})
+        warm_up, _ = submit(client, {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": 1}})
 
-        bare_cfg = {
-            "model": str(model_dir),
-            "data": str(data),
-            "steps": args.steps,
-            "batch": args.batch,
-            "rank": args.rank,
-            "out": str(work / "bare"),
-        }
-        runs = []
-        # Alternate service and bare runs so that drift on the shared machine hits both alike.
-        for _ in range(args.repeats):
-            job, service_wall = submit(client, spec)
-            runs.append((service_wall, job, fixed_overhead(client, job), run_bare(bare_cfg)))
-        job_id = job["id"]
-        lengths = sample_lengths(model_dir, data)
-        per_token = flops_per_token(model_dir, {**spec, "dataset": "unused"}, lengths)
-        service = statistics.median(r[0] for r in runs)
-        service_train = statistics.median(r[1]["result"]["train_runtime_seconds"] for r in runs)
-        bare_total = statistics.median(r[3]["total_after_import"] for r in runs)
-        bare_train = statistics.median(r[3]["train"] for r in runs)
-        overheads = [r[2] for r in runs if r[2] is not None]
-        mfu_service = statistics.median(
-            r[1]["trained_tokens"] * per_token / r[1]["result"]["train_runtime_seconds"] / peak for r in runs
-        )
-        mfu_bare = statistics.median(r[3]["tokens"] * per_token / r[3]["train"] / peak for r in runs)
-        reported = [r[1]["result"].get("mfu") for r in runs if r[1]["result"].get("mfu") is not None]
-        print(
-            f"\n(a) LoRA job: service vs bare transformers+peft script (median of {args.repeats} runs each)"
-        )
-        print(
-            f"  service, submit -> succeeded (wall):         {service:8.2f} s   runs: {fmt([r[0] for r in runs])}"
-        )
-        print(
-            f"    of which the training loop:                {service_train:8.2f} s   "
-            f"runs: {fmt([r[1]['result']['train_runtime_seconds'] for r in runs])}"
-        )
-        print(f"    claimed -> first step, load excluded:      {fmt(overheads)} s")
-        print(
-            f"  bare script, model load -> adapter saved:    {bare_total:8.2f} s   "
-            f"runs: {fmt([r[3]['total_after_import'] for r in runs])}"
-        )
-        print(
-            f"    of which the training loop:                {bare_train:8.2f} s   "
-            f"runs: {fmt([r[3]['train'] for r in runs])} (imports not counted)"
-        )
-        print(f"  ratio service / bare:                        {service / bare_total:8.2f}")
-        print(f"  overhead per job:                            {service - bare_total:8.2f} s")
-        print(
-            f"  tokens per step: service {runs[-1][1]['trained_tokens'] / args.steps:.0f}, bare "
-            f"{runs[-1][3]['tokens'] / args.steps:.0f}; {per_token / 1e6:.1f} MFLOP per token"
-        )
-        if reported:
-            print(f"  MFU the service reported itself:             {fmt(reported)}")
-        figures |= {
-            "total_ratio": service / bare_total,
-            "loop_ratio": service_train / bare_train,
-            "fixed_overhead_s": statistics.median(overheads) if overheads else None,
-            "mfu_service": mfu_service,
-            "mfu_bare": mfu_bare,
-        }
-
+        if not args.skip_loop:
+            figures |= bench_loop(client, spec, model_dir, data, work, peak, args)
         if not args.skip_packing:
             figures |= bench_packing(client, model_dir, mixed, work, args)
         if not args.skip_bf16:
@@ -529,7 +471,7 @@ def main() -> int:
             print(
                 f"\n(b) GET throughput, {args.concurrency} concurrent connections, load from {tool} on the same CPUs"
             )
-            for path in (f"/v1/jobs/{job_id}", "/healthz"):
+            for path in (f"/v1/jobs/{warm_up['id']}", "/healthz"):
                 if shutil.which("wrk"):
                     result = hammer_with_wrk(base_url, path, args.seconds, args.concurrency, headers)
                 else:
@@ -544,6 +486,69 @@ def main() -> int:
     for name, value in figures.items():
         print(f"{name} {'nan' if value is None else f'{value:.4g}'}")
     return 0
+
+
+def bench_loop(
+    client: Any, spec: dict[str, Any], model_dir: Path, data: Path, work: Path, peak: float, args: Any
+) -> dict[str, float | None]:
+    """(a): the service's job against the bare script, alternately, `args.repeats` times each."""
+    bare_cfg = {
+        "model": str(model_dir),
+        "data": str(data),
+        "steps": args.steps,
+        "batch": args.batch,
+        "rank": args.rank,
+        "out": str(work / "bare"),
+    }
+    runs = []
+    # Alternate service and bare runs so that drift on the shared machine hits both alike.
+    for _ in range(args.repeats):
+        job, service_wall = submit(client, spec)
+        runs.append((service_wall, job, fixed_overhead(client, job), run_bare(bare_cfg)))
+    lengths = sample_lengths(model_dir, data)
+    per_token = flops_per_token(model_dir, {**spec, "dataset": "unused"}, lengths)
+    service = statistics.median(r[0] for r in runs)
+    service_train = statistics.median(r[1]["result"]["train_runtime_seconds"] for r in runs)
+    bare_total = statistics.median(r[3]["total_after_import"] for r in runs)
+    bare_train = statistics.median(r[3]["train"] for r in runs)
+    overheads = [r[2] for r in runs if r[2] is not None]
+    mfu_service = statistics.median(
+        r[1]["trained_tokens"] * per_token / r[1]["result"]["train_runtime_seconds"] / peak for r in runs
+    )
+    mfu_bare = statistics.median(r[3]["tokens"] * per_token / r[3]["train"] / peak for r in runs)
+    reported = [r[1]["result"].get("mfu") for r in runs if r[1]["result"].get("mfu") is not None]
+    print(f"\n(a) LoRA job: service vs bare transformers+peft script (median of {args.repeats} runs each)")
+    print(
+        f"  service, submit -> succeeded (wall):         {service:8.2f} s   runs: {fmt([r[0] for r in runs])}"
+    )
+    print(
+        f"    of which the training loop:                {service_train:8.2f} s   "
+        f"runs: {fmt([r[1]['result']['train_runtime_seconds'] for r in runs])}"
+    )
+    print(f"    claimed -> first step, load excluded:      {fmt(overheads)} s")
+    print(
+        f"  bare script, model load -> adapter saved:    {bare_total:8.2f} s   "
+        f"runs: {fmt([r[3]['total_after_import'] for r in runs])}"
+    )
+    print(
+        f"    of which the training loop:                {bare_train:8.2f} s   "
+        f"runs: {fmt([r[3]['train'] for r in runs])} (imports not counted)"
+    )
+    print(f"  ratio service / bare:                        {service / bare_total:8.2f}")
+    print(f"  overhead per job:                            {service - bare_total:8.2f} s")
+    print(
+        f"  tokens per step: service {runs[-1][1]['trained_tokens'] / args.steps:.0f}, bare "
+        f"{runs[-1][3]['tokens'] / args.steps:.0f}; {per_token / 1e6:.1f} MFLOP per token"
+    )
+    if reported:
+        print(f"  MFU the service reported itself:             {fmt(reported)}")
+    return {
+        "total_ratio": service / bare_total,
+        "loop_ratio": service_train / bare_train,
+        "fixed_overhead_s": statistics.median(overheads) if overheads else None,
+        "mfu_service": mfu_service,
+        "mfu_bare": mfu_bare,
+    }
 
 
 def cpu_bf16_instructions() -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -126,6 +127,9 @@ def train_attempt(
     from worker.training.recipes.base import JobStopped, TrainingContext
     from worker.training.trackers import job_trackers
 
+    # What exists now (the training stack's modules) lives as long as the process: collections need not walk it
+    # again. The Trainer runs a full collection as training starts, 0.2-0.4 s over these objects otherwise.
+    gc.freeze()
     settings = get_settings()
     spec = JobSpec.model_validate(launch.spec)
     writer = AttemptWriter(settings, launch.job_id, launch.attempt)

@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How long a write waits for a restarting database before it gives up.
 RETRY_SECONDS = 60.0
-# The background writer writes at most this often, so a fast training loop's points go in batches.
-BATCH_INTERVAL_SECONDS = 0.25
+# The background writer writes at most this often, so a training loop's points go in batches: each write is a
+# transaction whose CPU time (a few ms) the training steps share the cores with. Once a second, as the training
+# output is shipped (log_ship_interval_seconds); flush() and flush_queued() do not wait for it.
+BATCH_INTERVAL_SECONDS = 1.0
 # How long a process that exits without flushing waits for what it queued to be written.
 EXIT_FLUSH_SECONDS = 5.0
 # An event or a metric point, queued for the background writer.
