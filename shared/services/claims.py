@@ -329,7 +329,8 @@ def _preempt_for(session: Session, node: NodeCapacity, head: _Candidate, free: i
         )
 
 
-def _running_values(worker_id: str, now: datetime) -> dict[str, Any]:
+def _running_values(worker_id: Any, now: Any) -> dict[str, Any]:
+    """What a job's row becomes when an attempt starts (values, or bound parameters)."""
     return {
         "status": JobStatus.running.value,
         "attempt": Job.attempt + 1,
@@ -355,17 +356,7 @@ def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
     limit = func.coalesce(Team.max_running_jobs, bindparam("p_limit"))
     under = Team.running_jobs < limit if enforce_limit else true()
     waiting = and_(Job.status == JobStatus.queued.value, or_(Job.not_before.is_(None), Job.not_before <= now))
-    running = {
-        "status": JobStatus.running.value,
-        "attempt": Job.attempt + 1,
-        "worker_id": bindparam("p_worker"),
-        "heartbeat_at": now,
-        "started_at": func.coalesce(Job.started_at, now),
-        "updated_at": now,
-        "reserved_for": None,
-        "reserved_at": None,
-        "preempt_requested_at": None,
-    }
+    running = _running_values(bindparam("p_worker"), now)
     if postgres:
         # The first p_max candidates, in the given order, whose job row and team row no other claim holds
         # right now (SKIP LOCKED: rows are locked as the sorted candidates come, so claims racing for the same
@@ -440,7 +431,7 @@ def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
 def _take(
     session: Session,
     settings: Settings,
-    candidates: Sequence[_Candidate | tuple[str, str, int, int]],
+    candidates: Sequence[tuple[str, str, int, int]],
     worker_id: str,
     now: datetime,
     *,
@@ -452,8 +443,7 @@ def _take(
     in claim order) that together fit `free_gpus` (a job spanning several nodes uses none here), keep their
     team within its running limit, and that no other claim holds (nor their team) right now. Returns the
     started jobs' (id, team, attempt, gpus, nodes, spec) in claim order."""
-    wanted = [(c.id, c.team_id, c.gpus, c.nodes) if isinstance(c, _Candidate) else c for c in candidates]
-    if not wanted or max_jobs <= 0:
+    if not candidates or max_jobs <= 0:
         return []
     postgres = session.get_bind().dialect.name == "postgresql"
     statements = _take_statements(postgres, enforce_limit)
@@ -462,14 +452,14 @@ def _take(
     if postgres:
         # One round trip, however many jobs it takes and however many candidates other claims hold: the
         # picks, their moves to running and their teams' counts, together.
-        params |= {"p_ids": [job_id for job_id, *_ in wanted], "p_max": max_jobs, "p_free": free_gpus}
+        params |= {"p_ids": [job_id for job_id, *_ in candidates], "p_max": max_jobs, "p_free": free_gpus}
         rows = connection.execute(statements[0], params).all()
-        place = {job_id: i for i, (job_id, *_) in enumerate(wanted)}
+        place = {job_id: i for i, (job_id, *_) in enumerate(candidates)}
         return sorted(rows, key=lambda row: place[row[0]])
     # SQLite runs one writer at a time: the same steps, one candidate after the other.
     count, start, uncount = statements
     taken: list[Any] = []
-    for job_id, team_id, gpus, nodes in wanted:
+    for job_id, team_id, gpus, nodes in candidates:
         local = 0 if nodes > 1 else gpus
         if len(taken) >= max_jobs or local > free_gpus:
             continue
@@ -495,9 +485,16 @@ def _take_all(
     max_jobs: int,
 ) -> list[Claim]:
     rows: list[Any] = []
+    wanted = [(c.id, c.team_id, c.gpus, c.nodes) for c in order]
     for retry in range(TAKE_TRIES):
         rows = _take(
-            session, settings, order, node.worker_id, now, max_jobs=max_jobs, free_gpus=len(node.free_gpus)
+            session,
+            settings,
+            wanted,
+            node.worker_id,
+            now,
+            max_jobs=max_jobs,
+            free_gpus=len(node.free_gpus),
         )
         if rows or not order or max_jobs <= 0 or retry == TAKE_TRIES - 1:
             break

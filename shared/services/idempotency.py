@@ -85,13 +85,8 @@ def begin(
             )
             if row is None:  # released between our insert and our read: try again
                 continue
-            if row.request_hash != fingerprint:
-                raise InvalidRequest(
-                    "this Idempotency-Key was used with a different request; use a new key for a new request",
-                    param=PARAM,
-                )
-            if row.status_code is not None:
-                return Replay(row.status_code, row.response or {})
+            if (replay := _answered(row, fingerprint)) is not None:
+                return replay
             if utcnow() - row.created_at > timedelta(seconds=abandoned_after_seconds):
                 # The first request died mid-way (it stored nothing): this one takes the key over.
                 taken = session.execute(
@@ -108,6 +103,18 @@ def begin(
                 "a request with this Idempotency-Key is still being processed; retry in a moment", param=PARAM
             )
         time.sleep(0.1)
+
+
+def _answered(row: Any, fingerprint: str) -> Replay | None:
+    """The first request's answer to replay, if it has one; refuses a different request under the same key."""
+    if row.request_hash != fingerprint:
+        raise InvalidRequest(
+            "this Idempotency-Key was used with a different request; use a new key for a new request",
+            param=PARAM,
+        )
+    if row.status_code is not None:
+        return Replay(row.status_code, row.response or {})
+    return None
 
 
 def _insert_if_absent(session: Session, values: dict[str, Any]) -> Insert:
@@ -164,13 +171,8 @@ def claim(
         )
         if row is None:  # released between our insert and our read: try again
             continue
-        if row.request_hash != fingerprint:
-            raise InvalidRequest(
-                "this Idempotency-Key was used with a different request; use a new key for a new request",
-                param=PARAM,
-            )
-        if row.status_code is not None:
-            return Replay(row.status_code, row.response or {})
+        if (replay := _answered(row, fingerprint)) is not None:
+            return replay
         # A key committed without an answer (by `begin`): in progress, or abandoned by a request that died.
         if utcnow() - row.created_at <= timedelta(seconds=abandoned_after_seconds):
             raise Conflict(

@@ -437,12 +437,15 @@ def add_event(
     level: str = "info",
     attempt: int = 0,
     data: dict[str, Any] | None = None,
-) -> JobEvent:
-    """Appends an event to a job's log."""
-    event = JobEvent(job_id=job_id, type=type, message=message, level=level, attempt=attempt, data=data or {})
-    session.add(event)
-    session.flush()
-    return event
+) -> None:
+    """Appends an event to a job's log, in the caller's transaction."""
+    session.flush()  # the insert goes around the session: what it holds (the job, maybe) goes first
+    # A Core insert: every move of every job writes events, and the ORM's unit of work costs more than it.
+    session.connection().execute(
+        insert(JobEvent).values(
+            job_id=job_id, type=type, message=message, level=level, attempt=attempt, data=data or {}
+        )
+    )
 
 
 def list_attempts(*, session: Session, team_id: TeamID, job_id: str) -> list[Attempt]:
@@ -505,16 +508,14 @@ def transition(
         # Leaving running or cancelling frees the attempt's GPUs (a no-op from validating or queued).
         close_attempt(session, job_id, to.value, now)
     if changed:
-        # A Core insert: every move of every job writes one, and the ORM's unit of work costs more than it.
-        session.connection().execute(
-            insert(JobEvent).values(
-                job_id=job_id,
-                type="status",
-                message=message or f"job is {to.value}",
-                level="error" if to is JobStatus.failed else "info",
-                attempt=attempt or 0,
-                data={"status": to.value, **(event_data or {})},
-            )
+        add_event(
+            session=session,
+            job_id=job_id,
+            type="status",
+            message=message or f"job is {to.value}",
+            level="error" if to is JobStatus.failed else "info",
+            attempt=attempt or 0,
+            data={"status": to.value, **(event_data or {})},
         )
         record_job_finished(session=session, job_id=job_id, status=to)  # webhooks; terminal statuses only
     return changed
