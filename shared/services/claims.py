@@ -26,16 +26,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Integer, String, and_, bindparam, case, delete, func, insert, or_, select, true, update
+from sqlalchemy import (
+    Integer,
+    String,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from shared.models import Attempt, GpuUsage, Job, JobEvent, Node, Team, utcnow
 from shared.schemas import JobSpec
 from shared.services.jobs import add_event, team_limits
-from shared.services.usage import accrue_node, close_attempt, minute_of
+from shared.services.usage import accrue_node, charge_ctes, close_attempt, expire_attempts, minute_of
 from shared.settings import Settings
 from shared.states import ACTIVE, JobStatus
 
@@ -92,8 +106,7 @@ def launcher_of(nodes: int, gpus: int, zero_stage: int) -> str:
     return "torchrun" if gpus > 1 or zero_stage else "process"
 
 
-@dataclass(frozen=True)
-class _Candidate:
+class _Candidate(NamedTuple):  # a tuple: a claim builds dozens of these
     id: str
     team_id: str
     priority_rank: int
@@ -107,11 +120,6 @@ class _Candidate:
     def share_key(self, charge_seconds: float) -> float:
         """What fair share ranks the team by: its usage in the window, plus a charge for every GPU it holds."""
         return self.used + self.held * charge_seconds
-
-
-def _live_nodes(settings: Settings, now: datetime):
-    stale = now - timedelta(seconds=settings.lease_timeout_seconds)
-    return select(Node.id).where(Node.heartbeat_at >= stale)
 
 
 @cache
@@ -265,28 +273,68 @@ def _claim_order(candidates: Sequence[_Candidate], charge_seconds: float) -> lis
     return order
 
 
+@cache
+def _reserve_statement(postgres: bool) -> Any:
+    """A queued job reserved for a node unless a live node holds it, built once; bound p_job, p_node, p_now,
+    p_stale. On PostgreSQL its event is written by the same statement (bound p_message, p_data), which
+    returns the reserved job's id."""
+    live = select(Node.id).where(Node.heartbeat_at >= bindparam("p_stale"))
+    reserve = (
+        update(Job)
+        .where(
+            Job.id == bindparam("p_job"),
+            Job.status == JobStatus.queued.value,
+            or_(Job.reserved_for.is_(None), Job.reserved_for.not_in(live)),
+        )
+        .values(reserved_for=bindparam("p_node"), reserved_at=bindparam("p_now"))
+    )
+    if not postgres:
+        return reserve
+    reserved = reserve.returning(Job.id).cte("reserved")
+    event = JobEvent.__table__.c
+    return (
+        insert(JobEvent)
+        .from_select(
+            ["job_id", "type", "message", "level", "attempt", "data", "created_at"],
+            select(
+                reserved.c.id,
+                literal_column("'queue'"),
+                bindparam("p_message", type_=event.message.type),
+                literal_column("'info'"),
+                literal_column("0"),
+                bindparam("p_data", type_=event.data.type),
+                bindparam("p_now", type_=event.created_at.type),
+            ),
+        )
+        .returning(JobEvent.job_id)
+    )
+
+
 def _reserve(
     session: Session, settings: Settings, node: NodeCapacity, job: _Candidate, now: datetime
 ) -> bool:
-    taken = session.execute(
-        update(Job)
-        .where(
-            Job.id == job.id,
-            Job.status == JobStatus.queued.value,
-            or_(Job.reserved_for.is_(None), Job.reserved_for.not_in(_live_nodes(settings, now))),
-        )
-        .values(reserved_for=node.worker_id, reserved_at=now)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    message = (
+        f"{node.worker_id} holds its GPUs back for this job: it needs {job.gpus}, "
+        f"{len(node.free_gpus)} of {node.total_gpus} are free there now"
+    )
+    data = {"reserved_for": node.worker_id, "gpus": job.gpus, "free": len(node.free_gpus)}
+    params = {
+        "p_job": job.id,
+        "p_node": node.worker_id,
+        "p_now": now,
+        "p_stale": now - timedelta(seconds=settings.lease_timeout_seconds),
+    }
+    postgres = session.get_bind().dialect.name == "postgresql"
+    statement = _reserve_statement(postgres)
+    session.flush()  # the statement goes around the session: what it holds goes first
+    for loaded in [o for o in session.identity_map.values() if isinstance(o, Job) and o.id == job.id]:
+        session.expire(loaded)
+    if postgres:  # one round trip
+        params |= {"p_message": message, "p_data": data}
+        return session.connection().execute(statement, params).first() is not None
+    taken = session.connection().execute(statement, params).rowcount
     if taken:
-        add_event(
-            session=session,
-            job_id=job.id,
-            type="queue",
-            message=f"{node.worker_id} holds its GPUs back for this job: it needs {job.gpus}, "
-            f"{len(node.free_gpus)} of {node.total_gpus} are free there now",
-            data={"reserved_for": node.worker_id, "gpus": job.gpus, "free": len(node.free_gpus)},
-        )
+        add_event(session=session, job_id=job.id, type="queue", message=message, data=data)
     return bool(taken)
 
 
@@ -707,6 +755,36 @@ def _renew_all_statement() -> Any:
     )
 
 
+@cache
+def _beat_statement() -> Any:
+    """A node's heartbeat on PostgreSQL, one statement built once: its leases renewed (_renew_all_statement),
+    its running attempts charged (usage.charge_ctes) and its row upserted. Bound: those of the renewal,
+    p_minute, p_worker, p_host, p_total, p_busy, p_ray. Selects the renewal's rows."""
+    renewed = _renew_all_statement().cte("renewed")
+    node = Node.__table__.c
+    row = {
+        "id": bindparam("p_worker", type_=node.id.type),
+        "host": bindparam("p_host", type_=node.host.type),
+        "total_gpus": bindparam("p_total", type_=node.total_gpus.type),
+        "busy_gpus": bindparam("p_busy", type_=node.busy_gpus.type),
+        "ray_driver": bindparam("p_ray", type_=node.ray_driver.type),
+        "started_at": bindparam("p_now", type_=node.started_at.type),
+        "heartbeat_at": bindparam("p_now", type_=node.heartbeat_at.type),
+    }
+    upsert = postgresql.insert(Node).values(**row)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[Node.id],
+        set_={
+            k: upsert.excluded[k] for k in ("host", "total_gpus", "busy_gpus", "ray_driver", "heartbeat_at")
+        },
+    )
+    statement = select(renewed.c.id, renewed.c.status, renewed.c.preempt_requested_at)
+    statement = statement.add_cte(upsert.cte("node_row"))
+    for cte in charge_ctes(Attempt.worker_id == bindparam("p_worker"), closing=False)[1]:
+        statement = statement.add_cte(cte)
+    return statement
+
+
 def beat(
     *,
     session: Session,
@@ -720,38 +798,25 @@ def beat(
     now = now or utcnow()
     busy = sorted(set(range(node.total_gpus)) - set(node.free_gpus))
     if session.get_bind().dialect.name == "postgresql":
-        # Three statements however many attempts the node runs (1,000 nodes beat every few seconds).
-        connection = session.connection()
-        states = {job_id: LeaseState(None) for job_id, _ in leases}
-        if leases:
-            rows = connection.execute(
-                _renew_all_statement(),
-                {"p_ids": [j for j, _ in leases], "p_attempts": [a for _, a in leases], "p_now": now},
-            )
-            states |= {
-                job_id: LeaseState(JobStatus(status), preempt=asked is not None)
-                for job_id, status, asked in rows
-            }
-        accrue_node(session, node.worker_id, now)
-        values = {
-            "id": node.worker_id,
-            "host": node.host,
-            "total_gpus": node.total_gpus,
-            "busy_gpus": busy,
-            "ray_driver": ray_driver,
-            "started_at": now,
-            "heartbeat_at": now,
+        # One statement however many attempts the node runs (1,000 nodes beat every few seconds).
+        session.flush()  # the statement goes around the session: what it holds goes first
+        params = {
+            "p_ids": [j for j, _ in leases],
+            "p_attempts": [a for _, a in leases],
+            "p_now": now,
+            "p_minute": minute_of(now),
+            "p_worker": node.worker_id,
+            "p_host": node.host,
+            "p_total": node.total_gpus,
+            "p_busy": busy,
+            "p_ray": ray_driver,
         }
-        upsert = postgresql.insert(Node).values(**values)
-        connection.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[Node.id],
-                set_={
-                    k: upsert.excluded[k]
-                    for k in ("host", "total_gpus", "busy_gpus", "ray_driver", "heartbeat_at")
-                },
-            )
-        )
+        rows = session.connection().execute(_beat_statement(), params).all()
+        expire_attempts(session, lambda a: a.worker_id == node.worker_id)
+        states = {job_id: LeaseState(None) for job_id, _ in leases}
+        states |= {
+            job_id: LeaseState(JobStatus(status), preempt=asked is not None) for job_id, status, asked in rows
+        }
         return states
     states = {
         job_id: renew(session=session, job_id=job_id, attempt=attempt, now=now) for job_id, attempt in leases

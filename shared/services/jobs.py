@@ -7,16 +7,28 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, func, insert, select, update
+from sqlalchemy import ColumnElement, bindparam, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from shared.datasets import DatasetFormat, method_mismatch
 from shared.db import beyond
 from shared.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from shared.hub import check_hub_allowed, parse_hub_id
-from shared.models import PRIORITY_RANK, Attempt, Job, JobEvent, JobMetric, Team, UploadedFile, new_id, utcnow
+from shared.models import (
+    PRIORITY_RANK,
+    Attempt,
+    Job,
+    JobEvent,
+    JobMetric,
+    Team,
+    UploadedFile,
+    Webhook,
+    new_id,
+    utcnow,
+)
 from shared.planning import (
     ModelConfigError,
     ModelShape,
@@ -27,7 +39,7 @@ from shared.planning import (
 )
 from shared.schemas import AVAILABLE_METHODS, LORA_METHODS, JobSpec, Method, job_sources
 from shared.services.models import model_config
-from shared.services.usage import close_attempt
+from shared.services.usage import charge_ctes, close_attempt, expire_attempts, minute_of
 from shared.services.webhooks import record_job_finished
 from shared.settings import Settings
 from shared.states import ACTIVE, TERMINAL, JobStatus, sources_of
@@ -494,31 +506,106 @@ def transition(
     """Moves a job to `to` if the state machine allows it from its current status — and, when given, only
     from the statuses in `from_` and only for that attempt. Returns False when the job had moved on."""
     sources = sources_of(to) if from_ is None else sources_of(to) & from_
-    query = update(Job).where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *conditions)
-    if attempt is not None:
-        query = query.where(Job.attempt == attempt)
     now = now or utcnow()
     values.setdefault("updated_at", now)
     if to in TERMINAL:
         values.setdefault("finished_at", now)
     if to is JobStatus.queued:  # back in the queue: a preemption that asked for this is done
         values.setdefault("preempt_requested_at", None)
+    event = {
+        "type": "status",
+        "message": message or f"job is {to.value}",
+        "level": "error" if to is JobStatus.failed else "info",
+        "attempt": attempt or 0,
+        "data": {"status": to.value, **(event_data or {})},
+    }
+    if session.get_bind().dialect.name == "postgresql":
+        # One round trip: every job's every move comes here, an attempt's end among them.
+        moved = _move_in_one(session, job_id, to, sources, attempt, tuple(conditions), values, event, now)
+        if moved is None:
+            return False
+        if moved.hooks and to in TERMINAL:
+            record_job_finished(session=session, job_id=job_id, status=to)
+        return True
+    query = update(Job).where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *conditions)
+    if attempt is not None:
+        query = query.where(Job.attempt == attempt)
     changed = session.execute(query.values(status=to.value, **values)).rowcount == 1
     if changed and to not in ACTIVE:
         # Leaving running or cancelling frees the attempt's GPUs (a no-op from validating or queued).
         close_attempt(session, job_id, to.value, now)
     if changed:
-        add_event(
-            session=session,
-            job_id=job_id,
-            type="status",
-            message=message or f"job is {to.value}",
-            level="error" if to is JobStatus.failed else "info",
-            attempt=attempt or 0,
-            data={"status": to.value, **(event_data or {})},
-        )
+        add_event(session=session, job_id=job_id, **event)
         record_job_finished(session=session, job_id=job_id, status=to)  # webhooks; terminal statuses only
     return changed
+
+
+def _move_in_one(
+    session: Session,
+    job_id: str,
+    to: JobStatus,
+    sources: frozenset[JobStatus],
+    attempt: int | None,
+    conditions: tuple[ColumnElement[bool], ...],
+    values: dict[str, Any],
+    event: dict[str, Any],
+    now: datetime,
+) -> Any:
+    """On PostgreSQL, `transition` as one statement (see _move_statement). Returns its row (team_id, hooks),
+    None when the job had moved on. What the session holds of the job and its attempts is expired."""
+    session.flush()  # the statement goes around the session: what it holds goes first
+    shape = (to, sources, attempt is not None, tuple(values))
+    statement = _move_statement(*shape, conditions) if conditions else _cached_move_statement(*shape)
+    params = {f"v_{name}": value for name, value in values.items()}
+    params |= {f"e_{name}": value for name, value in event.items()}
+    params |= {"p_job": job_id, "p_attempt": attempt, "p_now": now, "p_minute": minute_of(now)}
+    params["p_outcome"] = to.value
+    row = session.connection().execute(statement, params).first()
+    for loaded in [o for o in session.identity_map.values() if isinstance(o, Job) and o.id == job_id]:
+        session.expire(loaded)
+    expire_attempts(session, lambda a: a.job_id == job_id)
+    return row
+
+
+def _move_statement(
+    to: JobStatus,
+    sources: frozenset[JobStatus],
+    with_attempt: bool,
+    names: tuple[str, ...],
+    conditions: tuple[ColumnElement[bool], ...] = (),
+) -> Any:
+    """A job's move to `to` in one PostgreSQL statement: the job's UPDATE (bound: p_job, p_attempt, v_<name>
+    for each value, p_now); when it leaves running, cancelling or pausing, its attempt's close (ended,
+    charged, its team's running counts dropped, as usage.close_attempt; bound p_minute, p_outcome); its status
+    event (e_<field>); and whether its team has webhooks. Selects (team_id, hooks) of the moved job."""
+    where = [Job.id == bindparam("p_job"), Job.status.in_([s.value for s in sources]), *conditions]
+    if with_attempt:
+        where.append(Job.attempt == bindparam("p_attempt"))
+    columns = {name: Job.__mapper__.attrs[name].columns[0] for name in names}
+    values = {column: bindparam(f"v_{name}", type_=column.type) for name, column in columns.items()}
+    move = update(Job).where(*where).values({Job.status: literal(to.value), **values})
+    moved = move.returning(Job.id, Job.team_id).cte("moved")
+    event = JobEvent.__table__.c
+    written = insert(JobEvent).from_select(
+        ["job_id", "type", "message", "level", "attempt", "data", "created_at"],
+        select(
+            moved.c.id,
+            *(bindparam(f"e_{name}", type_=event[name].type) for name in ("type", "message", "level")),
+            bindparam("e_attempt", type_=event.attempt.type),
+            bindparam("e_data", type_=event.data.type),
+            bindparam("p_now", type_=event.created_at.type),
+        ),
+    )
+    hooks = exists().where(Webhook.team_id == moved.c.team_id, Webhook.disabled_at.is_(None))
+    statement = select(moved.c.team_id, hooks.label("hooks")).add_cte(written.cte("written"))
+    if to not in ACTIVE:
+        # Leaving running or cancelling frees the attempt's GPUs (nothing to close from validating or queued).
+        for cte in charge_ctes(Attempt.job_id.in_(select(moved.c.id)), closing=True)[1]:
+            statement = statement.add_cte(cte)
+    return statement
+
+
+_cached_move_statement = cache(_move_statement)
 
 
 def cancel_job(*, session: Session, team_id: TeamID, job_id: str) -> Job:

@@ -70,9 +70,20 @@ def _charge_statement(closing: bool) -> Any:
     """On PostgreSQL, in one statement built once: the open attempts of one job (closing: bound p_job,
     p_outcome) or of one node (bound p_worker) are locked and charged up to p_now, their teams' buckets of
     minute p_minute get what they owed; closing also ends the attempt and drops its team's running counts."""
+    whose = Attempt.job_id == bindparam("p_job") if closing else Attempt.worker_id == bindparam("p_worker")
+    charged_rows, ctes = charge_ctes(whose, closing)
+    statement = select(charged_rows.c.id)
+    for cte in ctes:
+        statement = statement.add_cte(cte)
+    return statement
+
+
+def charge_ctes(whose: Any, closing: bool) -> tuple[Any, list[Any]]:
+    """The parts of the charging statement (PostgreSQL) for the open attempts `whose` selects: the CTE of the
+    charged attempts (id, team_id, gpus, owed) and the data-modifying CTEs a statement must add (add_cte) for
+    the buckets and, closing, the teams' running counts. Bound: p_now, p_minute and, closing, p_outcome."""
     now = bindparam("p_now", type_=Attempt.started_at.type)
     ran = func.greatest(0.0, func.extract("epoch", now - Attempt.started_at))
-    whose = Attempt.job_id == bindparam("p_job") if closing else Attempt.worker_id == bindparam("p_worker")
     held = (
         select(
             Attempt.id,
@@ -112,7 +123,7 @@ def _charge_statement(closing: bool) -> Any:
         index_elements=[GpuUsage.team_id, GpuUsage.minute],
         set_={"gpu_seconds": GpuUsage.gpu_seconds + upsert.excluded.gpu_seconds},
     ).cte("buckets")
-    statement = select(charged_rows.c.id).add_cte(buckets)
+    ctes = [buckets]
     if closing:
         counted = (
             update(Team)
@@ -126,8 +137,8 @@ def _charge_statement(closing: bool) -> Any:
             )
             .cte("counted")
         )
-        statement = statement.add_cte(counted)
-    return statement
+        ctes.append(counted)
+    return charged_rows, ctes
 
 
 def accrue_node(session: Session, worker_id: str, now: datetime) -> None:
@@ -137,7 +148,7 @@ def accrue_node(session: Session, worker_id: str, now: datetime) -> None:
         session.flush()  # the statement goes around the session: what it holds goes first
         params = {"p_worker": worker_id, "p_now": now, "p_minute": minute_of(now)}
         session.connection().execute(_charge_statement(False), params).all()
-        _expire_attempts(session, lambda a: a.worker_id == worker_id)
+        expire_attempts(session, lambda a: a.worker_id == worker_id)
         return
     held = session.scalars(
         select(Attempt).where(Attempt.worker_id == worker_id, Attempt.ended_at.is_(None))
@@ -146,7 +157,7 @@ def accrue_node(session: Session, worker_id: str, now: datetime) -> None:
         accrue(session, attempt, now)
 
 
-def _expire_attempts(session: Session, which: Any) -> None:
+def expire_attempts(session: Session, which: Any) -> None:
     """Forgets what the session holds of attempts a statement around it changed (read again if used)."""
     for loaded in [o for o in session.identity_map.values() if isinstance(o, Attempt)]:
         if which(loaded):
@@ -163,7 +174,7 @@ def close_attempt(session: Session, job_id: str, outcome: str, now: datetime | N
         session.flush()  # the statement goes around the session: what it holds goes first
         params = {"p_job": job_id, "p_outcome": outcome, "p_now": now, "p_minute": minute_of(now)}
         closed = session.connection().execute(_charge_statement(True), params).first() is not None
-        _expire_attempts(session, lambda a: a.job_id == job_id)
+        expire_attempts(session, lambda a: a.job_id == job_id)
         return closed
     held = session.scalar(
         select(Attempt).where(Attempt.job_id == job_id, Attempt.ended_at.is_(None)).with_for_update()
