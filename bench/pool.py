@@ -14,7 +14,8 @@ scale: simulated node workers (no training) against one PostgreSQL holding 100,0
   transaction), heartbeats its attempts every heartbeat_interval_seconds (claims.beat), and each claimed job
   "runs" for --job-seconds of real time and ends through the real state machine (jobs.transition). The nodes
   run in --processes processes of --threads threads (real nodes are separate machines; one process would
-  measure its own GIL). Reports jobs claimed/s, claim calls/s, call latency percentiles, ends/s, heartbeats/s
+  measure its own GIL); each thread sleeps until its nodes' next moment (a job's end, a heartbeat, a claim)
+  rather than polling them, and each job ends on its own. Reports jobs claimed/s, claim calls/s, call latency percentiles, ends/s, heartbeats/s
   and the teams' shares. On a 2-core machine the simulated nodes and PostgreSQL share the CPU.
 
 Each section ends with `name value` lines; the last lines of the run repeat them all.
@@ -23,6 +24,8 @@ Each section ends with `name value` lines; the last lines of the run repeat them
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import multiprocessing
 import os
 import random
@@ -447,41 +450,60 @@ def _claim_process(
     stop = start + seconds
 
     def driver(mine: list[str]) -> None:
+        # Each thread drives its nodes from a queue of their next moments (a job's end, a heartbeat, a claim)
+        # and sleeps until the next one: polling every node in turn would spend the CPU that the nodes' own
+        # claims, ends and heartbeats need (real nodes are separate machines).
         rng = random.Random()
-        # gpu -> (job, attempt, ends at), per node; each node heartbeats its attempts as worker/node.py does.
-        busy: dict[str, dict[int, tuple[str, int, float]]] = {name: {} for name in mine}
         interval = settings.heartbeat_interval_seconds
-        next_beat = {name: time.monotonic() + rng.uniform(0, interval) for name in mine}
-        # As worker/node.py: claim again at once after a claim that started jobs or when a job ends; after one
-        # that found nothing, wait for the poll interval (there are no broker wake-ups here).
-        claim_at = dict.fromkeys(mine, 0.0)
-        while time.monotonic() < stop:
-            worked = False
-            for name in mine:
-                now = time.monotonic()
-                if now >= stop:
-                    return
-                for job_id in {j for j, _, end in busy[name].values() if end <= now}:
-                    with session_scope(url) as session:
-                        job_service.transition(session=session, job_id=job_id, to=JobStatus.succeeded)
-                    busy[name] = {g: v for g, v in busy[name].items() if v[0] != job_id}
-                    claim_at[name], worked = 0.0, True
-                    with lock:
-                        ended[0] += 1
+        # gpu -> (job, attempt), per node; the events: (when, order, kind, node, job or None).
+        busy: dict[str, dict[int, tuple[str, int]]] = {name: {} for name in mine}
+        claim_due: dict[str, float] = {}  # each node's next claim, when one is due
+        events: list[tuple[float, int, str, str, str | None]] = []
+        order = itertools.count()
+        now = time.monotonic()
+
+        def claim_at(name: str, at: float) -> None:
+            if at < claim_due.get(name, float("inf")):  # an earlier claim replaces a later one
+                claim_due[name] = at
+                heapq.heappush(events, (at, next(order), "claim", name, None))
+
+        for name in mine:
+            claim_at(name, now)
+            heapq.heappush(events, (now + rng.uniform(0, interval), next(order), "beat", name, None))
+
+        while events:
+            at, _, kind, name, job_id = heapq.heappop(events)
+            now = time.monotonic()
+            if at > now:
+                time.sleep(min(at, stop) - now)
+            if time.monotonic() >= stop:
+                return
+            if kind == "end":
+                with session_scope(url) as session:
+                    job_service.transition(session=session, job_id=job_id, to=JobStatus.succeeded)
+                busy[name] = {g: v for g, v in busy[name].items() if v[0] != job_id}
+                with lock:
+                    ended[0] += 1
+                # As worker/node.py: claim again at once when a job ends.
+                claim_at(name, time.monotonic())
+            elif kind == "beat":
                 free = tuple(g for g in range(slots) if g not in busy[name])
-                if now >= next_beat[name]:
-                    next_beat[name], worked = now + interval, True
-                    with session_scope(url) as session:
-                        claims.beat(
-                            session=session,
-                            node=NodeCapacity(name, slots, free, host=name),
-                            leases=sorted({(j, a) for j, a, _ in busy[name].values()}),
-                        )
-                    with lock:
-                        beats[0] += 1
-                if not free or now < claim_at[name]:
-                    continue
-                worked = True
+                with session_scope(url) as session:
+                    claims.beat(
+                        session=session,
+                        node=NodeCapacity(name, slots, free, host=name),
+                        leases=sorted(set(busy[name].values())),
+                    )
+                heapq.heappush(events, (time.monotonic() + interval, next(order), "beat", name, None))
+                with lock:
+                    beats[0] += 1
+            else:
+                if claim_due.get(name) != at:
+                    continue  # replaced by an earlier claim
+                del claim_due[name]
+                free = tuple(g for g in range(slots) if g not in busy[name])
+                if not free:
+                    continue  # a job's end claims again
                 began = time.perf_counter()
                 with session_scope(url) as session:
                     # As worker/node.py does: as many jobs as fit the free slots, in one transaction.
@@ -489,17 +511,20 @@ def _claim_process(
                         session=session, settings=settings, node=NodeCapacity(name, slots, free, host=name)
                     )
                 took = time.perf_counter() - began
-                if not got:
-                    claim_at[name] = time.monotonic() + settings.claim_poll_seconds
-                ends = time.monotonic() + rng.uniform(*job_seconds)
                 for claim in got:
-                    busy[name].update({g: (claim.job_id, claim.attempt, ends) for g in claim.gpu_indices})
+                    busy[name].update({g: (claim.job_id, claim.attempt) for g in claim.gpu_indices})
+                    ends = time.monotonic() + rng.uniform(*job_seconds)
+                    heapq.heappush(events, (ends, next(order), "end", name, claim.job_id))
+                # As worker/node.py: after a claim that started jobs, claim again at once while GPUs are free;
+                # after one that found nothing, wait for the poll interval (there are no broker wake-ups here).
+                if not got:
+                    claim_at(name, time.monotonic() + settings.claim_poll_seconds)
+                elif len(busy[name]) < slots:
+                    claim_at(name, time.monotonic())
                 with lock:
                     calls.append((began - start_perf, took, len(got)))
                     for claim in got:
                         claimed[claim.team_id] += 1
-            if not worked:
-                time.sleep(0.002)
 
     threads = [
         threading.Thread(target=driver, args=(node_ids[i::threads_count],)) for i in range(threads_count)
