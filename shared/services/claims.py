@@ -34,6 +34,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
     delete,
     func,
     insert,
@@ -45,6 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import Grouping
 
 from shared.models import Attempt, GpuUsage, Job, JobEvent, Node, Team, utcnow
 from shared.schemas import JobSpec
@@ -396,10 +398,13 @@ STARTED = (Job.id, Job.team_id, Job.attempt, Job.gpus, Job.nodes, Job.spec)
 
 
 @cache
-def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
+def _take_statements(postgres: bool, enforce_limit: bool, record: bool = False) -> tuple[Any, ...]:
     """The statements of a take, built once (see _take). Bound: p_worker, p_now, p_limit, and on PostgreSQL
     p_ids (the candidates, in claim order), p_max (how many to take) and p_free (the node's free GPUs); on
-    SQLite p_job, p_team and p_gpus (named apart from columns, which an UPDATE would set)."""
+    SQLite p_job, p_team and p_gpus (named apart from columns, which an UPDATE would set). On PostgreSQL with
+    `record`, the statement also writes the attempts rows and their events (as _record_starts; bound p_host
+    and p_free_ids, the free GPUs' indices handed out in claim order) and selects (id, team, attempt, gpus,
+    nodes, GPU indices, launcher)."""
     now = bindparam("p_now")
     limit = func.coalesce(Team.max_running_jobs, bindparam("p_limit"))
     under = Team.running_jobs < limit if enforce_limit else true()
@@ -443,9 +448,11 @@ def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
             ).subquery()
             within = select(counted_in).where(counted_in.c.with_these <= counted_in.c.team_limit).subquery()
         fits = select(
-            within.c.id, func.sum(within.c.local_gpus).over(order_by=within.c.n).label("gpus_so_far")
+            within.c.id,
+            within.c.local_gpus,
+            func.sum(within.c.local_gpus).over(order_by=within.c.n).label("gpus_so_far"),
         ).subquery()
-        chosen = select(fits.c.id).where(fits.c.gpus_so_far <= bindparam("p_free")).cte("chosen")
+        chosen = select(fits).where(fits.c.gpus_so_far <= bindparam("p_free")).cte("chosen")
         started = (
             update(Job).where(Job.id == chosen.c.id).values(**running).returning(*STARTED).cte("started")
         )
@@ -463,7 +470,16 @@ def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
             )
             .cte("counted")
         )
-        return (select(started).add_cte(counted),)
+        if not record:
+            return (select(started).add_cte(counted),)
+        placed = _placed(started, chosen)
+        return (
+            select(*(placed.c[name] for name in ("id", "team_id", "attempt", "gpus", "nodes")))
+            .add_columns(placed.c.gpu_indices, placed.c.launcher)
+            .add_cte(counted)
+            .add_cte(_recorded_attempts(placed).cte("recorded_attempts"))
+            .add_cte(_recorded_events(placed).cte("recorded_events")),
+        )
     job_id, team_id, gpus = bindparam("p_job"), bindparam("p_team"), bindparam("p_gpus")
     return (
         update(Team)
@@ -473,6 +489,107 @@ def _take_statements(postgres: bool, enforce_limit: bool) -> tuple[Any, ...]:
         update(Team)
         .where(Team.id == team_id)
         .values(running_jobs=Team.running_jobs - 1, running_gpus=Team.running_gpus - gpus),
+    )
+
+
+def _placed(started: Any, chosen: Any) -> Any:
+    """The started jobs with what _record_starts computes in Python: the GPU indices each gets (the free ones,
+    p_free_ids, handed out in claim order; none for a job spanning nodes), its launcher (launcher_of) and where
+    it runs, as its event says."""
+    first = chosen.c.gpus_so_far - chosen.c.local_gpus + 1
+    indices = Grouping(bindparam("p_free_ids", type_=postgresql.ARRAY(Integer)))[first : chosen.c.gpus_so_far]
+    resources = started.c.spec
+
+    def setting(name: str) -> Any:
+        return cast(func.nullif(func.jsonb_extract_path_text(resources, "resources", name), "0"), Integer)
+
+    launcher = case(
+        (started.c.nodes > 1, literal_column("'ray'")),
+        (or_(started.c.gpus > 1, setting("zero_stage").is_not(None)), literal_column("'torchrun'")),
+        else_=literal_column("'process'"),
+    )
+    host = bindparam("p_host", type_=String)
+    per_node = func.coalesce(setting("gpus_per_node"), started.c.gpus // started.c.nodes)
+    where = case(
+        (
+            started.c.nodes > 1,
+            host
+            + ", driving a Ray Train job on "
+            + cast(started.c.nodes, String)
+            + " nodes x "
+            + cast(per_node, String)
+            + " GPUs",
+        ),
+        (chosen.c.local_gpus > 0, host + ", GPUs " + func.array_to_string(indices, ", ")),
+        else_=host,
+    )
+    return (
+        select(
+            started,
+            indices.label("gpu_indices"),
+            launcher.label("launcher"),
+            where.label("runs_on"),
+        )
+        .join(chosen, chosen.c.id == started.c.id)
+        .cte("placed")
+    )
+
+
+def _recorded_attempts(placed: Any) -> Any:
+    worker, now = bindparam("p_worker", type_=String), bindparam("p_now", type_=Attempt.started_at.type)
+    columns = ["job_id", "team_id", "number", "worker_id", "host", "gpu_indices", "gpus", "launcher"]
+    return insert(Attempt.__table__).from_select(
+        [*columns, "started_at", "charged_gpu_seconds"],
+        select(
+            placed.c.id,
+            placed.c.team_id,
+            placed.c.attempt,
+            worker,
+            bindparam("p_host", type_=String),
+            func.to_jsonb(placed.c.gpu_indices),
+            placed.c.gpus,
+            placed.c.launcher,
+            now,
+            literal_column("0.0"),
+        ),
+        include_defaults=False,  # the server's defaults for the rest (log_bytes, log_truncated)
+    )
+
+
+def _recorded_events(placed: Any) -> Any:
+    worker, now = bindparam("p_worker", type_=String), bindparam("p_now", type_=JobEvent.created_at.type)
+    message = (
+        literal_column("'attempt '")
+        + cast(placed.c.attempt, String)
+        + " started on "
+        + worker
+        + " ("
+        + placed.c.runs_on
+        + ")"
+    )
+    data = func.jsonb_build_object(
+        literal_column("'status'"),
+        literal_column(f"'{JobStatus.running.value}'"),
+        literal_column("'worker_id'"),
+        worker,
+        literal_column("'host'"),
+        bindparam("p_host", type_=String),
+        literal_column("'gpu_indices'"),
+        func.to_jsonb(placed.c.gpu_indices),
+        literal_column("'launcher'"),
+        placed.c.launcher,
+    )
+    return insert(JobEvent.__table__).from_select(
+        ["job_id", "attempt", "level", "type", "message", "data", "created_at"],
+        select(
+            placed.c.id,
+            placed.c.attempt,
+            literal_column("'info'"),
+            literal_column("'status'"),
+            message,
+            data,
+            now,
+        ),
     )
 
 
@@ -486,21 +603,26 @@ def _take(
     max_jobs: int,
     free_gpus: int,
     enforce_limit: bool = True,
+    record_on: tuple[str, Sequence[int]] | None = None,
 ) -> list[Any]:
     """Starts the next attempts of up to `max_jobs` of the queued jobs `candidates` ((job, team, GPUs, nodes),
     in claim order) that together fit `free_gpus` (a job spanning several nodes uses none here), keep their
     team within its running limit, and that no other claim holds (nor their team) right now. Returns the
-    started jobs' (id, team, attempt, gpus, nodes, spec) in claim order."""
+    started jobs' (id, team, attempt, gpus, nodes, spec) in claim order. On PostgreSQL with `record_on` (the
+    node's host and free GPU indices), the same statement records the attempts (_take_statements) and the
+    rows are (id, team, attempt, gpus, nodes, GPU indices, launcher)."""
     if not candidates or max_jobs <= 0:
         return []
     postgres = session.get_bind().dialect.name == "postgresql"
-    statements = _take_statements(postgres, enforce_limit)
+    statements = _take_statements(postgres, enforce_limit, postgres and record_on is not None)
     params = {"p_worker": worker_id, "p_now": now, "p_limit": settings.team_max_running_jobs}
     connection = session.connection()
     if postgres:
         # One round trip, however many jobs it takes and however many candidates other claims hold: the
         # picks, their moves to running and their teams' counts, together.
         params |= {"p_ids": [job_id for job_id, *_ in candidates], "p_max": max_jobs, "p_free": free_gpus}
+        if record_on is not None:
+            params |= {"p_host": record_on[0], "p_free_ids": list(record_on[1])}
         rows = connection.execute(statements[0], params).all()
         place = {job_id: i for i, (job_id, *_) in enumerate(candidates)}
         return sorted(rows, key=lambda row: place[row[0]])
@@ -543,12 +665,15 @@ def _take_all(
             now,
             max_jobs=max_jobs,
             free_gpus=len(node.free_gpus),
+            record_on=(node.host, node.free_gpus),
         )
         if rows or not order or max_jobs <= 0 or retry == TAKE_TRIES - 1:
             break
         # Nothing taken although jobs wait: their rows or their teams' rows were held by other claims that
         # commit within milliseconds (or their teams are at their limits). Look again shortly.
         time.sleep(random.uniform(0.002, 0.008))
+    if session.get_bind().dialect.name == "postgresql":  # the take recorded the attempts
+        return [Claim(j, t, a, g, n, tuple(indices), launcher) for j, t, a, g, n, indices, launcher in rows]
     free = list(node.free_gpus)
     starts = []
     for job_id, team_id, attempt, gpus, nodes, spec in rows:
@@ -589,6 +714,34 @@ def _start_statements(postgres: bool) -> tuple[Any, ...]:
     return (attempt, event)
 
 
+def describe_start(
+    number: int,
+    gpus: int,
+    nodes: int,
+    spec_values: dict[str, Any],
+    gpu_indices: Sequence[int],
+    worker_id: str,
+    host: str,
+) -> tuple[str, str, dict[str, Any]]:
+    """A started attempt's launcher, and the message and data of its event. (A batch claim on PostgreSQL
+    computes the same in its statement: _placed, _recorded_events.)"""
+    # The stored spec is a validated JobSpec's dump: the few fields needed, without validating it again.
+    resources = spec_values.get("resources") or {}
+    launcher = launcher_of(nodes, gpus, resources.get("zero_stage") or 0)
+    where = f"{host}, GPUs {', '.join(map(str, gpu_indices))}" if gpu_indices else host
+    if launcher == "ray":
+        per_node = resources.get("gpus_per_node") or gpus // nodes
+        where = f"{host}, driving a Ray Train job on {nodes} nodes x {per_node} GPUs"
+    data = {
+        "status": JobStatus.running.value,
+        "worker_id": worker_id,
+        "host": host,
+        "gpu_indices": list(gpu_indices),
+        "launcher": launcher,
+    }
+    return launcher, f"attempt {number} started on {worker_id} ({where})", data
+
+
 def _record_starts(
     session: Session,
     worker_id: str,
@@ -602,13 +755,9 @@ def _record_starts(
     saying where each runs, in one round trip."""
     claims, rows = [], []
     for job_id, team_id, number, gpus, nodes, spec_values, gpu_indices in starts:
-        # The stored spec is a validated JobSpec's dump: the few fields needed, without validating it again.
-        resources = spec_values.get("resources") or {}
-        launcher = launcher_of(nodes, gpus, resources.get("zero_stage") or 0)
-        where = f"{host}, GPUs {', '.join(map(str, gpu_indices))}" if gpu_indices else host
-        if launcher == "ray":
-            per_node = resources.get("gpus_per_node") or gpus // nodes
-            where = f"{host}, driving a Ray Train job on {nodes} nodes x {per_node} GPUs"
+        launcher, message, data = describe_start(
+            number, gpus, nodes, spec_values, gpu_indices, worker_id, host
+        )
         rows.append(
             {
                 "p_job": job_id,
@@ -620,15 +769,8 @@ def _record_starts(
                 "p_gpus": gpus,
                 "p_launcher": launcher,
                 "p_now": now,
-                "p_message": f"attempt {number} started on {worker_id} ({where})"
-                + (" (the previous worker stopped heartbeating)" if taken_over else ""),
-                "p_data": {
-                    "status": JobStatus.running.value,
-                    "worker_id": worker_id,
-                    "host": host,
-                    "gpu_indices": list(gpu_indices),
-                    "launcher": launcher,
-                },
+                "p_message": message + (" (the previous worker stopped heartbeating)" if taken_over else ""),
+                "p_data": data,
             }
         )
         claims.append(Claim(job_id, team_id, number, gpus, nodes, gpu_indices, launcher))

@@ -578,3 +578,48 @@ def test_the_job_shows_where_it_runs_and_while_it_waits_its_place_in_the_queue(d
             _, other_key = create_api_key(session=session, settings=db, team_id=other_team, name="x")
         stranger = client.get(f"/v1/jobs/{urgent}/attempts", headers={"Authorization": f"Bearer {other_key}"})
         assert stranger.status_code == 404
+
+
+def test_a_batch_claim_records_each_attempt_and_event_as_a_single_claim_would(db):
+    # On PostgreSQL the batch's statement writes the attempts rows and their events itself: the GPU indices
+    # handed out in claim order, the launcher and the event's words must be those claims.describe_start gives.
+    a = team(db, "alpha")
+    two = queue(db, a, gpus=2, at=T0)
+    zero = queue(db, a, gpus=1, at=T0 + timedelta(seconds=1))
+    wide = queue(db, a, gpus=4, nodes=2, at=T0 + timedelta(seconds=2))
+    one = queue(db, team(db, "beta"), gpus=1, at=T0 + timedelta(seconds=3))  # a claim reads 3 jobs a team
+    with session_scope(db.database_url) as session:
+        job = session.get(Job, zero)
+        job.spec = {**job.spec, "resources": {**job.spec["resources"], "zero_stage": 2}}
+    capacity = node(total=8, busy=(0, 2, 5, 7), ray=True)
+    started = batch(db, capacity, T0 + timedelta(seconds=10))
+    launchers = {c.job_id: c.launcher for c in started}
+    assert launchers == {two: "torchrun", zero: "torchrun", wide: "ray", one: "process"}
+    # The free GPUs handed out in claim order, each job as many as it runs here (none for the Ray job).
+    assert [i for c in started for i in c.gpu_indices] == [1, 3, 4, 6]
+    assert {c.job_id: len(c.gpu_indices) for c in started} == {two: 2, zero: 1, wide: 0, one: 1}
+    with session_scope(db.database_url) as session:
+        specs = {job_id: spec for job_id, spec in session.execute(select(Job.id, Job.spec))}
+        attempts = {r.job_id: r for r in session.scalars(select(Attempt))}
+        events = {
+            e.job_id: e
+            for e in session.scalars(select(JobEvent).where(JobEvent.type == "status"))
+            if e.data.get("status") == "running"
+        }
+    for c in started:
+        launcher, message, data = claims.describe_start(
+            c.attempt, c.gpus, c.nodes, specs[c.job_id], c.gpu_indices, capacity.worker_id, capacity.host
+        )
+        row = attempts[c.job_id]
+        assert (row.number, row.worker_id, row.host, row.gpus, row.launcher) == (
+            1,
+            "node-a",
+            "node-a.test",
+            c.gpus,
+            launcher,
+        )
+        assert row.gpu_indices == list(c.gpu_indices) and row.started_at == T0 + timedelta(seconds=10)
+        assert row.ended_at is None and row.charged_gpu_seconds == 0 and row.log_bytes == 0
+        event = events[c.job_id]
+        assert (event.message, event.data, event.attempt, event.level) == (message, data, 1, "info")
+    assert "driving a Ray Train job on 2 nodes x 2 GPUs" in events[wide].message
