@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -356,13 +357,14 @@ def scale(
     cpu_after = _cpu_seconds(url.rsplit("/", 1)[1], [w.pid for w in workers])
     calls: list[tuple[float, float, int]] = []  # (seconds since the start, latency, jobs claimed)
     claimed: dict[str, int] = defaultdict(int)
-    ended = beats = 0
+    ended = beats = errors = 0
     for _ in workers:
         # A process that broke (its traceback is above) would leave this waiting forever: give up instead.
-        mine, teams_claimed, finished, beaten = results.get(timeout=seconds + 120)
+        mine, teams_claimed, finished, beaten, failures = results.get(timeout=seconds + 120)
         calls.extend(mine)
         ended += finished
         beats += beaten
+        errors += failures
         for team, count in teams_claimed.items():
             claimed[team] += count
     for worker in workers:
@@ -387,6 +389,7 @@ def scale(
     figure("nodes_cpu_ms_per_claim", round(1000 * (cpu_after[1] - cpu_before[1]) / steady_jobs, 3))
     figure("scale_ends_per_s", round(ended / seconds, 1))
     figure("scale_heartbeats_per_s", round(beats / seconds, 1))
+    figure("scale_failed_operations", errors)  # claims, ends and heartbeats that raised (a deadlock, say)
     figure(
         "scale_teams_share_max_deviation_pct",
         round(max(abs(v / total - 1 / teams_count) * 100 * teams_count for v in shares.values()), 2),
@@ -442,8 +445,16 @@ def _claim_process(
     settings = settings_for(url, Path(home))
     calls: list[tuple[float, float, int]] = []
     claimed: dict[str, int] = defaultdict(int)
-    ended, beats = [0], [0]
+    ended, beats, errors = [0], [0], [0]
     lock = threading.Lock()
+
+    def failed(what: str) -> None:
+        """Counts a failed operation; the first few are shown with their error."""
+        with lock:
+            errors[0] += 1
+            if errors[0] <= 3:
+                print(f"{what} failed: {traceback.format_exc(limit=1)}", file=sys.stderr, flush=True)
+
     time.sleep(max(0.0, begin_at - time.time()))
     start = time.monotonic()
     start_perf = time.perf_counter()
@@ -479,8 +490,13 @@ def _claim_process(
             if time.monotonic() >= stop:
                 return
             if kind == "end":
-                with session_scope(url) as session:
-                    job_service.transition(session=session, job_id=job_id, to=JobStatus.succeeded)
+                try:
+                    with session_scope(url) as session:
+                        job_service.transition(session=session, job_id=job_id, to=JobStatus.succeeded)
+                except Exception:  # as the worker does: report the end again shortly
+                    failed(f"the end of {job_id}")
+                    heapq.heappush(events, (time.monotonic() + 0.05, next(order), "end", name, job_id))
+                    continue
                 busy[name] = {g: v for g, v in busy[name].items() if v[0] != job_id}
                 with lock:
                     ended[0] += 1
@@ -488,12 +504,15 @@ def _claim_process(
                 claim_at(name, time.monotonic())
             elif kind == "beat":
                 free = tuple(g for g in range(slots) if g not in busy[name])
-                with session_scope(url) as session:
-                    claims.beat(
-                        session=session,
-                        node=NodeCapacity(name, slots, free, host=name),
-                        leases=sorted(set(busy[name].values())),
-                    )
+                try:
+                    with session_scope(url) as session:
+                        claims.beat(
+                            session=session,
+                            node=NodeCapacity(name, slots, free, host=name),
+                            leases=sorted(set(busy[name].values())),
+                        )
+                except Exception:  # as the node does: the next beat tries again (leases have slack)
+                    failed(f"a heartbeat of {name}")
                 heapq.heappush(events, (time.monotonic() + interval, next(order), "beat", name, None))
                 with lock:
                     beats[0] += 1
@@ -505,11 +524,18 @@ def _claim_process(
                 if not free:
                     continue  # a job's end claims again
                 began = time.perf_counter()
-                with session_scope(url) as session:
-                    # As worker/node.py does: as many jobs as fit the free slots, in one transaction.
-                    got = claims.claim_batch(
-                        session=session, settings=settings, node=NodeCapacity(name, slots, free, host=name)
-                    )
+                try:
+                    with session_scope(url) as session:
+                        # As worker/node.py does: as many jobs as fit the free slots, in one transaction.
+                        got = claims.claim_batch(
+                            session=session,
+                            settings=settings,
+                            node=NodeCapacity(name, slots, free, host=name),
+                        )
+                except Exception:  # as the node does: look again at the next wake-up
+                    failed(f"a claim of {name}")
+                    claim_at(name, time.monotonic() + settings.claim_poll_seconds)
+                    continue
                 took = time.perf_counter() - began
                 for claim in got:
                     busy[name].update({g: (claim.job_id, claim.attempt) for g in claim.gpu_indices})
@@ -533,7 +559,7 @@ def _claim_process(
         thread.start()
     for thread in threads:
         thread.join()
-    results.put((calls, dict(claimed), ended[0], beats[0]))
+    results.put((calls, dict(claimed), ended[0], beats[0], errors[0]))
 
 
 def main() -> None:

@@ -922,7 +922,11 @@ def _beat_statement() -> Any:
     )
     statement = select(renewed.c.id, renewed.c.status, renewed.c.preempt_requested_at)
     statement = statement.add_cte(upsert.cte("node_row"))
-    for cte in charge_ctes(Attempt.worker_id == bindparam("p_worker"), closing=False)[1]:
+    # The job rows first, then the attempts, as a job's move takes them (jobs.transition): the attempts are read
+    # only once the renewal is done (an uncorrelated subquery runs first), or a beat and the end of one of its
+    # jobs could each hold the row the other waits for.
+    after_renewal = select(func.count()).select_from(renewed).scalar_subquery() >= 0
+    for cte in charge_ctes(and_(Attempt.worker_id == bindparam("p_worker"), after_renewal), closing=False)[1]:
         statement = statement.add_cte(cte)
     return statement
 

@@ -117,6 +117,9 @@ def charge_ctes(whose: Any, closing: bool) -> tuple[Any, list[Any]]:
         )
         .where(charged_rows.c.owed > 0)
         .group_by(charged_rows.c.team_id)
+        # Every charge takes its teams' buckets in the same order: two heartbeats charging the same teams
+        # would otherwise each wait for a bucket the other inserted (a deadlock).
+        .order_by(charged_rows.c.team_id)
     )
     upsert = postgresql.insert(GpuUsage).from_select(["team_id", "minute", "gpu_seconds"], owed)
     buckets = upsert.on_conflict_do_update(
