@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, func, insert, select, update
+from sqlalchemy import ColumnElement, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.datasets import DatasetFormat, method_mismatch
@@ -185,20 +185,23 @@ def team_limits(session: Session, settings: Settings, team_id: str) -> tuple[int
     return running, queued
 
 
+# A team's waiting jobs, counted up to its limit only: a team far over it (a lowered limit) costs no more than one
+# at it. Built once: building the statement cost more CPU than running it.
+_WAITING_JOBS = select(func.count()).select_from(
+    select(Job.id)
+    .where(
+        Job.team_id == bindparam("team_id"),
+        Job.status.in_([JobStatus.validating.value, JobStatus.queued.value]),
+    )
+    .limit(bindparam("limit"))
+    .subquery()
+)
+
+
 def check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) -> None:
     """Raises 429 when the team already has as many jobs waiting as its limit allows."""
     _, limit = team_limits(session, settings, team_id)
-    # Counted up to the limit only: a team far over it (a lowered limit) costs no more than one at it.
-    waiting = session.connection().scalar(
-        select(func.count()).select_from(
-            select(Job.id)
-            .where(
-                Job.team_id == team_id, Job.status.in_([JobStatus.validating.value, JobStatus.queued.value])
-            )
-            .limit(limit)
-            .subquery()
-        )
-    )
+    waiting = session.connection().scalar(_WAITING_JOBS, {"team_id": team_id, "limit": limit})
     if waiting >= limit:
         raise TooManyRequests(
             f"your team has {waiting} jobs waiting, its limit is {limit}; wait for some to start or cancel some",
@@ -349,9 +352,16 @@ def _fit_to_model(*, settings: Settings, store: ObjectStore, spec: JobSpec) -> J
 
 
 def create_job(
-    *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
+    *,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    team_id: TeamID,
+    spec: JobSpec,
+    enqueued_at: datetime | None = None,
 ) -> Job:
-    """Checks a spec against this deployment and records a new job in `validating` (not yet enqueued)."""
+    """Checks a spec against this deployment and records a new job in `validating` (not yet enqueued; a caller
+    that sends it after the commit passes the send time, written with the job instead of by an update)."""
     checked = check_spec(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
     spec = checked.spec
     check_queue_quota(session=session, settings=settings, team_id=team_id)
@@ -372,6 +382,7 @@ def create_job(
         user_metadata=dict(spec.metadata),
         attempt=0,
         result={},
+        enqueued_at=enqueued_at,
     )
     session.add(job)
     # One flush writes both (the job first: the event refers to it).
@@ -428,6 +439,9 @@ def list_jobs(
     return jobs[:limit], next_cursor
 
 
+_EVENT_INSERT = insert(JobEvent)
+
+
 def add_event(
     *,
     session: Session,
@@ -440,11 +454,18 @@ def add_event(
 ) -> None:
     """Appends an event to a job's log, in the caller's transaction."""
     session.flush()  # the insert goes around the session: what it holds (the job, maybe) goes first
-    # A Core insert: every move of every job writes events, and the ORM's unit of work costs more than it.
+    # A Core insert: every move of every job writes events, and the ORM's unit of work costs more than it. The
+    # values go as parameters of one statement built once (a statement with values costs a cache key each time).
     session.connection().execute(
-        insert(JobEvent).values(
-            job_id=job_id, type=type, message=message, level=level, attempt=attempt, data=data or {}
-        )
+        _EVENT_INSERT,
+        {
+            "job_id": job_id,
+            "type": type,
+            "message": message,
+            "level": level,
+            "attempt": attempt,
+            "data": data or {},
+        },
     )
 
 
