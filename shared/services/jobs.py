@@ -185,23 +185,37 @@ def team_limits(session: Session, settings: Settings, team_id: str) -> tuple[int
     return running, queued
 
 
-# A team's waiting jobs, counted up to its limit only: a team far over it (a lowered limit) costs no more than one
-# at it. Built once: building the statement cost more CPU than running it.
-_WAITING_JOBS = select(func.count()).select_from(
-    select(Job.id)
-    .where(
-        Job.team_id == bindparam("team_id"),
-        Job.status.in_([JobStatus.validating.value, JobStatus.queued.value]),
+# A team's limit of waiting jobs (its own, or the deployment's default) and its waiting jobs counted up to that
+# limit only (a team far over it, after a lowered limit, costs no more than one at it): one statement, one round
+# trip, built once (building it cost more CPU than running it).
+_QUEUED_LIMIT = (
+    select(func.coalesce(func.max(Team.max_queued_jobs), bindparam("default")))
+    .where(Team.id == bindparam("team_id"))
+    .scalar_subquery()
+)
+_WAITING_JOBS = select(
+    _QUEUED_LIMIT,
+    select(func.count())
+    .select_from(
+        select(Job.id)
+        .where(
+            Job.team_id == bindparam("team_id"),
+            Job.status.in_([JobStatus.validating.value, JobStatus.queued.value]),
+        )
+        .limit(_QUEUED_LIMIT)
+        .subquery()
     )
-    .limit(bindparam("limit"))
-    .subquery()
+    .scalar_subquery(),
 )
 
 
 def check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) -> None:
     """Raises 429 when the team already has as many jobs waiting as its limit allows."""
-    _, limit = team_limits(session, settings, team_id)
-    waiting = session.connection().scalar(_WAITING_JOBS, {"team_id": team_id, "limit": limit})
+    limit, waiting = (
+        session.connection()
+        .execute(_WAITING_JOBS, {"team_id": team_id, "default": settings.team_max_queued_jobs})
+        .one()
+    )
     if waiting >= limit:
         raise TooManyRequests(
             f"your team has {waiting} jobs waiting, its limit is {limit}; wait for some to start or cancel some",
