@@ -42,16 +42,18 @@ if TYPE_CHECKING:
 MAX_PAGE = 100
 
 
+# Built once, a Core statement: every submission runs it.
+_UPLOAD_FORMAT = select(UploadedFile.format).where(
+    UploadedFile.id == bindparam("file_id"), UploadedFile.team_id == bindparam("team_id")
+)
+
+
 def _check_dataset(
     *, session: Session, settings: Settings, team_id: TeamID, value: str, param: str, method: Method
 ) -> str:
     source = resolve_dataset_uri(value, settings, param=param, team_id=team_id)
     if source.kind == "upload":
-        found = session.scalar(
-            select(UploadedFile.format).where(
-                UploadedFile.id == source.file_id, UploadedFile.team_id == team_id
-            )
-        )
+        found = session.connection().scalar(_UPLOAD_FORMAT, {"file_id": source.file_id, "team_id": team_id})
         if found is None:
             raise InvalidRequest(f"uploaded file {source.file_id} does not exist", param=param)
         # Other sources are read by the worker, which makes the same check before queueing.
