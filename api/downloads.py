@@ -10,6 +10,10 @@ not match the sha256 recorded when they were stored.
   next request for it (the SDK's retry) gets the plain `artifact_corrupted` answer.
 - Tar archives check each member as it passes and end the archive early on a mismatch, the same way.
 
+Where storage is S3, downloads default to a redirect to a presigned URL instead (`presigned_redirect`): the
+bytes then go from storage to the client without passing through this process, which on a busy API host is
+several times faster than any stream through Python; `?redirect=false` keeps the checked stream.
+
 Streams read storage in STREAM_CHUNK pieces on one thread of their own (`pumped`), a few chunks ahead of the
 socket, so reading and hashing overlap with sending and the event loop never waits on storage.
 """
@@ -25,10 +29,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime
 
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
-from api.archive import ArchiveMember, stream_tar, tar_size
+from shared.archive import ArchiveMember, stream_tar, tar_size
 from shared.errors import StoredDataDamaged
 from shared.models import Artifact, UploadedFile
 from shared.services import artifacts as artifact_service
@@ -244,6 +248,29 @@ def refuse_damaged(factory: Callable[[], Session], store: ObjectStore, artifact:
     if _still_damaged(store, artifact.storage_key, artifact.size_bytes, artifact.sha256):
         raise damaged(f"{artifact.kind} file {artifact.name} of job {artifact.job_id}", artifact.sha256)
     _mark(factory, artifact_service.clear_damaged, artifact.id)()
+
+
+def presigned_redirect(
+    factory: Callable[[], Session],
+    store: ObjectStore,
+    artifact: Artifact,
+    ttl_seconds: int,
+    members: Sequence[Artifact] = (),
+) -> Response | None:
+    """A 307 to a short-lived presigned URL of `artifact` in storage, or None where the storage has none (the
+    local backend). Refused like a streamed answer when `artifact` (or, for a stored archive, one of its
+    `members`) was found damaged. The client then reads from storage directly, and checks what it got against
+    X-Checksum-Sha256 (the SDK checks every file of an archive against the sha256 the API lists)."""
+    url = store.presigned_url(artifact.storage_key, ttl_seconds)
+    if url is None:
+        return None
+    for item in (*members, artifact):
+        refuse_damaged(factory, store, item)
+    return RedirectResponse(
+        url,
+        status_code=307,
+        headers={"X-Checksum-Sha256": artifact.sha256, "Cache-Control": "no-store"},
+    )
 
 
 def stream_archive(

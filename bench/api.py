@@ -16,9 +16,11 @@ submissions; downloads are timed with curl.
 - submits_per_s: POST /v1/jobs with an Idempotency-Key, 16 clients; the rows are counted against the 201s.
   submit_cpu_ms: CPU the API's processes spent per submission during that run.
 - submit_to_queued_p50_s: a job on a 10,000-line dataset, from POST to `queued` (median of 5).
-- download_ratio, tar_download_ratio: a 77 MB adapter file and the whole adapter tar through the API, against
-  the same objects fetched from S3 by presigned URL, with curl (median MB/s of 5 each, interleaved);
-  download_redirect_ratio: the file with ?redirect=true (curl follows the 307 to S3).
+- download_ratio, tar_download_ratio: a 77 MB adapter file and the whole adapter tar from their API URLs as a
+  client gets them by default (where storage is S3, a 307 to a presigned URL that curl -L follows; the tar is
+  the archive stored with the adapter, as the worker stores it), against the same files fetched from S3 by
+  presigned URL, with curl (median of 5 each, interleaved); download_stream_ratio, tar_stream_ratio: the same
+  with ?redirect=false, streamed through the API; download_redirect_ratio: the file with ?redirect=true.
 
     .venv/bin/python bench/api.py [--seconds 10] [--workers 1]
 """
@@ -48,6 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cli.local_service import LocalService, free_port, start_cli_process, wait_http  # noqa: E402
+from shared.archive import local_members, stream_tar  # noqa: E402
+from shared.services import artifacts  # noqa: E402
+from shared.storage import StoredObject  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("TUNEFORGE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TUNEFORGE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -275,7 +280,7 @@ def add_adapter(db_url: str, settings_env: dict[str, str], job_id: str, folder: 
         "adapter_config.json": json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32}).encode(),
         "README.md": b"# bench adapter\n" * 64,
     }
-    names, urls = [], []
+    names, urls, stored = [], [], []
     with psycopg.connect(db_url, autocommit=True) as conn:
         for name, data in files.items():
             key = f"jobs/{job_id}/adapter/{name}"
@@ -289,11 +294,26 @@ def add_adapter(db_url: str, settings_env: dict[str, str], job_id: str, folder: 
                 (job_id, TEAM, name, key, len(data), digest),
             )
             names.append(name)
+            stored.append((name, StoredObject(bucket, key, len(data), digest)))
             urls.append(
                 client.generate_presigned_url(
                     "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=3600
                 )
             )
+        # The adapter's archive, as the worker stores it with the adapter (worker/results.py).
+        tar = folder / artifacts.archive_name("adapter")
+        members = local_members(folder, sorted(stored))
+        with tar.open("wb") as out:
+            for chunk in stream_tar(artifacts.archive_root(job_id, "adapter"), members):
+                out.write(chunk)
+        key = f"jobs/{job_id}/{tar.name}"
+        digest = hashlib.sha256(tar.read_bytes()).hexdigest()
+        client.upload_file(str(tar), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}})
+        conn.execute(
+            "INSERT INTO artifacts (job_id, team_id, kind, name, storage_key, size_bytes, sha256, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, now())",
+            (job_id, TEAM, artifacts.ARCHIVE_KIND, tar.name, key, tar.stat().st_size, digest),
+        )
     return names, urls
 
 
@@ -489,14 +509,16 @@ def main() -> int:
             big = f"{base}/v1/jobs/{metrics_job}/artifacts/adapter/{names[0]}"
             tar = f"{base}/v1/jobs/{metrics_job}/artifacts/adapter.tar"
             rounds: dict[str, list[float]] = {
-                k: [] for k in ("direct", "api", "redirect", "direct_all", "tar")
+                k: [] for k in ("direct", "api", "stream", "redirect", "direct_all", "tar", "tar_stream")
             }
             for _ in range(args.repeats + 1):
                 rounds["direct"].append(curl_seconds(urls[:1]))
-                rounds["api"].append(curl_seconds([big], auth))
+                rounds["api"].append(curl_seconds([big], auth, follow=True))
+                rounds["stream"].append(curl_seconds([big + "?redirect=false"], auth))
                 rounds["redirect"].append(curl_seconds([big + "?redirect=true"], auth, follow=True))
                 rounds["direct_all"].append(curl_seconds(urls))
-                rounds["tar"].append(curl_seconds([tar], auth))
+                rounds["tar"].append(curl_seconds([tar], auth, follow=True))
+                rounds["tar_stream"].append(curl_seconds([tar + "?redirect=false"], auth))
             median = {k: statistics.median(v[1:]) for k, v in rounds.items()}
             print(
                 "downloads (s, median): "
@@ -506,8 +528,10 @@ def main() -> int:
             )
             figures |= {
                 "download_ratio": median["direct"] / median["api"],
+                "download_stream_ratio": median["direct"] / median["stream"],
                 "download_redirect_ratio": median["direct"] / median["redirect"],
                 "tar_download_ratio": median["direct_all"] / median["tar"],
+                "tar_stream_ratio": median["direct_all"] / median["tar_stream"],
             }
     finally:
         if service is not None:

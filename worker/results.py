@@ -4,12 +4,14 @@ prefix, then recorded with the job's final metrics and its move to `succeeded`, 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from shared.archive import local_members, store_archive
 from shared.models import Job
 from shared.services import artifacts as artifact_service
 from shared.services import jobs as job_service
@@ -17,6 +19,8 @@ from shared.states import JobStatus
 from shared.storage import ObjectStore, StoredObject
 from worker.launch import RESULT_FILE
 from worker.reporting import AttemptWriter
+
+log = logging.getLogger(__name__)
 
 
 def memory_event(metrics: dict[str, Any], plan: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -71,6 +75,30 @@ def names_of(folder: Path) -> list[str]:
     return [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
+def _store_archive(
+    store: ObjectStore,
+    prefix: str,
+    job_id: str,
+    kind: str,
+    folder: Path,
+    names: list[str],
+    stored: list[StoredObject],
+) -> tuple[str, StoredObject] | None:
+    """Stores the folder just uploaded as the tar archive the API serves for it (a presigned URL to it then
+    beats building the archive per download); None, and the API builds it per download, if that fails."""
+    try:
+        obj = store_archive(
+            store,
+            f"{prefix}/{artifact_service.archive_name(kind)}",
+            artifact_service.archive_root(job_id, kind),
+            local_members(folder, list(zip(names, stored, strict=True))),
+        )
+    except Exception:  # the files themselves are stored; only the shortcut is missing
+        log.warning("could not store the %s archive of job %s", kind, job_id, exc_info=True)
+        return None
+    return artifact_service.archive_name(kind), obj
+
+
 def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_dir: Path) -> JobStatus | None:
     """Uploads the training process's result folder and marks the job succeeded; None when the attempt no
     longer holds the job. Raises StorageError when the upload fails."""
@@ -85,6 +113,13 @@ def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_d
         output = Path(result["output_dir"])
         stored = store.put_tree(f"artifacts/{team_id}/{job_id}/attempt-{attempt}/{kind}", output)
         names = names_of(output)
+    archive = (
+        _store_archive(
+            store, f"artifacts/{team_id}/{job_id}/attempt-{attempt}", job_id, kind, output, names, stored
+        )
+        if result.get("stored") is None and kind in artifact_service.ARCHIVED_KINDS
+        else None
+    )
     # Evaluation answers and TensorBoard event files, each its own artifact kind. A folder that is not on this
     # machine (a Ray job's rank 0 wrote it on its own node) is left out.
     extras = [
@@ -109,6 +144,10 @@ def store_result(writer: AttemptWriter, store: ObjectStore, team_id: str, work_d
         artifact_service.record_artifacts(
             session=session, job=job, kind=kind, stored=zip(names, stored, strict=True)
         )
+        if archive is not None:
+            artifact_service.record_artifacts(
+                session=session, job=job, kind=artifact_service.ARCHIVE_KIND, stored=[archive]
+            )
         for extra, extra_names, extra_stored in extras:
             artifact_service.record_artifacts(
                 session=session, job=job, kind=extra, stored=zip(extra_names, extra_stored, strict=True)

@@ -6,11 +6,11 @@ import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
-from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from api.answers import CreatedAnswer, json_answer
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
-from api.downloads import artifact_response, refuse_damaged, stream_archive
+from api.downloads import artifact_response, presigned_redirect, stream_archive
 from api.event_stream import job_event_stream
 from api.idempotency import IdempotencyKeyHeader, idempotent_call, replayed
 from api.schemas import (
@@ -31,7 +31,6 @@ from api.schemas import (
     job_answer,
     metric_curves,
 )
-from shared.errors import NotFound
 from shared.schemas import JobSpec
 from shared.services import artifacts as artifact_service
 from shared.services import evaluations, job_logs, job_reads, pausing, submission
@@ -284,15 +283,37 @@ def download_checkpoint(
     )
 
 
+# Where storage presigns (S3), a download answers 307 to a short-lived URL in storage unless the client asks
+# for the stream; the local backend always streams.
+RedirectQuery = Annotated[
+    bool | None,
+    Query(
+        description="false: stream the bytes through the API (checked against their sha256 as they pass). "
+        "Default: a 307 redirect to a short-lived presigned URL where storage has one (S3), else the stream",
+    ),
+]
+
+
 @router.get("/{job_id}/artifacts/{kind}.tar", response_class=StreamingResponse)
 def download_archive(
-    job_id: str, kind: str, request: Request, session: SessionDep, store: StoreDep, team: CallerTeam
+    job_id: str,
+    kind: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    team: CallerTeam,
+    redirect: RedirectQuery = None,
 ) -> Response:
-    """Downloads every file of one artifact kind (`adapter`) as a tar archive with a SHA256SUMS file."""
-    artifacts = artifact_service.list_artifacts(session=session, team_id=team, job_id=job_id, kind=kind)
-    if not artifacts:
-        raise NotFound(f"job {job_id} has no {kind} artifacts", param="kind")
-    return stream_archive(request.app.state.session_factory, store, f"{job_id}-{kind}", artifacts)
+    """Downloads every file of one artifact kind (`adapter`) as a tar archive with a SHA256SUMS file: a redirect
+    to the archive stored with the adapter where storage is S3, else streamed."""
+    artifacts, archive = artifact_service.get_kind(session=session, team_id=team, job_id=job_id, kind=kind)
+    factory = request.app.state.session_factory
+    if redirect is not False and archive is not None:
+        answer = presigned_redirect(factory, store, archive, settings.presigned_url_ttl_seconds, artifacts)
+        if answer is not None:
+            return answer
+    return stream_archive(factory, store, artifact_service.archive_root(job_id, kind), artifacts)
 
 
 @router.get("/{job_id}/artifacts/{kind}/{name:path}", response_class=StreamingResponse)
@@ -305,26 +326,19 @@ def download_artifact(
     settings: SettingsDep,
     store: StoreDep,
     team: CallerTeam,
-    redirect: Annotated[
-        bool, Query(description="answer with a short-lived presigned URL when storage has one")
-    ] = False,
+    redirect: RedirectQuery = None,
 ) -> Response:
-    """Downloads one artifact file (streamed, or a redirect to a presigned URL)."""
+    """Downloads one artifact file: a redirect to a presigned URL where storage is S3, else streamed."""
     artifact = artifact_service.get_artifact(
         session=session, team_id=team, job_id=job_id, kind=kind, name=name
     )
-    if redirect:
-        refuse_damaged(request.app.state.session_factory, store, artifact)
-        url = store.presigned_url(artifact.storage_key, settings.presigned_url_ttl_seconds)
-        if url:
-            # The client downloads from storage directly: it must check the bytes against X-Checksum-Sha256.
-            return RedirectResponse(
-                url,
-                status_code=status.HTTP_307_TEMPORARY_REDIRECT,
-                headers={"X-Checksum-Sha256": artifact.sha256},
-            )
+    factory = request.app.state.session_factory
+    if redirect is not False:
+        answer = presigned_redirect(factory, store, artifact, settings.presigned_url_ttl_seconds)
+        if answer is not None:
+            return answer
     return artifact_response(
-        request.app.state.session_factory,
+        factory,
         store,
         artifact,
         {"Content-Disposition": f'attachment; filename="{name.rsplit("/", 1)[-1]}"'},

@@ -15,6 +15,24 @@ from shared.services.jobs import add_event, get_job
 from shared.storage import StoredObject
 from shared.tenancy import TeamID
 
+# The whole of an artifact kind as one tar archive (the one GET /v1/jobs/{id}/artifacts/{kind}.tar streams),
+# written to storage once when the job stores it, so that the API can hand out a presigned URL to it instead
+# of building the archive on every download. Recorded as an artifact of kind ARCHIVE_KIND named `{kind}.tar`,
+# left out of the job's list of artifacts. Only adapters (megabytes to a few GB): a merged model's archive
+# would double a large footprint, and checkpoints are rotated.
+ARCHIVE_KIND = "archive"
+ARCHIVED_KINDS = frozenset({"adapter"})
+
+
+def archive_name(kind: str) -> str:
+    """The name of the archive of `kind` among the job's ARCHIVE_KIND artifacts."""
+    return f"{kind}.tar"
+
+
+def archive_root(job_id: str, kind: str) -> str:
+    """The folder every member of a job's `kind` archive is under."""
+    return f"{job_id}-{kind}"
+
 
 def checkpoint_prefix(step: int) -> str:
     """The name prefix of a checkpoint's files among the job's artifacts."""
@@ -45,11 +63,13 @@ def record_artifacts(
 def list_artifacts(
     *, session: Session, team_id: TeamID, job_id: str, kind: str | None = None
 ) -> Sequence[Artifact]:
-    """Returns a job's artifacts, by name."""
+    """Returns a job's artifacts, by name (without its stored archives, unless `kind` asks for them)."""
     get_job(session=session, team_id=team_id, job_id=job_id)
     query = select(Artifact).where(Artifact.job_id == job_id)
     if kind is not None:
         query = query.where(Artifact.kind == kind)
+    else:
+        query = query.where(Artifact.kind != ARCHIVE_KIND)
     return session.scalars(query.order_by(Artifact.kind, Artifact.name)).all()
 
 
@@ -88,6 +108,26 @@ def get_artifact(*, session: Session, team_id: TeamID, job_id: str, kind: str, n
     if artifact is None:
         raise NotFound(f"job {job_id} has no {kind} artifact named {name!r}", param="name")
     return artifact
+
+
+def get_kind(
+    *, session: Session, team_id: TeamID, job_id: str, kind: str
+) -> tuple[Sequence[Artifact], Artifact | None]:
+    """Returns a team's job's artifacts of `kind` and their stored archive (None if none was written); raises
+    NotFound when the job has none of that kind."""
+    artifacts = list_artifacts(session=session, team_id=team_id, job_id=job_id, kind=kind)
+    if not artifacts or kind == ARCHIVE_KIND:
+        raise NotFound(f"job {job_id} has no {kind} artifacts", param="kind")
+    return artifacts, find_archive(session=session, job_id=job_id, kind=kind)
+
+
+def find_archive(*, session: Session, job_id: str, kind: str) -> Artifact | None:
+    """The stored archive of a job's `kind` artifacts, if one was written (see ARCHIVED_KINDS)."""
+    return session.scalar(
+        select(Artifact).where(
+            Artifact.job_id == job_id, Artifact.kind == ARCHIVE_KIND, Artifact.name == archive_name(kind)
+        )
+    )
 
 
 def clear_damaged(*, session: Session, row_id: object) -> None:

@@ -56,10 +56,12 @@ def send_after_commit(
 def send_new_job_after_commit(session: Session, settings: Settings, job: Job) -> Dispatch:
     """Sends "validate job X" for a job created in this transaction, once it commits. The send time is written
     with the job (the sweeper leaves a job it believes sent alone for resend_grace_seconds), and put back to
-    none if the broker refuses, so that the sweeper sends the job at its next round."""
+    none if the broker refuses, so that the sweeper sends the job at its next round. A send time given to
+    create_job (before the job's insert) is kept: setting it now would cost an update of the new row."""
     route = _route(settings, job)
     assert route is not None, "a new job waits for validation"
-    job.enqueued_at = utcnow()
+    if job.enqueued_at is None:
+        job.enqueued_at = utcnow()
     return _hold(session, Dispatch(settings, "job", job.id, route=(*route, job.priority)))
 
 

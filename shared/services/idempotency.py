@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Insert, delete, select, update
+from sqlalchemy import Insert, bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -117,17 +117,27 @@ def _answered(row: Any, fingerprint: str) -> Replay | None:
     return None
 
 
-def _insert_if_absent(session: Session, values: dict[str, Any]) -> Insert:
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return (
-        insert(IdempotencyKey)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["team_id", "endpoint", "key"])
-        .returning(IdempotencyKey.id)
-    )
+def _insert_if_absent(dialect: str) -> Insert:
+    """INSERT ... ON CONFLICT DO NOTHING RETURNING id, for the dialect; built once (the values are parameters)."""
+    if dialect not in _INSERTS:
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        _INSERTS[dialect] = (
+            insert(IdempotencyKey)
+            .on_conflict_do_nothing(index_elements=["team_id", "endpoint", "key"])
+            .returning(IdempotencyKey.id)
+        )
+    return _INSERTS[dialect]
+
+
+_INSERTS: dict[str, Insert] = {}
+_ANSWER = (
+    update(IdempotencyKey)
+    .where(IdempotencyKey.id == bindparam("key_id"))
+    .values(status_code=bindparam("status_code"), response=bindparam("response"))
+)
 
 
 def claim(
@@ -152,7 +162,8 @@ def claim(
     }
     while True:
         # Core statements on the session's connection: no ORM object is involved.
-        claimed = session.connection().scalar(_insert_if_absent(session, values))
+        connection = session.connection()
+        claimed = connection.scalar(_insert_if_absent(connection.dialect.name), values)
         if claimed is not None:
             return claimed
         # The key is taken by a committed request (an insert racing with ours has ended by now).
@@ -185,11 +196,7 @@ def claim(
 
 def complete_claimed(*, session: Session, key_id: int, status_code: int, body: dict[str, Any]) -> None:
     """Stores the answer of a claimed key, in the transaction that claimed it."""
-    session.connection().execute(
-        update(IdempotencyKey)
-        .where(IdempotencyKey.id == key_id)
-        .values(status_code=status_code, response=body)
-    )
+    session.connection().execute(_ANSWER, {"key_id": key_id, "status_code": status_code, "response": body})
 
 
 def complete(

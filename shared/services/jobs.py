@@ -11,6 +11,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, bindparam, exists, func, insert, literal, select, update
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
 
 from shared.datasets import DatasetFormat, method_mismatch
@@ -53,16 +54,18 @@ if TYPE_CHECKING:
 MAX_PAGE = 100
 
 
+# Built once, a Core statement: every submission runs it.
+_UPLOAD_FORMAT = select(UploadedFile.format).where(
+    UploadedFile.id == bindparam("file_id"), UploadedFile.team_id == bindparam("team_id")
+)
+
+
 def _check_dataset(
     *, session: Session, settings: Settings, team_id: TeamID, value: str, param: str, method: Method
 ) -> str:
     source = resolve_dataset_uri(value, settings, param=param, team_id=team_id)
     if source.kind == "upload":
-        found = session.scalar(
-            select(UploadedFile.format).where(
-                UploadedFile.id == source.file_id, UploadedFile.team_id == team_id
-            )
-        )
+        found = session.connection().scalar(_UPLOAD_FORMAT, {"file_id": source.file_id, "team_id": team_id})
         if found is None:
             raise InvalidRequest(f"uploaded file {source.file_id} does not exist", param=param)
         # Other sources are read by the worker, which makes the same check before queueing.
@@ -197,19 +200,36 @@ def team_limits(session: Session, settings: Settings, team_id: str) -> tuple[int
     return running, queued
 
 
+# A team's limit of waiting jobs (its own, or the deployment's default) and its waiting jobs counted up to that
+# limit only (a team far over it, after a lowered limit, costs no more than one at it): one statement, one round
+# trip, built once (building it cost more CPU than running it).
+_QUEUED_LIMIT = (
+    select(func.coalesce(func.max(Team.max_queued_jobs), bindparam("default")))
+    .where(Team.id == bindparam("team_id"))
+    .scalar_subquery()
+)
+_WAITING_JOBS = select(
+    _QUEUED_LIMIT,
+    select(func.count())
+    .select_from(
+        select(Job.id)
+        .where(
+            Job.team_id == bindparam("team_id"),
+            Job.status.in_([JobStatus.validating.value, JobStatus.queued.value]),
+        )
+        .limit(_QUEUED_LIMIT)
+        .subquery()
+    )
+    .scalar_subquery(),
+)
+
+
 def check_queue_quota(*, session: Session, settings: Settings, team_id: TeamID) -> None:
     """Raises 429 when the team already has as many jobs waiting as its limit allows."""
-    _, limit = team_limits(session, settings, team_id)
-    # Counted up to the limit only: a team far over it (a lowered limit) costs no more than one at it.
-    waiting = session.connection().scalar(
-        select(func.count()).select_from(
-            select(Job.id)
-            .where(
-                Job.team_id == team_id, Job.status.in_([JobStatus.validating.value, JobStatus.queued.value])
-            )
-            .limit(limit)
-            .subquery()
-        )
+    limit, waiting = (
+        session.connection()
+        .execute(_WAITING_JOBS, {"team_id": team_id, "default": settings.team_max_queued_jobs})
+        .one()
     )
     if waiting >= limit:
         raise TooManyRequests(
@@ -361,13 +381,21 @@ def _fit_to_model(*, settings: Settings, store: ObjectStore, spec: JobSpec) -> J
 
 
 def create_job(
-    *, session: Session, settings: Settings, store: ObjectStore, team_id: TeamID, spec: JobSpec
+    *,
+    session: Session,
+    settings: Settings,
+    store: ObjectStore,
+    team_id: TeamID,
+    spec: JobSpec,
+    enqueued_at: datetime | None = None,
 ) -> Job:
-    """Checks a spec against this deployment and records a new job in `validating` (not yet enqueued)."""
+    """Checks a spec against this deployment and records a new job in `validating` (not yet enqueued; a caller
+    that sends it after the commit passes the send time, written with the job instead of by an update)."""
     checked = check_spec(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
     spec = checked.spec
     check_queue_quota(session=session, settings=settings, team_id=team_id)
     assert spec.base_model is not None
+    now = utcnow()
     job = Job(
         id=new_id("ftjob"),
         team_id=team_id,
@@ -384,11 +412,22 @@ def create_job(
         user_metadata=dict(spec.metadata),
         attempt=0,
         result={},
+        enqueued_at=enqueued_at,
+        runtime_seconds=0.0,
+        validation_tries=0,
+        created_at=now,
+        updated_at=now,
     )
-    session.add(job)
-    # One flush writes both (the job first: the event refers to it).
+    # A Core insert of every column (the ORM's unit of work cost more than the rest of the insert). The object
+    # stays out of the session: callers read it for their answer; a later change goes through a query.
+    session.connection().execute(_JOB_INSERT, {column: getattr(job, attr) for attr, column in _JOB_COLUMNS})
     add_event(session=session, job_id=job.id, type="created", message=f"job created ({spec.method.value})")
     return job
+
+
+_JOB_INSERT = insert(Job)
+# (attribute, column) of every column of a job: `user_metadata` is the column `metadata`.
+_JOB_COLUMNS = [(prop.key, prop.columns[0].key) for prop in sa_inspect(Job).column_attrs]
 
 
 def get_job(*, session: Session, team_id: TeamID, job_id: str) -> Job:
@@ -440,6 +479,9 @@ def list_jobs(
     return jobs[:limit], next_cursor
 
 
+_EVENT_INSERT = insert(JobEvent)
+
+
 def add_event(
     *,
     session: Session,
@@ -452,11 +494,18 @@ def add_event(
 ) -> None:
     """Appends an event to a job's log, in the caller's transaction."""
     session.flush()  # the insert goes around the session: what it holds (the job, maybe) goes first
-    # A Core insert: every move of every job writes events, and the ORM's unit of work costs more than it.
+    # A Core insert: every move of every job writes events, and the ORM's unit of work costs more than it. The
+    # values go as parameters of one statement built once (a statement with values costs a cache key each time).
     session.connection().execute(
-        insert(JobEvent).values(
-            job_id=job_id, type=type, message=message, level=level, attempt=attempt, data=data or {}
-        )
+        _EVENT_INSERT,
+        {
+            "job_id": job_id,
+            "type": type,
+            "message": message,
+            "level": level,
+            "attempt": attempt,
+            "data": data or {},
+        },
     )
 
 

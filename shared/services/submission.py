@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from shared.models import Job
+from shared.models import Job, utcnow
 from shared.schemas import AdapterSource, ExportSpec, JobSpec, Method
 from shared.services.dispatch import send_new_job_after_commit
 from shared.services.idempotency import IdempotentCall, Replay, complete_claimed
@@ -40,7 +40,10 @@ def submit_job(
         if isinstance(claimed, Replay):
             session.rollback()
             return claimed
-        job = create_job(session=session, settings=settings, store=store, team_id=team_id, spec=spec)
+        # Sent after the commit: the send time is written with the job (see send_new_job_after_commit).
+        job = create_job(
+            session=session, settings=settings, store=store, team_id=team_id, spec=spec, enqueued_at=utcnow()
+        )
         if claimed is not None:
             complete_claimed(session=session, key_id=claimed, status_code=CREATED, body=answer(job))
         send_new_job_after_commit(session, settings, job)

@@ -283,19 +283,28 @@ def test_a_tampered_download_raises(sdk, settings, store, tmp_path):
                 Artifact.name == "adapter_config.json",
             )
         )
+        # The adapter's archive, stored with it (the SDK's first try reads it through a presigned URL).
+        archive_key = session.scalar(
+            select(Artifact.storage_key).where(Artifact.job_id == job["id"], Artifact.kind == "archive")
+        )
     original = store.read_bytes(key)
     store.put_bytes(key, bytes([original[0] ^ 1]) + original[1:])  # the same size, other bytes
     assert store.read_bytes(key) != original
+    archive = b"".join(store.iter_chunks(archive_key))
+    store.put_bytes(archive_key, bytes(len(archive)))  # zeros: no tar archive at all
 
     client = Tuneforge(sdk.base_url, sdk.api_key, retries=2, backoff=0)
     with pytest.raises(TuneforgeError) as raised:
         client.download_adapter(job["id"], tmp_path / "out")
-    # The first archive ends short; the API marks the file damaged, and the retry is told so plainly.
+    # The stored archive is unreadable, so the SDK asks the API to stream the files; that archive ends short,
+    # the API marks the file damaged, and the next retry is told so plainly.
     assert raised.value.code == "artifact_corrupted", raised.value
     assert list((tmp_path / "out").iterdir()) == []  # nothing unverified is left behind
 
     store.put_bytes(key, original)
-    assert client.download_adapter(job["id"], tmp_path / "out").is_dir()
+    assert client.download_adapter(job["id"], tmp_path / "out").is_dir()  # the files, streamed
+    store.put_bytes(archive_key, archive)
+    assert client.download_adapter(job["id"], tmp_path / "out", overwrite=True).is_dir()  # the archive
 
 
 def _write(path, data: bytes):

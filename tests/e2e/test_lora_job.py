@@ -85,7 +85,9 @@ def test_lora_job_end_to_end(client, service, tiny_model_dir, tmp_path):
     assert evaluation["perplexity"]["after"] < evaluation["perplexity"]["before"]
     assert job["result"]["validation_perplexity_after"] == evaluation["perplexity"]["after"]
     recorded = {a["name"]: a["sha256"] for a in listing["data"] if a["kind"] == "adapter"}
-    archive = client.get(listing["archive_url"])
+    # The adapter's archive was stored with it: on S3 its URL redirects there.
+    assert client.get(listing["archive_url"]).status_code == 307
+    archive = client.get(listing["archive_url"], follow_redirects=True)
     assert archive.status_code == 200
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
         tar.extractall(tmp_path, filter="data")

@@ -356,8 +356,13 @@ MATRIX_FLOOR = (21, 40)
 
 
 def call(client: TestClient, route: Route, url: str, key: str):
+    # A download's 307 to a presigned URL is its answer: the test client could not reach storage anyway.
     return client.request(
-        route.method, url, headers={"Authorization": f"Bearer {key}"}, json=BODIES.get(route.name)
+        route.method,
+        url,
+        headers={"Authorization": f"Bearer {key}"},
+        json=BODIES.get(route.name),
+        follow_redirects=False,
     )
 
 

@@ -4,7 +4,7 @@ import tarfile
 
 import pytest
 
-from api.archive import ArchiveMember, stream_tar, tar_size
+from shared.archive import ArchiveMember, stream_tar, tar_size
 from shared.storage import IntegrityError
 
 

@@ -106,7 +106,9 @@ async function sha256Hex(blob) {
 // Downloads an API file with the session's key and hands it to the browser as `filename`. With `sha256`, the
 // bytes are checked in the browser first (where Web Crypto is available: HTTPS or localhost).
 export async function download(path, filename, sha256) {
-  const response = await request("GET", path);
+  // Streamed by the API (redirect=false), not redirected to storage: a presigned URL is another origin, which
+  // the page could read only with CORS set up on the bucket.
+  const response = await request("GET", path + (path.includes("?") ? "&" : "?") + "redirect=false");
   const blob = await response.blob();
   let verified = null;
   const expected = sha256 || response.headers.get("X-Checksum-Sha256");

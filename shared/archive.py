@@ -1,14 +1,17 @@
-"""Streams stored files as one tar archive, without holding any file in memory or on disk."""
+"""Streams stored files as one tar archive, without holding any file in memory or on disk; or writes that archive
+once, to object storage, when an artifact is stored (see shared/services/artifacts.py ARCHIVED_KINDS)."""
 
 from __future__ import annotations
 
 import hashlib
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-from shared.storage import IntegrityError
+from shared.storage import IntegrityError, ObjectStore, StoredObject
 
 BLOCK = 512
 
@@ -67,3 +70,36 @@ def stream_tar(root: str, members: list[ArchiveMember], mtime: float | None = No
     yield _header(f"{root}/SHA256SUMS", len(sums), now)
     yield sums + _padding(len(sums))
     yield b"\0" * (2 * BLOCK)
+
+
+def store_archive(
+    store: ObjectStore, key: str, root: str, members: list[ArchiveMember], mtime: float | None = None
+) -> StoredObject:
+    """Writes `stream_tar(root, members)` to a temporary file and stores it at `key` (each member checked
+    against its sha256 on the way, as when streamed); returns the stored object, with the archive's size and
+    sha256. The archive is the one the API streams, so a client gets the same folder either way."""
+    with tempfile.TemporaryDirectory(prefix="tuneforge-archive-") as folder:
+        path = Path(folder) / "archive.tar"
+        with path.open("wb") as out:
+            for chunk in stream_tar(root, members, mtime):
+                out.write(chunk)
+        return store.put_file(key, path)
+
+
+def local_members(folder: Path, stored: list[tuple[str, StoredObject]]) -> list[ArchiveMember]:
+    """Archive members read from the local files just stored (name relative to `folder`, stored object)."""
+    return [
+        ArchiveMember(
+            name=name,
+            size=obj.size,
+            sha256=obj.sha256,
+            chunks=lambda path=folder / name: _read_chunks(path),
+        )
+        for name, obj in stored
+    ]
+
+
+def _read_chunks(path: Path, size: int = 2**20) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(size):
+            yield chunk
