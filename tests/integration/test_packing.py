@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from trl import SFTTrainer
 
 from shared.datasets import DatasetFormat, DatasetSummary
 from shared.planning import PADDING_FREE_MODEL_TYPES
 from shared.schemas import JobSpec
 from tests.helpers import corpus
+from worker.training import trainer as trainer_setup
 from worker.training.efficiency import ModelFlops, padding_free_pays
 from worker.training.recipes import recipe_for
 from worker.training.recipes.base import TrainingContext
@@ -60,7 +62,7 @@ def model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def recipe(model_dir: Path, work_dir: Path, rows: list[dict], **hp):
+def recipe(model_dir: Path, work_dir: Path, rows: list[dict], fmt=DatasetFormat.prompt_completion, **hp):
     ctx = TrainingContext(
         job_id="ftjob-packing",
         spec=JobSpec(
@@ -73,7 +75,7 @@ def recipe(model_dir: Path, work_dir: Path, rows: list[dict], **hp):
         work_dir=work_dir,
         reporter=Reporter(),
         should_stop=lambda: False,
-        train_data=DatasetSummary(DatasetFormat.prompt_completion, len(rows), len(rows), records=rows),
+        train_data=DatasetSummary(fmt, len(rows), len(rows), records=rows),
     )
     return recipe_for(ctx.spec.method)(ctx)
 
@@ -135,6 +137,80 @@ def test_the_default_packs_mixed_lengths_and_trains_step_for_step_like_padding(m
         assert b == pytest.approx(a, rel=1e-3), (padded, packed)
     # The same samples, minus the padding.
     assert runs["default"].progress.batches.tokens < runs["padded"].progress.batches.tokens * 1.01
+
+
+def step_loss(training, batch: dict, num_items_in_batch=None) -> tuple[float, dict[str, torch.Tensor], int]:
+    """One training step's loss as the recipe's trainer computes it, the gradients it gives the adapter, and
+    the tokens the trainer counted."""
+    trainer = training.trainer
+    model = trainer.model.train()
+    model.zero_grad()
+    counted = trainer._total_train_tokens
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items_in_batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads, trainer._total_train_tokens - counted
+
+
+def full_logits_loss(training, batch: dict, num_items_in_batch=None) -> float:
+    """The loss transformers' Trainer computes: cross-entropy over the full logits, shifted by one."""
+    model = training.trainer.model
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits[:, :-1].double()
+    labels = batch["labels"][:, 1:]
+    total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    return float(total / (num_items_in_batch or (labels != -100).sum()))
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding_free", "packing"])
+@pytest.mark.parametrize("fmt", [DatasetFormat.prompt_completion, DatasetFormat.text])
+def test_the_step_computes_trls_loss_and_nothing_else(model_dir, tmp_path, monkeypatch, layout, fmt):
+    """The service's step computes the loss trl's SFTTrainer computes (and the bare Trainer's), on padded,
+    padding-free and packed batches, completion-only or not, alone or as one of accumulated micro-batches
+    (`num_items_in_batch`), with the same gradients and the same tokens counted; without trl's per-token
+    entropy and top-1 statistics."""
+    rows = mixed_lengths(16)
+    if fmt is DatasetFormat.text:
+        rows = [{"text": row["prompt"] + row["completion"]} for row in rows]
+    hp = {
+        "padded": {"padding_free": False},
+        "padding_free": {"padding_free": True},
+        "packing": {"packing": True},
+    }
+    ours = recipe(model_dir, tmp_path / "ours", rows, fmt, max_steps=1, **hp[layout])
+    ours.setup()
+    # trl's own SFTTrainer, on the same model, data and adapter initialisation.
+    monkeypatch.setattr(trainer_setup, "LossOnlySFTTrainer", SFTTrainer)
+    theirs = recipe(model_dir, tmp_path / "theirs", rows, fmt, max_steps=1, **hp[layout])
+    theirs.setup()
+    assert type(ours.trainer) is not SFTTrainer and type(theirs.trainer) is SFTTrainer
+    try:
+        batch = next(iter(ours.trainer.get_train_dataloader()))
+        trained = int((batch["labels"][:, 1:] != -100).sum())
+        if layout == "padded":
+            real, samples = int(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
+        else:
+            real, samples = batch["input_ids"].numel(), int((batch["position_ids"] == 0).sum())
+        # Plain text trains on every token but each sample's first; prompt/completion on the completions only.
+        assert samples > 1 and (
+            trained == real - samples if fmt is DatasetFormat.text else trained < real - samples
+        )
+        for items in (None, torch.tensor(3 * trained)):
+            loss, grads, tokens = step_loss(ours, batch, items)
+            expected, expected_grads, expected_tokens = step_loss(theirs, batch, items)
+            assert loss == pytest.approx(expected, rel=1e-6, abs=1e-7)
+            assert loss == pytest.approx(full_logits_loss(ours, batch, items), rel=1e-5)
+            assert grads.keys() == expected_grads.keys() and grads
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-7)
+            assert tokens == expected_tokens > 0
+        # trl's step also logs each token's entropy and top-1 accuracy; this one only counts the tokens.
+        assert set(ours.trainer._metrics["train"]) == {"num_tokens"}
+        assert {"entropy", "mean_token_accuracy"} <= set(theirs.trainer._metrics["train"])
+    finally:
+        ours.cleanup()
+        theirs.cleanup()
 
 
 def test_the_default_pads_where_packing_would_not_pay():
