@@ -20,6 +20,7 @@ from shared.planning import PADDING_FREE_MODEL_TYPES
 from shared.schemas import JobSpec
 from tests.helpers import corpus
 from worker.training import trainer as trainer_setup
+from worker.training.attention import SDPA_PER_SAMPLE
 from worker.training.efficiency import ModelFlops, padding_free_pays
 from worker.training.recipes import recipe_for
 from worker.training.recipes.base import TrainingContext
@@ -92,7 +93,8 @@ def initial_loss(model_dir: Path, work_dir: Path, rows: list[dict], *, drop_posi
             for batch in training.trainer.get_train_dataloader():
                 first = first or batch
                 if drop_positions:
-                    batch = {k: v for k, v in batch.items() if k != "position_ids"}
+                    # The samples' positions and bounds: what keeps them apart in the attention.
+                    batch = {k: v for k, v in batch.items() if k in ("input_ids", "labels")}
                 out = model(**batch, use_cache=False, fused_lm_head=True)
                 total += float(-out.log_probs.double().sum())
                 tokens += int(out.label_mask.sum())
@@ -122,15 +124,17 @@ def test_packed_batches_give_the_padded_loss_at_initialisation(model_dir, tmp_pa
 
 def test_the_default_packs_mixed_lengths_and_trains_step_for_step_like_padding(model_dir, tmp_path):
     rows = mixed_lengths(32)
-    runs = {}
+    runs, attention = {}, {}
     for name, hp in (("padded", {"padding_free": False}), ("default", {})):
         training = recipe(model_dir, tmp_path / name, rows, max_steps=6, **hp)
         training.setup()
         training.train()
-        runs[name] = training
+        runs[name], attention[name] = training, training.model.config._attn_implementation
         training.cleanup()
     kernels = next(data for type, _, data in runs["default"].ctx.reporter.events if type == "kernels")
     assert kernels["padding_free"] is True and kernels["attn_implementation"] == "sdpa"
+    # On a CPU the samples of a padding-free row attend one at a time.
+    assert attention == {"padded": "sdpa", "default": SDPA_PER_SAMPLE}
     padded, packed = runs["padded"].ctx.reporter.losses, runs["default"].ctx.reporter.losses
     assert len(padded) == len(packed) == 6
     for a, b in zip(padded, packed, strict=True):
@@ -246,9 +250,29 @@ def test_each_model_type_packed_by_default_keeps_concatenated_samples_apart(mode
     model = AutoModelForCausalLM.from_config(config).eval()
     first, second = torch.randint(3, 128, (1, 9)), torch.randint(3, 128, (1, 5))
     positions = torch.cat([torch.arange(9), torch.arange(5)]).unsqueeze(0)
+    bounds = torch.tensor([0, 9, 14], dtype=torch.int32)
     with torch.no_grad():
         alone = torch.cat([model(first).logits, model(second).logits], dim=1)
         packed = model(torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits
         leaking = model(torch.cat([first, second], dim=1), use_cache=False).logits
+        # On a CPU, padding-free rows attend one sample at a time (trl's collator gives the bounds).
+        model.set_attn_implementation(SDPA_PER_SAMPLE)
+        per_sample = model(
+            torch.cat([first, second], dim=1),
+            position_ids=positions,
+            cu_seq_lens_q=bounds,
+            cu_seq_lens_k=bounds,
+            max_length_q=9,
+            max_length_k=9,
+            use_cache=False,
+        ).logits
+        padded = model(
+            torch.cat([first, torch.cat([second, torch.zeros(1, 4, dtype=torch.long)], dim=1)]),
+            attention_mask=torch.tensor([[1] * 9, [1] * 5 + [0] * 4]),
+            use_cache=False,
+        ).logits
     assert torch.allclose(packed, alone, atol=1e-4), (packed - alone).abs().max()
     assert not torch.allclose(leaking[:, 9:], alone[:, 9:], atol=1e-4)
+    assert torch.allclose(per_sample, alone, atol=1e-4), (per_sample - alone).abs().max()
+    # Padded batches keep transformers' SDPA and its mask.
+    assert torch.allclose(torch.cat([padded[:1], padded[1:, :5]], dim=1), alone, atol=1e-4)

@@ -28,6 +28,7 @@ from shared.errors import JobErrorCode, JobFailure
 from shared.planning import PADDING_FREE_MODEL_TYPES
 from shared.schemas import Hyperparameters
 from worker.training import distributed
+from worker.training.attention import SDPA_PER_SAMPLE
 from worker.training.efficiency import (
     BatchCounter,
     ModelFlops,
@@ -430,6 +431,13 @@ class ProgressCallback(TrainerCallback):
         return found
 
 
+def attends_per_sample(kernels: Kernels, padding_free: bool) -> bool:
+    """Whether padding-free rows attend within each sample through torch's SDPA, one sample at a time
+    (worker/training/attention.py): on a CPU, where no variable-length kernel exists and SDPA would attend
+    over the whole row."""
+    return padding_free and kernels.attn_implementation == "sdpa" and not torch.cuda.is_available()
+
+
 def use_padding_free(
     ctx: TrainingContext,
     hp: Hyperparameters,
@@ -447,7 +455,7 @@ def use_padding_free(
     model_type = model.config.get_text_config().model_type
     if model_type not in PADDING_FREE_MODEL_TYPES:
         return False, f"padded: model type {model_type!r} is not known to keep concatenated samples apart"
-    varlen = kernels.attn_implementation == "flash_attention_2"
+    varlen = kernels.attn_implementation == "flash_attention_2" or attends_per_sample(kernels, True)
     pays, ratio = padding_free_pays(data.lengths, hp.batch_size, flops, varlen=varlen, seed=hp.seed)
     if pays:
         return True, f"padding-free: {1 - ratio:.0%} less compute than padded batches for these lengths"
@@ -476,6 +484,9 @@ def sft_trainer(
         args.padding_free = progress.padding_free
         # trl enforces max_length only while preparing datasets; these come cut already.
         args.max_length = None if progress.padding_free else args.max_length
+    if attends_per_sample(kernels, progress.padding_free):
+        (model.get_base_model() if is_peft_model(model) else model).set_attn_implementation(SDPA_PER_SAMPLE)
+        why += ", each sample attending on its own"
     ctx.reporter.event(
         "kernels",
         f"training with {kernels.attn_implementation} attention, {'bf16' if kernels.bf16 else 'fp32'}"
