@@ -228,6 +228,10 @@ def test_the_default_pads_where_packing_would_not_pay():
     assert padding_free_pays([4, 8, 12, 200] * 10, 4, flops, varlen=True)[1] < ratio
     # A (tokens x tokens) mask far beyond the padded batches' is refused.
     assert padding_free_pays([100, 8000], 64, flops, varlen=False) == (False, float("inf"))
+    # SDPA one sample at a time on a CPU costs what a variable-length kernel does, but still builds the mask.
+    assert padding_free_pays([4, 8, 12, 200] * 10, 4, flops, varlen=True, builds_mask=True)[1] < ratio
+    assert padding_free_pays([100, 8000], 64, flops, varlen=True, builds_mask=True) == (False, float("inf"))
+    assert padding_free_pays([100, 8000], 64, flops, varlen=True)[0]
 
 
 @pytest.mark.parametrize("model_type", sorted(PADDING_FREE_MODEL_TYPES))

@@ -455,8 +455,16 @@ def use_padding_free(
     model_type = model.config.get_text_config().model_type
     if model_type not in PADDING_FREE_MODEL_TYPES:
         return False, f"padded: model type {model_type!r} is not known to keep concatenated samples apart"
-    varlen = kernels.attn_implementation == "flash_attention_2" or attends_per_sample(kernels, True)
-    pays, ratio = padding_free_pays(data.lengths, hp.batch_size, flops, varlen=varlen, seed=hp.seed)
+    flash = kernels.attn_implementation == "flash_attention_2"
+    # SDPA one sample at a time attends like FlashAttention-2, but transformers still builds the row's mask.
+    pays, ratio = padding_free_pays(
+        data.lengths,
+        hp.batch_size,
+        flops,
+        varlen=flash or attends_per_sample(kernels, True),
+        builds_mask=not flash,
+        seed=hp.seed,
+    )
     if pays:
         return True, f"padding-free: {1 - ratio:.0%} less compute than padded batches for these lengths"
     if math.isinf(ratio):
