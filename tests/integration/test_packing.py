@@ -24,7 +24,7 @@ from worker.training.attention import SDPA_PER_SAMPLE
 from worker.training.efficiency import ModelFlops, padding_free_pays
 from worker.training.recipes import recipe_for
 from worker.training.recipes.base import TrainingContext
-from worker.training.toy_models import build_llama
+from worker.training.toy_models import build_llama, build_tokenizer
 
 WORDS = ["stone", "river", "cloud", "plant", "metal", "apple", "grass", "snow", "coal", "plum", "sky"]
 
@@ -215,6 +215,55 @@ def test_the_step_computes_trls_loss_and_nothing_else(model_dir, tmp_path, monke
     finally:
         ours.cleanup()
         theirs.cleanup()
+
+
+def test_a_caller_that_wants_the_logits_gets_them_with_the_same_loss(model_dir, tmp_path):
+    training = recipe(model_dir, tmp_path, mixed_lengths(8), max_steps=1, padding_free=False)
+    training.setup()
+    try:
+        batch = next(iter(training.trainer.get_train_dataloader()))
+        model = training.trainer.model.eval()
+        with torch.no_grad():
+            loss = training.trainer.compute_loss(model, dict(batch))
+            again, outputs = training.trainer.compute_loss(model, dict(batch), return_outputs=True)
+        assert float(again) == float(loss)
+        assert outputs.logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
+    finally:
+        training.cleanup()
+
+
+def test_a_loss_trl_computes_otherwise_stays_trls(tmp_path):
+    """An MoE model adds the router's load-balancing loss: trl's step, with its fused head, unchanged."""
+    folder = tmp_path / "mixtral"
+    tokenizer = build_tokenizer(folder, corpus())
+    config = AutoConfig.for_model(
+        "mixtral",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    training = recipe(folder, tmp_path / "work", mixed_lengths(8), max_steps=1, padding_free=False)
+    training.setup()
+    try:
+        trainer = training.trainer
+        assert trainer.aux_loss_enabled and not trainer.loss_only
+        batch = next(iter(trainer.get_train_dataloader()))
+        loss = trainer.compute_loss(trainer.model.train(), dict(batch))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert {"entropy", "mean_token_accuracy", "aux_loss", "num_tokens"} <= set(trainer._metrics["train"])
+    finally:
+        training.cleanup()
 
 
 def test_the_default_pads_where_packing_would_not_pay():

@@ -524,30 +524,29 @@ class LossOnlySFTTrainer(SFTTrainer):
     keep. Here the fused head computes only the log-probabilities, and the loss is trl's: their negative sum
     over the trained tokens divided by `num_items_in_batch` (their count over the accumulated micro-batches)
     or, without it, by this micro-batch's count; the trained tokens are counted as trl counts them (`num_tokens`,
-    trained_tokens). Other losses (a custom loss function, label smoothing, DFT, an MoE auxiliary loss,
-    sequence parallelism) and callers that ask for the outputs take trl's path unchanged."""
+    trained_tokens). Where trl computes another loss (a custom loss function, label smoothing, DFT, an MoE
+    auxiliary loss, sequence parallelism) the trainer is trl's unchanged."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # trl has patched the base model's forward with a fused head computing log-probabilities, entropy and
-        # top-1 hits; this head, on top of it, computes the log-probabilities only (called without
-        # `fused_lm_head`, it hands over to trl's, which runs the model's own forward).
-        add_fused_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
-
-    def _loss_only(self) -> bool:
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         sequence_parallel = (
             parallelism is not None
             and getattr(parallelism, "sp_backend", None) == "deepspeed"
             and getattr(parallelism, "sp_enabled", False)
         )
-        return not (
+        self.loss_only = not (
             self.compute_loss_func is not None
             or self.label_smoother is not None
             or self.args.loss_type != "nll"
             or self.aux_loss_enabled
             or sequence_parallel
         )
+        if self.loss_only:
+            # trl has patched the base model's forward with a fused head computing log-probabilities, entropy
+            # and top-1 hits; this one, on top of it, computes the log-probabilities only (called without
+            # `fused_lm_head`, it hands over to trl's, which runs the model's own forward).
+            add_fused_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
 
     def compute_loss(
         self,
@@ -556,7 +555,7 @@ class LossOnlySFTTrainer(SFTTrainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        if return_outputs or not self._loss_only():
+        if not self.loss_only:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs["use_cache"] = False
         outputs = model(**inputs, fused_lm_head=True)
@@ -577,6 +576,11 @@ class LossOnlySFTTrainer(SFTTrainer):
                 self.accelerator.gather_for_metrics(tokens).sum().item() // self._tp_size
             )
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if return_outputs:
+            # As trl: the fused head builds no logits, so a caller that wants them gets another forward.
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss, outputs
         return loss
 
 
