@@ -231,14 +231,22 @@ def cpu_bf16_pays(cache_dir: Path | None) -> bool:
 
 
 def padding_free_pays(
-    lengths: list[int], batch_size: int, flops: ModelFlops, *, varlen: bool, seed: int = 0
+    lengths: list[int],
+    batch_size: int,
+    flops: ModelFlops,
+    *,
+    varlen: bool,
+    builds_mask: bool | None = None,
+    seed: int = 0,
 ) -> tuple[bool, float]:
     """Whether concatenating each micro-batch's samples without padding costs less than padding them to the
     batch's longest, for these sample lengths; returns the choice and the cost ratio (padding-free / padded).
 
-    With a variable-length kernel (FlashAttention-2) each sample attends only to itself; without one (SDPA,
-    eager) the concatenated row builds a (tokens x tokens) mask and computes every score of it, so it is chosen
+    With a variable-length kernel (FlashAttention-2, or SDPA one sample at a time on a CPU) each sample attends
+    only to itself; without one (SDPA, eager) the concatenated row computes every score of the whole row. Where
+    the row builds a (tokens x tokens) mask (`builds_mask`: all but FlashAttention-2 by default), it is chosen
     only while that mask stays within the padded batches' (the plan's estimate) or under 64 MiB."""
+    builds_mask = not varlen if builds_mask is None else builds_mask
     if not lengths or batch_size < 2:
         return False, 1.0
     rng = random.Random(seed)
@@ -249,10 +257,10 @@ def padding_free_pays(
         batch = [rng.choice(lengths) for _ in range(batch_size)]
         longest, total = max(batch), sum(batch)
         padded += len(batch) * longest * (linear + attention * longest)
+        if builds_mask and total * total > mask_budget:
+            return False, float("inf")
         if varlen:
             flattened += total * linear + attention * sum(n * n for n in batch)
-        elif total * total > mask_budget:
-            return False, float("inf")
         else:
             flattened += total * (linear + attention * total)
     ratio = flattened / padded

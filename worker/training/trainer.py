@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 from shared.errors import JobErrorCode, JobFailure
 from shared.planning import PADDING_FREE_MODEL_TYPES
 from shared.schemas import Hyperparameters
 from worker.training import distributed
+from worker.training.attention import SDPA_PER_SAMPLE
 from worker.training.efficiency import (
     BatchCounter,
     ModelFlops,
@@ -428,6 +431,13 @@ class ProgressCallback(TrainerCallback):
         return found
 
 
+def attends_per_sample(kernels: Kernels, padding_free: bool) -> bool:
+    """Whether padding-free rows attend within each sample through torch's SDPA, one sample at a time
+    (worker/training/attention.py): on a CPU, where no variable-length kernel exists and SDPA would attend
+    over the whole row."""
+    return padding_free and kernels.attn_implementation == "sdpa" and not torch.cuda.is_available()
+
+
 def use_padding_free(
     ctx: TrainingContext,
     hp: Hyperparameters,
@@ -445,8 +455,16 @@ def use_padding_free(
     model_type = model.config.get_text_config().model_type
     if model_type not in PADDING_FREE_MODEL_TYPES:
         return False, f"padded: model type {model_type!r} is not known to keep concatenated samples apart"
-    varlen = kernels.attn_implementation == "flash_attention_2"
-    pays, ratio = padding_free_pays(data.lengths, hp.batch_size, flops, varlen=varlen, seed=hp.seed)
+    flash = kernels.attn_implementation == "flash_attention_2"
+    # SDPA one sample at a time attends like FlashAttention-2, but transformers still builds the row's mask.
+    pays, ratio = padding_free_pays(
+        data.lengths,
+        hp.batch_size,
+        flops,
+        varlen=flash or attends_per_sample(kernels, True),
+        builds_mask=not flash,
+        seed=hp.seed,
+    )
     if pays:
         return True, f"padding-free: {1 - ratio:.0%} less compute than padded batches for these lengths"
     if math.isinf(ratio):
@@ -474,6 +492,9 @@ def sft_trainer(
         args.padding_free = progress.padding_free
         # trl enforces max_length only while preparing datasets; these come cut already.
         args.max_length = None if progress.padding_free else args.max_length
+    if attends_per_sample(kernels, progress.padding_free):
+        (model.get_base_model() if is_peft_model(model) else model).set_attn_implementation(SDPA_PER_SAMPLE)
+        why += ", each sample attending on its own"
     ctx.reporter.event(
         "kernels",
         f"training with {kernels.attn_implementation} attention, {'bf16' if kernels.bf16 else 'fp32'}"
@@ -481,7 +502,7 @@ def sft_trainer(
         f"{', torch.compile' if kernels.torch_compile else ''}; {why}",
         data={**kernels.to_dict(), "padding_free": progress.padding_free, "packing": hp.packing},
     )
-    trainer = SFTTrainer(
+    trainer = LossOnlySFTTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
@@ -494,6 +515,73 @@ def sft_trainer(
     progress.batches = BatchCounter(trainer.data_collator)
     trainer.data_collator = progress.batches
     return trainer
+
+
+class LossOnlySFTTrainer(SFTTrainer):
+    """trl's SFTTrainer computing the loss and nothing else on each step. trl's own compute_loss also computes
+    each token's entropy and whether its label is the top-1 token, inside the fused LM head, and turns their
+    means into Python floats on every step, for `entropy` and `mean_token_accuracy` logs this service does not
+    keep. Here the fused head computes only the log-probabilities, and the loss is trl's: their negative sum
+    over the trained tokens divided by `num_items_in_batch` (their count over the accumulated micro-batches)
+    or, without it, by this micro-batch's count; the trained tokens are counted as trl counts them (`num_tokens`,
+    trained_tokens). Where trl computes another loss (a custom loss function, label smoothing, DFT, an MoE
+    auxiliary loss, sequence parallelism) the trainer is trl's unchanged."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        sequence_parallel = (
+            parallelism is not None
+            and getattr(parallelism, "sp_backend", None) == "deepspeed"
+            and getattr(parallelism, "sp_enabled", False)
+        )
+        self.loss_only = not (
+            self.compute_loss_func is not None
+            or self.label_smoother is not None
+            or self.args.loss_type != "nll"
+            or self.aux_loss_enabled
+            or sequence_parallel
+        )
+        if self.loss_only:
+            # trl has patched the base model's forward with a fused head computing log-probabilities, entropy
+            # and top-1 hits; this one, on top of it, computes the log-probabilities only (called without
+            # `fused_lm_head`, it hands over to trl's, which runs the model's own forward).
+            add_fused_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        if not self.loss_only:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        trained = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        # A micro-batch without a trained token gives a finite zero, as trl's.
+        loss = -outputs.log_probs.sum() / torch.as_tensor(trained).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients across ranks.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            # The tokens trl counts: every non-pad token of padded batches, the whole row of padding-free ones.
+            if "attention_mask" in inputs:
+                tokens = inputs["attention_mask"].sum()
+            else:
+                tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += (
+                self.accelerator.gather_for_metrics(tokens).sum().item() // self._tp_size
+            )
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if return_outputs:
+            # As trl: the fused head builds no logits, so a caller that wants them gets another forward.
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss, outputs
+        return loss
 
 
 class PreferenceTrainer(DPOTrainer):
