@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
-from api.answers import CreatedAnswer, json_answer
+from api.answers import CreatedAnswer, json_answer, json_body_answer
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep
 from api.downloads import artifact_response, refuse_damaged, stream_archive
 from api.event_stream import job_event_stream
@@ -29,6 +29,8 @@ from api.schemas import (
     LogPage,
     MetricsOut,
     job_answer,
+    job_json,
+    job_page_json,
     metric_curves,
 )
 from shared.errors import NotFound
@@ -113,20 +115,14 @@ async def list_jobs(
     rows, next_cursor = await job_reads.read_job_page(
         db=request.app.state.db, team_id=team, status=status, limit=limit, cursor=cursor
     )
-    page = {
-        "object": "list",
-        "data": [job_answer(row) for row in rows],
-        "has_more": next_cursor is not None,
-        "next_cursor": next_cursor,
-    }
-    return json_answer(request, page)
+    return json_body_answer(request, job_page_json(rows, next_cursor))
 
 
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(job_id: str, request: Request, team: CallerTeam) -> Response:
     """Returns one job. Send its ETag back in If-None-Match to get a bodiless 304 while it has not changed."""
     job = await job_reads.read_job(db=request.app.state.db, team_id=team, job_id=job_id)
-    return json_answer(request, job_answer(job))
+    return json_body_answer(request, job_json(job).encode())
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
