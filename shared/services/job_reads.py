@@ -116,9 +116,17 @@ METRIC_COLUMNS = (
 )
 
 
-def _job_page_query(by_status: bool, after: bool) -> Select:
+def _job_query(columns: tuple[Any, ...] = JOB_COLUMNS) -> Select:
+    return (
+        select(*columns, QUEUE_POSITION, *PROGRESS_COLUMNS)
+        .outerjoin(Attempt, LATEST_ATTEMPT)
+        .where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id"))
+    )
+
+
+def _job_page_query(by_status: bool, after: bool, columns: tuple[Any, ...] = JOB_COLUMNS) -> Select:
     query = (
-        select(*JOB_COLUMNS, *PROGRESS_COLUMNS)
+        select(*columns, *PROGRESS_COLUMNS)
         .outerjoin(Attempt, LATEST_ATTEMPT)
         .where(Job.team_id == bindparam("team_id"))
     )
@@ -131,11 +139,7 @@ def _job_page_query(by_status: bool, after: bool) -> Select:
     return query.order_by(Job.created_at.desc(), Job.id.desc()).limit(bindparam("limit", type_=Integer))
 
 
-JOB = (
-    select(*JOB_COLUMNS, QUEUE_POSITION, *PROGRESS_COLUMNS)
-    .outerjoin(Attempt, LATEST_ATTEMPT)
-    .where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id"))
-)
+JOB = _job_query()
 JOB_PAGES = {(s, a): _job_page_query(s, a) for s in (False, True) for a in (False, True)}
 # The job outer-joined to its points: no row means no such job of the team, one row with a null step a job
 # without points. In the order of the (job_id, split, step) index.
@@ -275,12 +279,19 @@ def _answer_query(rows: Select, queue: bool) -> Select:
     )
 
 
-JOB_ANSWER = _answer_query(JOB, queue=True)
+# The spec as one uncompressed value: each `->` of a stored (compressed) spec would decompress it again, and
+# the answer reads 14 of its fields (a page's cost in the database fell by a third). OFFSET 0 keeps the single
+# job's query a subquery of its own, so that this is done once per row, not once per field.
+_ANSWER_COLUMNS = tuple(
+    Job.spec.op("||")(_EMPTY_OBJECT).label("spec") if column is Job.spec else column for column in JOB_COLUMNS
+)
+JOB_ANSWER = _answer_query(_job_query(_ANSWER_COLUMNS).offset(literal_column("0")), queue=True)
 JOB_ANSWER_PAGES = {
-    key: _answer_query(query, queue=False).order_by(
+    (s, a): _answer_query(_job_page_query(s, a, _ANSWER_COLUMNS), queue=False).order_by(
         literal_column("job.created_at").desc(), literal_column("job.id").desc()
     )
-    for key, query in JOB_PAGES.items()
+    for s in (False, True)
+    for a in (False, True)
 }
 
 
