@@ -202,3 +202,47 @@ def test_without_redis_submissions_are_accepted_and_the_sweeper_sends_them(setti
     assert job["id"] in (queued_messages(back) or "")
     with session_scope(settings.database_url) as session:
         assert session.get(Job, job["id"]).enqueued_at is not None
+
+
+def test_on_sqlite_the_answers_are_built_from_rows(settings, tmp_path):
+    """The embedded default's SQLite has no JOB_ANSWER: the same routes build the answer from the row."""
+    from shared.migrate import upgrade
+    from shared.schemas import JobSpec
+    from shared.services.auth import create_api_key, create_team
+
+    lite = settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'tuneforge.db'}"})
+    upgrade(lite.database_url)
+    started = datetime(2026, 11, 30, 12, 0, 0, 5, tzinfo=UTC)
+    spec = JobSpec.model_validate(
+        {"base_model": TINY_MODEL, "dataset": "file-a", "hyperparameters": {"max_steps": 8}}
+    )
+    with session_scope(lite.database_url) as session:
+        team_id = create_team(session=session, name="lite").id
+        _, key = create_api_key(session=session, settings=lite, team_id=team_id, name="lite")
+        session.add(
+            Job(
+                id="ftjob-lite", team_id=team_id, status="running", method="lora", base_model=TINY_MODEL,
+                dataset_uri="s3://b/d.jsonl", spec=spec.model_dump(mode="json"), priority="normal",
+                user_metadata={"k": "v"}, attempt=1, result={}, created_at=started, updated_at=started,
+            )
+        )  # fmt: skip
+        session.flush()
+        for step in (1, 2):
+            at = started + timedelta(seconds=step)
+            session.add(
+                JobMetric(job_id="ftjob-lite", attempt=1, split="train", step=step, epoch=0.1, created_at=at)
+            )
+        session.flush()
+        expected = json.loads(
+            encode(
+                job_answer(session.execute(job_reads.JOB, {"job_id": "ftjob-lite", "team_id": team_id}).one())
+            )
+        )
+    assert (
+        expected["progress"]["total_steps"] == 8 and expected["created_at"] == "2026-11-30T12:00:00.000005Z"
+    )
+    with TestClient(create_app(lite), headers={"Authorization": f"Bearer {key}"}) as client:
+        one = client.get("/v1/jobs/ftjob-lite")
+        assert one.status_code == 200 and one.json() == expected and one.headers["etag"]
+        assert client.get("/v1/jobs").json()["data"] == [expected | {"queue": None}]
+        assert client.get("/v1/jobs/ftjob-nope").status_code == 404
