@@ -30,8 +30,13 @@ def encode(content: Any) -> bytes:
 
 def json_answer(request: Request, content: Any, status_code: int = 200) -> Response:
     """`content` as JSON with its ETag; 304 without a body when the request's If-None-Match names it."""
-    body = encode(content)
-    etag = f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+    return json_body_answer(request, encode(content), status_code)
+
+
+def json_body_answer(request: Request, body: bytes, status_code: int = 200) -> Response:
+    """`body` (JSON already) with its ETag; 304 without a body when the request's If-None-Match names it."""
+    # SHA-256 (in hardware on most CPUs) hashes a page of jobs twice as fast as BLAKE2b; 128 bits of it.
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
     headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None and _matches(if_none_match, etag):

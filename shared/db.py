@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from shared.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_PYFORMAT = re.compile(r"%\((\w+)\)s|%%")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -128,7 +130,11 @@ class _PostgresPool:
                 if not connection.closed:
                     return connection
             connection = await psycopg.AsyncConnection.connect(
-                self.url, autocommit=True, row_factory=namedtuple_row, connect_timeout=5
+                self.url,
+                autocommit=True,
+                row_factory=namedtuple_row,
+                cursor_factory=psycopg.AsyncRawCursor,  # $1 placeholders: AsyncDatabase._sql
+                connect_timeout=5,
             )
             # JSON columns parsed by pydantic-core (Rust), a few times faster than the json module.
             set_json_loads(from_json, connection)
@@ -178,7 +184,7 @@ class AsyncDatabase:
         self.max_connections = max_connections
         self.wait_seconds = wait_seconds
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
-        self._compiled: dict[int, tuple[Executable, str]] = {}
+        self._compiled: dict[int, tuple[Executable, bytes, tuple[str, ...]]] = {}
 
     def _pool(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -191,17 +197,30 @@ class AsyncDatabase:
             self._pools[loop] = pool
         return pool
 
-    def _sql(self, statement: Executable) -> str:
+    def _sql(self, statement: Executable) -> tuple[bytes, tuple[str, ...]]:
+        """The statement as PostgreSQL's own SQL, with $1, $2... placeholders, and the names of the parameters
+        they stand for. psycopg sends such SQL as it is (a raw cursor): with named parameters it would parse
+        each statement again on every run, as it caches only short ones (4 kB), and the job reads are longer."""
         # Keyed by identity: the statements are module constants, held alive by the cache entry itself.
         cached = self._compiled.get(id(statement))
         if cached is None or cached[0] is not statement:
             from sqlalchemy.dialects.postgresql import psycopg
 
-            compiled = statement.compile(
-                dialect=psycopg.dialect(), compile_kwargs={"render_postcompile": True}
+            compiled = str(
+                statement.compile(dialect=psycopg.dialect(), compile_kwargs={"render_postcompile": True})
             )
-            cached = self._compiled[id(statement)] = (statement, str(compiled))
-        return cached[1]
+            names: list[str] = []
+
+            def placeholder(match: re.Match[str]) -> str:
+                if match[1] is None:
+                    return "%"  # pyformat's escaped percent sign
+                if match[1] not in names:
+                    names.append(match[1])
+                return f"${names.index(match[1]) + 1}"
+
+            raw = _PYFORMAT.sub(placeholder, compiled).encode()
+            cached = self._compiled[id(statement)] = (statement, raw, tuple(names))
+        return cached[1], cached[2]
 
     async def _run(
         self, statement: Executable, params: dict[str, Any], fetch: bool, tuples: bool = False
@@ -218,7 +237,8 @@ class AsyncDatabase:
         from psycopg.rows import tuple_row
 
         pool: _PostgresPool = self._pool()
-        sql = self._sql(statement)
+        sql, names = self._sql(statement)
+        values = [params[name] for name in names]
         for last in (False, True):
             try:
                 connection = await pool.acquire()
@@ -226,7 +246,7 @@ class AsyncDatabase:
                 raise DatabaseUnavailable("the database is unavailable; try again shortly") from exc
             try:
                 cursor = connection.cursor(row_factory=tuple_row) if tuples else connection.cursor()
-                await cursor.execute(sql, params)
+                await cursor.execute(sql, values)
                 rows = await cursor.fetchall() if fetch else []
             except psycopg.OperationalError as exc:
                 await pool.release(connection, broken=True)
