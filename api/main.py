@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -30,6 +31,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # What the app built at start lives as long as the process: out of the collector's way, so that a
+        # full collection under load walks only the objects requests made (shorter pauses, less CPU).
+        gc.collect()
+        gc.freeze()
         yield
         await app.state.db.dispose()
 
