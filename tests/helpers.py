@@ -80,6 +80,30 @@ def upload_dataset(session, settings, store, data: bytes, team_id: str = "team-d
     )
 
 
+def succeeded_job(session, settings, store, team_id: str):
+    """A job of `team_id` on a 4-line dataset, moved straight to succeeded on attempt 1 (its artifacts are the
+    caller's to store and record); returns it."""
+    from sqlalchemy import update
+
+    from shared.models import Job
+    from shared.schemas import JobSpec
+    from shared.services import jobs as job_service
+    from shared.states import JobStatus
+    from shared.tenancy import TeamID
+    from tests.conftest import TINY_MODEL
+
+    dataset = upload_dataset(session, settings, store, to_jsonl(color_messages(4)), team_id=team_id).id
+    job = job_service.create_job(
+        session=session,
+        settings=settings,
+        store=store,
+        team_id=TeamID(team_id),
+        spec=JobSpec(base_model=TINY_MODEL, dataset=dataset),
+    )
+    session.execute(update(Job).where(Job.id == job.id).values(status=JobStatus.succeeded.value, attempt=1))
+    return job
+
+
 def color_preferences(n: int, seed: int = 0, shape: str = "prompt") -> list[dict]:
     """Preference pairs (method dpo): the right color chosen over a wrong one. `shape`: "prompt" (a text prompt),
     "messages" (a conversation) or "openai" (OpenAI's input / preferred_output / non_preferred_output)."""

@@ -17,15 +17,11 @@ from sqlalchemy import update
 
 from api.main import create_app
 from shared.db import session_scope
-from shared.models import Artifact, Job, utcnow
-from shared.schemas import JobSpec
+from shared.models import Artifact, utcnow
 from shared.services import artifacts as artifact_service
-from shared.services import jobs as job_service
-from shared.states import JobStatus
 from shared.storage import LocalObjectStore, ObjectStore
-from shared.tenancy import TeamID
-from tests.conftest import TINY_MODEL, ServiceProcesses
-from tests.helpers import color_messages, to_jsonl, upload_dataset
+from tests.conftest import ServiceProcesses
+from tests.helpers import succeeded_job
 from tuneforge_sdk import Tuneforge
 from worker.results import _store_archive
 
@@ -44,19 +40,9 @@ def adapter_job(settings, store: ObjectStore, team_id: str, folder: Path, *, arc
     for name in names:
         (folder / name).write_bytes(FILES[name])
     with session_scope(settings.database_url) as session:
-        dataset = upload_dataset(session, settings, store, to_jsonl(color_messages(4)), team_id=team_id).id
-        job = job_service.create_job(
-            session=session,
-            settings=settings,
-            store=store,
-            team_id=TeamID(team_id),
-            spec=JobSpec(base_model=TINY_MODEL, dataset=dataset),
-        )
+        job = succeeded_job(session, settings, store, team_id)
         prefix = f"artifacts/{team_id}/{job.id}/attempt-1"
         stored = store.put_tree(f"{prefix}/adapter", folder)
-        session.execute(
-            update(Job).where(Job.id == job.id).values(status=JobStatus.succeeded.value, attempt=1)
-        )
         artifact_service.record_artifacts(
             session=session, job=job, kind="adapter", stored=zip(names, stored, strict=True)
         )

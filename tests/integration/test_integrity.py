@@ -22,7 +22,7 @@ from shared.services import jobs as job_service
 from shared.states import JobStatus
 from shared.tenancy import TeamID
 from tests.conftest import TINY_MODEL, ServiceProcesses
-from tests.helpers import color_messages, to_jsonl, upload_dataset
+from tests.helpers import color_messages, succeeded_job, to_jsonl, upload_dataset
 
 SMALL = b"small adapter bytes " * 500
 # Past the size the API checks whole before answering: this one is checked as it streams.
@@ -32,21 +32,11 @@ LARGE = os.urandom(17 * 2**20 + 12345)
 def finished_job(settings, store, team_id: str, files: dict[str, bytes]) -> str:
     """A succeeded job of `team_id` whose adapter holds `files`, stored and recorded."""
     with session_scope(settings.database_url) as session:
-        dataset = upload_dataset(session, settings, store, to_jsonl(color_messages(4)), team_id=team_id).id
-        job = job_service.create_job(
-            session=session,
-            settings=settings,
-            store=store,
-            team_id=TeamID(team_id),
-            spec=JobSpec(base_model=TINY_MODEL, dataset=dataset),
-        )
+        job = succeeded_job(session, settings, store, team_id)
         stored = [
             (name, store.put_bytes(f"artifacts/{team_id}/{job.id}/attempt-1/adapter/{name}", data))
             for name, data in files.items()
         ]
-        session.execute(
-            update(Job).where(Job.id == job.id).values(status=JobStatus.succeeded.value, attempt=1)
-        )
         artifact_service.record_artifacts(session=session, job=job, kind="adapter", stored=stored)
         return job.id
 
