@@ -124,6 +124,14 @@ class _Candidate(NamedTuple):  # a tuple: a claim builds dozens of these
         return self.used + self.held * charge_seconds
 
 
+def _reservation_lapsed() -> Any:
+    """Whether the node the job is reserved for has not beaten since p_stale (or is gone): a probe of the nodes'
+    key for a reserved job only. (NOT IN or NOT EXISTS over the live nodes become a hashed subplan that reads
+    every node's row on each claim.)"""
+    beat_at = select(Node.heartbeat_at).where(Node.id == Job.reserved_for).scalar_subquery()
+    return or_(beat_at.is_(None), beat_at < bindparam("p_stale"))
+
+
 @cache
 def _candidates_query(postgres: bool, ray_driver_free: bool) -> Any:
     """The candidates query, built once per shape (statement building costs more than running it); the
@@ -132,12 +140,11 @@ def _candidates_query(postgres: bool, ray_driver_free: bool) -> Any:
     fits = and_(Job.nodes == 1, Job.gpus <= bindparam("p_gpus"))
     if ray_driver_free:
         fits = or_(fits, Job.nodes > 1)
-    live = select(Node.id).where(Node.heartbeat_at >= bindparam("p_stale"))
     conditions = (
         Job.status == JobStatus.queued.value,
         or_(Job.not_before.is_(None), Job.not_before <= now),
         fits,
-        or_(Job.reserved_for.is_(None), Job.reserved_for == node_id, Job.reserved_for.not_in(live)),
+        or_(Job.reserved_for.is_(None), Job.reserved_for == node_id, _reservation_lapsed()),
     )
     columns = (Job.id, Job.team_id, Job.priority_rank, Job.created_at, Job.gpus, Job.nodes, Job.reserved_for)
     order = (Job.priority_rank, Job.created_at, Job.id)
@@ -280,13 +287,12 @@ def _reserve_statement(postgres: bool) -> Any:
     """A queued job reserved for a node unless a live node holds it, built once; bound p_job, p_node, p_now,
     p_stale. On PostgreSQL its event is written by the same statement (bound p_message, p_data), which
     returns the reserved job's id."""
-    live = select(Node.id).where(Node.heartbeat_at >= bindparam("p_stale"))
     reserve = (
         update(Job)
         .where(
             Job.id == bindparam("p_job"),
             Job.status == JobStatus.queued.value,
-            or_(Job.reserved_for.is_(None), Job.reserved_for.not_in(live)),
+            or_(Job.reserved_for.is_(None), _reservation_lapsed()),
         )
         .values(reserved_for=bindparam("p_node"), reserved_at=bindparam("p_now"))
     )
@@ -890,7 +896,10 @@ def _renew_all_statement() -> Any:
         .where(
             Job.id == leases.c.id,
             Job.attempt == leases.c.attempt,
-            Job.status.in_([s.value for s in ACTIVE]),
+            # Checked on the rows found by key, never searched by the status index: with statistics taken
+            # before a burst of claims (autovacuum analyzes later), the planner counts on one running job and
+            # a beat would walk every running job's index entry for its few leases.
+            Job.status.concat("").in_([s.value for s in ACTIVE]),
         )
         .values(heartbeat_at=bindparam("p_now"))
         .returning(Job.id, Job.status, Job.preempt_requested_at)

@@ -1,8 +1,8 @@
 """GPU-seconds per team, the currency of fair share.
 
 Each attempt holds its GPUs from its claim until it ends (an `attempts` row with no `ended_at`). Its team is
-charged for the time it runs, as its node heartbeats and when it ends; charges land in per-minute buckets
-(`gpu_usage`), and a team's usage is their sum over the sliding window. The claim ranks teams by that usage
+charged for the time it runs, by its node's heartbeats (every CHARGE_EVERY_SECONDS of it) and when it ends;
+charges land in per-minute buckets (`gpu_usage`), and a team's usage is their sum over the sliding window. The claim ranks teams by that usage
 plus `fair_share_claim_charge_seconds` for every GPU the team holds now (`teams.running_gpus`), so that a
 burst of claims in one instant does not all go to one team.
 """
@@ -18,6 +18,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.models import Attempt, GpuUsage, Team, utcnow
+
+# A heartbeat charges an attempt once it ran this long uncharged (an attempt's end charges the rest): each
+# charge writes its team's minute bucket, a row every node running that team's jobs writes, so charging at
+# every beat (1,000 nodes, every few seconds) would make the nodes queue for those rows. Fair share lags a
+# running attempt's use by at most this much, against a window of an hour.
+CHARGE_EVERY_SECONDS = 30.0
 
 
 def minute_of(moment: datetime) -> datetime:
@@ -45,11 +51,12 @@ def charge(session: Session, team_id: str, gpu_seconds: float, at: datetime) -> 
     session.execute(statement, {"p_team": team_id, "p_minute": minute_of(at), "p_seconds": gpu_seconds})
 
 
-def accrue(session: Session, attempt: Attempt, now: datetime) -> None:
-    """Charges the attempt's team for the GPU time it ran beyond what was charged already."""
+def accrue(session: Session, attempt: Attempt, now: datetime, at_least: float = 0.0) -> None:
+    """Charges the attempt's team for the GPU time it ran beyond what was charged already, when that is more
+    than `at_least` seconds per GPU."""
     used = attempt.gpus * max(0.0, (now - attempt.started_at).total_seconds())
     owed = used - attempt.charged_gpu_seconds
-    if owed > 0:
+    if owed > 0 and owed >= attempt.gpus * at_least:
         charge(session, attempt.team_id, owed, now)
         attempt.charged_gpu_seconds = used
 
@@ -84,13 +91,19 @@ def charge_ctes(whose: Any, closing: bool) -> tuple[Any, list[Any]]:
     the buckets and, closing, the teams' running counts. Bound: p_now, p_minute and, closing, p_outcome."""
     now = bindparam("p_now", type_=Attempt.started_at.type)
     ran = func.greatest(0.0, func.extract("epoch", now - Attempt.started_at))
+    # A beat takes (locks) only the attempts due a charge; an end takes its attempt whatever it owes.
+    owing = (
+        ()
+        if closing
+        else (Attempt.gpus * ran - Attempt.charged_gpu_seconds >= Attempt.gpus * CHARGE_EVERY_SECONDS,)
+    )
     held = (
         select(
             Attempt.id,
             Attempt.charged_gpu_seconds.label("before"),
             cast(Attempt.gpus * ran, Float).label("used"),
         )
-        .where(whose, Attempt.ended_at.is_(None))
+        .where(whose, Attempt.ended_at.is_(None), *owing)
         .with_for_update()
         .cte("held")
     )
@@ -145,8 +158,8 @@ def charge_ctes(whose: Any, closing: bool) -> tuple[Any, list[Any]]:
 
 
 def accrue_node(session: Session, worker_id: str, now: datetime) -> None:
-    """Charges the teams of all the node's running attempts for the GPU time they ran beyond what was
-    charged already (each heartbeat)."""
+    """Charges the teams of the node's running attempts for the GPU time they ran beyond what was charged
+    already, those that ran CHARGE_EVERY_SECONDS or more uncharged (each heartbeat)."""
     if session.get_bind().dialect.name == "postgresql":
         session.flush()  # the statement goes around the session: what it holds goes first
         params = {"p_worker": worker_id, "p_now": now, "p_minute": minute_of(now)}
@@ -157,7 +170,7 @@ def accrue_node(session: Session, worker_id: str, now: datetime) -> None:
         select(Attempt).where(Attempt.worker_id == worker_id, Attempt.ended_at.is_(None))
     ).all()
     for attempt in held:
-        accrue(session, attempt, now)
+        accrue(session, attempt, now, at_least=CHARGE_EVERY_SECONDS)
 
 
 def expire_attempts(session: Session, which: Any) -> None:
