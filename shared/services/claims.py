@@ -866,12 +866,17 @@ def heartbeat(*, session: Session, job_id: str, attempt: int) -> JobStatus | Non
     return renew(session=session, job_id=job_id, attempt=attempt).status
 
 
+# A renewed lease is not a change to the job: its `updated_at` (which its answer shows, and which would otherwise
+# be bumped by the column's onupdate) stays, so the answer and its ETag do not change at every heartbeat.
+KEEP_UPDATED_AT = {"updated_at": Job.updated_at}
+
+
 def renew(*, session: Session, job_id: str, attempt: int, now: datetime | None = None) -> LeaseState:
     """Renews one attempt's lease; returns what the heartbeat found (status, preemption asked)."""
     row = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_([s.value for s in ACTIVE]))
-        .values(heartbeat_at=now or utcnow())
+        .values(heartbeat_at=now or utcnow(), **KEEP_UPDATED_AT)
         .returning(Job.status, Job.preempt_requested_at)
     ).one_or_none()
     if row is None:
@@ -901,7 +906,7 @@ def _renew_all_statement() -> Any:
             # a beat would walk every running job's index entry for its few leases.
             Job.status.concat("").in_([s.value for s in ACTIVE]),
         )
-        .values(heartbeat_at=bindparam("p_now"))
+        .values(heartbeat_at=bindparam("p_now"), **KEEP_UPDATED_AT)
         .returning(Job.id, Job.status, Job.preempt_requested_at)
     )
 

@@ -179,6 +179,8 @@ def test_a_heartbeat_charges_running_attempts_once_and_renews_only_live_leases(d
     with session_scope(db.database_url) as session:
         states = claims.beat(session=session, node=node(total=4, busy=(0, 1, 2)), leases=[(one, 7)], now=T0)
     assert states[one].status is None  # attempt 7 does not hold the job: its lease is not renewed
+    with session_scope(db.database_url) as session:
+        changed_at = session.scalar(select(Job.updated_at).where(Job.id == two))
     states = beat_at(30)
     assert states[two].status is JobStatus.running and states[one].status is JobStatus.running
     assert states[one].preempt is False and states[one].status is JobStatus.running
@@ -189,6 +191,12 @@ def test_a_heartbeat_charges_running_attempts_once_and_renews_only_live_leases(d
         }
         heartbeat = session.scalar(select(Job.heartbeat_at).where(Job.id == two))
         assert heartbeat == T0 + timedelta(seconds=30)
+        # A renewed lease is not a change of the job: its answer (updated_at, ETag) stays as it was.
+        assert session.scalar(select(Job.updated_at).where(Job.id == two)) == changed_at
+        one_changed_at = session.scalar(select(Job.updated_at).where(Job.id == one))
+        assert claims.renew(session=session, job_id=one, attempt=1, now=T0 + timedelta(seconds=31)).status
+        assert session.scalar(select(Job.heartbeat_at).where(Job.id == one)) == T0 + timedelta(seconds=31)
+        assert session.scalar(select(Job.updated_at).where(Job.id == one)) == one_changed_at
         assert session.get(Node, "node-a").busy_gpus == [0, 1, 2]
     beat_at(60)
     finish(db, two, T0 + timedelta(seconds=100))
