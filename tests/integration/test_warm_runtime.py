@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from worker.training.distributed import MALLOC_ENV, child_environment
 from worker.warm import WarmRuntime
 
 
@@ -47,3 +48,16 @@ def test_when_a_rank_fails_the_leader_ends_the_attempt_with_its_code(runtime, tm
     crashed = spawn_from_a_thread(runtime, tmp_path, ranks=2)
     assert runtime.wait(crashed, 60) not in (None, 0)
     assert (tmp_path / "log").read_text().count("launch.json") >= 1
+
+
+def test_the_attempts_fork_from_a_process_with_the_training_malloc_settings(tmp_path, monkeypatch):
+    # glibc reads them when the zygote starts; the attempts it forks inherit its malloc as it is.
+    for name in MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    warm = WarmRuntime(child_environment(str(tmp_path)))
+    try:
+        assert warm.wait(spawn_from_a_thread(warm, tmp_path), 60) == 1
+        environ = Path(f"/proc/{warm._proc.pid}/environ").read_bytes().split(b"\0")
+        assert {f"{name}={value}".encode() for name, value in MALLOC_ENV.items()} <= set(environ)
+    finally:
+        warm.stop()

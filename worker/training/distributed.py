@@ -155,13 +155,26 @@ def init_process_group(spec: JobSpec) -> None:
         deepspeed.init_distributed(dist_backend="gloo")
 
 
+# glibc malloc in training processes (and the warm runtime they fork from): blocks up to 64 MiB come from the
+# heap, and up to 1 GiB freed at its top stays mapped. By default glibc maps and unmaps blocks from 128 KiB up
+# (a limit it raises only to 32 MiB) and gives memory back once 128 KiB or so are free at the top, so each step's
+# activations and gradients are mapped again, page by page, zeroed by the kernel: some 5,000 page faults a step
+# with the small benchmark model on a CPU, about 500 with these (the training loop's kernel time 0.41 s instead
+# of 0.71 s over 10 steps). Larger blocks, such as weights read while a model loads, are still mapped and given
+# back on their own. An operator's own settings win.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
+
 def child_environment(cache_dir: str) -> dict[str, str]:
     """Environment for training processes: DeepSpeed's compiled ops cached across jobs, CPU accelerator
-    without GPUs."""
+    without GPUs, malloc that keeps the memory of each step for the next (MALLOC_ENV)."""
     env = {
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
         or os.path.join(cache_dir, "torch_extensions")
     }
+    # Both or neither: setting one of them alone turns glibc's adjustment of the other off.
+    if not any(name in os.environ for name in MALLOC_ENV):
+        env |= MALLOC_ENV
     if on_cpu():
         env["DS_ACCELERATOR"] = "cpu"
     return env
