@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from api import status_cache
 from api.deps import refuse_unstorable_text
 from api.errors import install_error_handlers
 from api.openai import routes as openai_routes
@@ -35,7 +38,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # full collection under load walks only the objects requests made (shorter pauses, less CPU).
         gc.collect()
         gc.freeze()
+        listener = status_cache.start(app.state.status_cache, settings.database_url) if caching else None
         yield
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
         await app.state.db.dispose()
 
     app = FastAPI(
@@ -52,6 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = session_factory(settings.database_url)
     app.state.db = AsyncDatabase(settings.database_url)
     app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
+    # Never live (so never used) without PostgreSQL's notifications, or when turned off.
+    caching = settings.status_cache and app.state.db.postgres
+    app.state.status_cache = status_cache.StatusCache()
     app.state.store = make_store(settings)
     install_error_handlers(app)
     # Routes are matched in this order: the ones clients poll first.

@@ -267,6 +267,11 @@ class Settings(BaseSettings):
         description="an API process trusts a key it verified for this long: a revocation reaches every process "
         "within it",
     )
+    status_cache: bool = Field(
+        True,
+        description="API processes on PostgreSQL answer GET /v1/jobs/{id} from memory, each answer dropped when "
+        "PostgreSQL announces a change to its job (api/status_cache.py); 0 reads every answer from the database",
+    )
     log_level: str = "INFO"
 
     @field_validator("ray_address")

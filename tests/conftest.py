@@ -173,6 +173,10 @@ def make_settings(
         "lease_timeout_seconds": 30,
         "allowed_file_roots": [work_dir / "datasets"],
         "log_level": "INFO",
+        # Tests write rows from their own connections and read them through the API at once; with the status
+        # cache such a write shows after its notification arrives. tests/integration/test_status_cache.py
+        # turns it on.
+        "status_cache": False,
     }
     values.update(overrides)
     return Settings(**values)

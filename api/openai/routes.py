@@ -22,6 +22,7 @@ from api.openai.schemas import (
 )
 from api.openai.translate import to_job_spec
 from api.schemas import JobOut
+from api.status_cache import forget_job
 from shared.errors import TuneforgeError
 from shared.services import fine_tuning, submission
 from shared.services.idempotency import request_hash
@@ -116,34 +117,42 @@ def retrieve_fine_tuning_job(
 
 @router.post("/jobs/{fine_tuning_job_id}/cancel", response_model=FineTuningJobOut)
 def cancel_fine_tuning_job(
-    fine_tuning_job_id: str, session: SessionDep, team: CallerTeam, label: TeamLabel
+    fine_tuning_job_id: str, request: Request, session: SessionDep, team: CallerTeam, label: TeamLabel
 ) -> FineTuningJobOut:
     """Cancels a job: a job that has not started is `cancelled` at once; a training one stays `running`
     (tuneforge.status `cancelling`) for the seconds its worker takes to stop, then is `cancelled`.
     A finished job answers 409."""
     job = fine_tuning.cancel_training_job(session=session, team_id=team, job_id=fine_tuning_job_id)
+    forget_job(request, fine_tuning_job_id)
     return FineTuningJobOut.of(job, label)
 
 
 @router.post("/jobs/{fine_tuning_job_id}/pause", response_model=FineTuningJobOut)
 def pause_fine_tuning_job(
-    fine_tuning_job_id: str, session: SessionDep, team: CallerTeam, label: TeamLabel
+    fine_tuning_job_id: str, request: Request, session: SessionDep, team: CallerTeam, label: TeamLabel
 ) -> FineTuningJobOut:
     """Pauses a job: a queued one is `paused` at once; a training one stays `running` (tuneforge.status
     `pausing`) while it checkpoints and gives its GPUs back, then is `paused`. Other statuses answer 409."""
     job = fine_tuning.pause_training_job(session=session, team_id=team, job_id=fine_tuning_job_id)
+    forget_job(request, fine_tuning_job_id)
     return FineTuningJobOut.of(job, label)
 
 
 @router.post("/jobs/{fine_tuning_job_id}/resume", response_model=FineTuningJobOut)
 def resume_fine_tuning_job(
-    fine_tuning_job_id: str, session: SessionDep, settings: SettingsDep, team: CallerTeam, label: TeamLabel
+    fine_tuning_job_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    team: CallerTeam,
+    label: TeamLabel,
 ) -> FineTuningJobOut:
     """Resumes a paused job: it is `queued` again and continues from its latest checkpoint. A job that is not
     paused answers 409."""
     job = fine_tuning.resume_training_job(
         session=session, settings=settings, team_id=team, job_id=fine_tuning_job_id
     )
+    forget_job(request, fine_tuning_job_id)
     return FineTuningJobOut.of(job, label)
 
 

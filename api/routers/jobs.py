@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import Response, StreamingResponse
 
-from api.answers import CreatedAnswer, json_answer, json_body_answer
+from api.answers import CreatedAnswer, json_answer, json_body_answer, tagged_answer
 from api.deps import CallerTeam, SessionDep, SettingsDep, StoreDep, get_caller_team
 from api.downloads import artifact_response, presigned_redirect, stream_archive
 from api.event_stream import job_event_stream
@@ -33,6 +33,7 @@ from api.schemas import (
     job_page_json,
     metric_curves,
 )
+from api.status_cache import StatusCache, forget_job
 from shared.schemas import JobSpec
 from shared.services import artifacts as artifact_service
 from shared.services import evaluations, job_logs, job_reads, pausing, submission
@@ -123,33 +124,43 @@ async def get_job(job_id: str, request: Request) -> Response:
     # The caller's team read here rather than as a dependency: the most polled route, and FastAPI's resolution
     # of a dependency was a tenth of its cost (it has no parameters that could fail before the key is checked).
     team = await get_caller_team(request)
-    job = await job_reads.read_job(db=request.app.state.db, team_id=team, job_id=job_id)
-    return json_body_answer(request, job_json(job).encode())
+    cache: StatusCache = request.app.state.status_cache
+    answer = cache.get(team, job_id)
+    if answer is None:
+        mark = cache.begin()
+        job = await job_reads.read_job(db=request.app.state.db, team_id=team, job_id=job_id)
+        answer = cache.fill(mark, team, job_id, job_json(job).encode(), job.status == JobStatus.queued)
+    return tagged_answer(request, answer.body, answer.etag)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep, team: CallerTeam) -> JobOut:
+def cancel_job(job_id: str, request: Request, session: SessionDep, team: CallerTeam) -> JobOut:
     """Cancels a job: at once when it has not started, within seconds when it is training."""
     job = job_service.cancel_job(session=session, team_id=team, job_id=job_id)
     session.commit()
+    forget_job(request, job_id)
     return JobOut.of(job)
 
 
 @router.post("/{job_id}/pause", response_model=JobOut)
-def pause_job(job_id: str, session: SessionDep, team: CallerTeam) -> JobOut:
+def pause_job(job_id: str, request: Request, session: SessionDep, team: CallerTeam) -> JobOut:
     """Pauses a job: a queued one at once; a training one goes through `pausing` (it checkpoints, then gives
     its GPUs back) to `paused`. Other statuses answer 409 with the reason."""
     job = pausing.pause_job(session=session, team_id=team, job_id=job_id)
     session.commit()
+    forget_job(request, job_id)
     return JobOut.of(job)
 
 
 @router.post("/{job_id}/resume", response_model=JobOut)
-def resume_job(job_id: str, session: SessionDep, settings: SettingsDep, team: CallerTeam) -> JobOut:
+def resume_job(
+    job_id: str, request: Request, session: SessionDep, settings: SettingsDep, team: CallerTeam
+) -> JobOut:
     """Puts a paused job back in the queue; it continues from its latest checkpoint. A job that is not paused
     answers 409 with the reason."""
     job = pausing.resume_job(session=session, settings=settings, team_id=team, job_id=job_id)
     session.commit()
+    forget_job(request, job_id)
     return JobOut.of(job)
 
 

@@ -271,6 +271,7 @@ def _answer_query(rows: Select, queue: bool) -> Select:
     return select(
         cast(answer, Text).label("answer"),
         c.id,
+        c.status,
         c.created_at,
         case((c.status.in_(TRAINING), _json_field(spec, "hyperparameters")), else_=null()).label(
             "hyperparameters"

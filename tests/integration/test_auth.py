@@ -1,13 +1,14 @@
 """API keys: every endpoint but health needs one; keys are stored as an HMAC and can be revoked (a revocation
 reaches every API process within api_key_cache_seconds)."""
 
+import asyncio
 import time
 
 from sqlalchemy import select, text
 
-from shared.db import session_scope
+from shared.db import AsyncDatabase, session_scope
 from shared.models import ApiKey
-from shared.services.auth import key_digest, revoke_api_key
+from shared.services.auth import KeyCache, authenticate_cached, key_digest, revoke_api_key
 from tests.helpers import color_messages, to_jsonl
 
 
@@ -67,3 +68,28 @@ def test_teams_see_only_their_own_files_and_jobs(api_client, make_team):
     )
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "dataset"
+
+
+def test_requests_that_find_a_key_expired_share_one_lookup(settings, make_team):
+    """When a busy key's cache entry expires, the requests that arrive while it is looked up wait for that
+    lookup rather than each reading the key again."""
+    team_id, key = make_team()
+
+    class CountingDatabase(AsyncDatabase):
+        lookups = 0
+
+        async def fetch_one(self, statement, **params):
+            CountingDatabase.lookups += 1
+            return await super().fetch_one(statement, **params)
+
+    async def many() -> list:
+        db = CountingDatabase(settings.database_url)
+        try:
+            cache = KeyCache(ttl_seconds=1.0)
+            calls = [authenticate_cached(db=db, settings=settings, cache=cache, key=key) for _ in range(20)]
+            return await asyncio.gather(*calls)
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(many()) == [team_id] * 20
+    assert CountingDatabase.lookups == 1
