@@ -66,8 +66,14 @@ END $$
 """
 
 TRIGGERS = (
-    "CREATE TRIGGER tuneforge_job_changed AFTER INSERT OR UPDATE OR DELETE ON jobs "
+    "CREATE TRIGGER tuneforge_job_changed AFTER INSERT OR DELETE ON jobs "
     "FOR EACH ROW EXECUTE FUNCTION tuneforge_job_changed()",
+    # A lease renewal (heartbeat_at moved, updated_at and status kept: claims.KEEP_UPDATED_AT) changes nothing the
+    # answer shows. Left out, as the nodes renew every running job every few seconds, and every transaction
+    # that notifies takes PostgreSQL's one notification-queue lock at commit.
+    "CREATE TRIGGER tuneforge_job_updated AFTER UPDATE ON jobs FOR EACH ROW WHEN ("
+    "OLD.heartbeat_at IS NOT DISTINCT FROM NEW.heartbeat_at OR OLD.updated_at IS DISTINCT FROM NEW.updated_at "
+    "OR OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION tuneforge_job_changed()",
     "CREATE TRIGGER tuneforge_attempt_changed AFTER INSERT OR DELETE OR UPDATE OF job_id, number, host, "
     "gpu_indices, launcher ON attempts FOR EACH ROW EXECUTE FUNCTION tuneforge_attempt_changed()",
     # A trigger with transition tables takes one event.
@@ -95,6 +101,7 @@ def downgrade() -> None:
         ("tuneforge_metrics_updated", "job_metrics"),
         ("tuneforge_metrics_inserted", "job_metrics"),
         ("tuneforge_attempt_changed", "attempts"),
+        ("tuneforge_job_updated", "jobs"),
         ("tuneforge_job_changed", "jobs"),
     ):
         op.execute(f"DROP TRIGGER {trigger} ON {table}")

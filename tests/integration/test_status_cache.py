@@ -238,3 +238,36 @@ def test_turned_off_nothing_is_cached(settings, make_team, store):
         assert client.get(f"/v1/jobs/{job_id}").status_code == 200
         assert client.get(f"/v1/jobs/{job_id}").status_code == 200
         assert not app.state.status_cache.live and app.state.status_cache.get(team_id, job_id) is None
+
+
+def test_a_lease_renewal_keeps_the_answer(cached, settings):
+    """A heartbeat changes nothing the answer shows: its update sends no notification (nodes renew every running
+    job every few seconds), while any other change to the job still does."""
+    from shared.services import claims
+
+    client, cache, team_id, dataset = cached
+    job_id, witness = submit(client, dataset), submit(client, dataset)
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="running", attempt=1))
+    before = cached_get(client, cache, team_id, job_id)
+    cached_get(client, cache, team_id, witness)
+    with session_scope(settings.database_url) as session:
+        assert claims.renew(session=session, job_id=job_id, attempt=1).status is not None
+    # Notifications arrive in commit order: once the witness's is handled, the renewal's would have been.
+    changed_elsewhere(
+        settings,
+        cache,
+        team_id,
+        witness,
+        lambda s: s.execute(update(Job).where(Job.id == witness).values(status="failed")),
+    )
+    assert cache.get(team_id, job_id) is not None
+    assert client.get(f"/v1/jobs/{job_id}").json() == before
+    changed_elsewhere(
+        settings,
+        cache,
+        team_id,
+        job_id,
+        lambda s: s.execute(update(Job).where(Job.id == job_id).values(status="cancelling")),
+    )
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelling"
