@@ -41,6 +41,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     true,
     update,
 )
@@ -866,6 +867,8 @@ def heartbeat(*, session: Session, job_id: str, attempt: int) -> JobStatus | Non
     return renew(session=session, job_id=job_id, attempt=attempt).status
 
 
+GENERIC_PLANS = text("SET LOCAL plan_cache_mode = force_generic_plan")
+
 # A renewed lease is not a change to the job: its `updated_at` (which its answer shows, and which would otherwise
 # be bumped by the column's onupdate) stays, so the answer and its ETag do not change at every heartbeat.
 KEEP_UPDATED_AT = {"updated_at": Job.updated_at}
@@ -971,6 +974,10 @@ def beat(
             "p_busy": busy,
             "p_ray": ray_driver,
         }
+        # The beat's plan does not depend on its values (keys, the node, the moment), yet PostgreSQL plans its
+        # statement afresh at each call (0.8 ms, more than running it); a generic plan is made once per
+        # connection. SET LOCAL: until the transaction ends (the node's beat is its transaction's last statement).
+        session.connection().execute(GENERIC_PLANS)
         rows = session.connection().execute(_beat_statement(), params).all()
         expire_attempts(session, lambda a: a.worker_id == node.worker_id)
         states = {job_id: LeaseState(None) for job_id, _ in leases}
