@@ -127,7 +127,9 @@ async def listen(cache: StatusCache, url: str, *, retry_max_seconds: float = 5.0
     bypassed meanwhile). Runs until cancelled."""
     import psycopg
 
-    url = "postgresql://" + url.split("://", 1)[1]
+    from shared.db import libpq_url
+
+    url = libpq_url(url)
     delay = 0.25
     while True:
         try:

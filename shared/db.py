@@ -100,13 +100,18 @@ def make_async_engine(url: str) -> AsyncEngine:
     return engine
 
 
+def libpq_url(url: str) -> str:
+    """A settings database URL (`postgresql://` or SQLAlchemy's `postgresql+psycopg://`) as psycopg connects to it."""
+    return "postgresql://" + url.split("://", 1)[1]
+
+
 class _PostgresPool:
     """psycopg async connections for one event loop, in autocommit: made on demand, so that a database that is
     down is an error at once (not a wait for a background reconnect), reused while healthy, at most `size` in
     use at a time (a request waits `wait` seconds for one)."""
 
     def __init__(self, url: str, size: int, wait: float) -> None:
-        self.url = "postgresql://" + url.split("://", 1)[1]
+        self.url = libpq_url(url)
         self.wait = wait
         self.idle: collections.deque[Any] = collections.deque()
         self.slots = asyncio.Semaphore(size)

@@ -20,6 +20,7 @@ from api.status_cache import StatusCache
 from cli.local_service import free_port
 from shared.db import session_scope
 from shared.models import Attempt, Job, JobMetric
+from shared.services import claims
 from tests.conftest import TINY_MODEL
 from tests.helpers import color_messages, to_jsonl, upload_dataset
 
@@ -74,6 +75,11 @@ def changed_elsewhere(settings, cache: StatusCache, team_id: str, job_id: str, c
     wait_until(lambda: cache.get(team_id, job_id) is None, "the notification dropped the answer")
 
 
+def job_update(job_id: str, **values) -> Callable:
+    """A change for changed_elsewhere: the job's row updated with `values`, as a worker's move would."""
+    return lambda session: session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
 def test_a_worker_s_change_is_served_once_its_notification_arrived(cached, settings):
     client, cache, team_id, dataset = cached
     job_id = submit(client, dataset)
@@ -81,13 +87,7 @@ def test_a_worker_s_change_is_served_once_its_notification_arrived(cached, setti
     etag = client.get(f"/v1/jobs/{job_id}").headers["etag"]
     assert client.get(f"/v1/jobs/{job_id}", headers={"If-None-Match": etag}).status_code == 304
 
-    changed_elsewhere(
-        settings,
-        cache,
-        team_id,
-        job_id,
-        lambda s: s.execute(update(Job).where(Job.id == job_id).values(status="failed", error_code="x")),
-    )
+    changed_elsewhere(settings, cache, team_id, job_id, job_update(job_id, status="failed", error_code="x"))
     after = client.get(f"/v1/jobs/{job_id}", headers={"If-None-Match": etag})
     assert after.status_code == 200 and after.headers["etag"] != etag
     assert (before["status"], after.json()["status"], after.json()["error"]["code"]) == (
@@ -136,13 +136,7 @@ def test_a_queued_job_s_place_follows_the_jobs_ahead_of_it(cached, settings):
         session.execute(update(Job).where(Job.id.in_([ahead, behind])).values(status="queued"))
     first = cached_get(client, cache, team_id, behind)["queue"]["position"]
     # The job ahead leaves the queue (a worker claims it): `behind` moves up although its own row did not change.
-    changed_elsewhere(
-        settings,
-        cache,
-        team_id,
-        behind,
-        lambda s: s.execute(update(Job).where(Job.id == ahead).values(status="running")),
-    )
+    changed_elsewhere(settings, cache, team_id, behind, job_update(ahead, status="running"))
     assert cached_get(client, cache, team_id, behind)["queue"]["position"] == first - 1
 
 
@@ -207,13 +201,7 @@ def test_while_the_listener_is_lost_the_cache_is_empty_and_then_listens_again(ca
         session.execute(update(Job).where(Job.id == job_id).values(priority="low"))
     wait_until(lambda: cache.live, "the listener listens again")
     assert cached_get(client, cache, team_id, job_id)["priority"] == "low"
-    changed_elsewhere(
-        settings,
-        cache,
-        team_id,
-        job_id,
-        lambda s: s.execute(update(Job).where(Job.id == job_id).values(priority="high")),
-    )
+    changed_elsewhere(settings, cache, team_id, job_id, job_update(job_id, priority="high"))
     assert client.get(f"/v1/jobs/{job_id}").json()["priority"] == "high"
 
 
@@ -243,8 +231,6 @@ def test_turned_off_nothing_is_cached(settings, make_team, store):
 def test_a_lease_renewal_keeps_the_answer(cached, settings):
     """A heartbeat changes nothing the answer shows: its update sends no notification (nodes renew every running
     job every few seconds), while any other change to the job still does."""
-    from shared.services import claims
-
     client, cache, team_id, dataset = cached
     job_id, witness = submit(client, dataset), submit(client, dataset)
     with session_scope(settings.database_url) as session:
@@ -254,20 +240,8 @@ def test_a_lease_renewal_keeps_the_answer(cached, settings):
     with session_scope(settings.database_url) as session:
         assert claims.renew(session=session, job_id=job_id, attempt=1).status is not None
     # Notifications arrive in commit order: once the witness's is handled, the renewal's would have been.
-    changed_elsewhere(
-        settings,
-        cache,
-        team_id,
-        witness,
-        lambda s: s.execute(update(Job).where(Job.id == witness).values(status="failed")),
-    )
+    changed_elsewhere(settings, cache, team_id, witness, job_update(witness, status="failed"))
     assert cache.get(team_id, job_id) is not None
     assert client.get(f"/v1/jobs/{job_id}").json() == before
-    changed_elsewhere(
-        settings,
-        cache,
-        team_id,
-        job_id,
-        lambda s: s.execute(update(Job).where(Job.id == job_id).values(status="cancelling")),
-    )
+    changed_elsewhere(settings, cache, team_id, job_id, job_update(job_id, status="cancelling"))
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelling"
